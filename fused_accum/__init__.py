@@ -1,0 +1,10 @@
+"""fused_accum: gradient accumulation in fp32 buffers, fused with the optimizer step.
+
+Replace ``torch.optim.AdamW(...)`` by ``fused_accum.AdamW(..., accumulation_steps=k)`` and keep
+``loss.backward(); opt.step(); opt.zero_grad()``: every k-th ``step()`` applies exactly the update
+of one batch k times as large.
+"""
+from .optim import AccumulatingOptimizer, Adam, AdamW, FusedAccumulator, SGD
+
+__version__ = "0.1.0"
+__all__ = ["SGD", "Adam", "AdamW", "FusedAccumulator", "AccumulatingOptimizer", "__version__"]

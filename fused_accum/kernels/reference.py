@@ -1,0 +1,135 @@
+"""The ``reference`` backend: pure torch, the executable specification of every op.
+
+Every other backend is tested against these functions.  Each op mutates its outputs in place and
+never synchronises with the host: values that may change between calls (weights, flags, the clip
+coefficient) arrive as device tensors, and a skipped step is expressed with ``torch.where`` rather
+than a Python ``if``.
+
+Tensor lists are pairwise of equal shape (the ``torch._foreach`` convention): ``accs[i]`` is the
+fp32 accumulator slice of ``params[i]`` viewed with the parameter's shape.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+Scalar = float | Tensor
+
+name = "reference"
+
+
+def available(device: torch.device) -> tuple[bool, str]:
+    return True, "pure torch; runs on every device"
+
+
+def accumulate(grads: list[Tensor], accs: list[Tensor], first: list[bool], weight: Tensor,
+               found_inf: Tensor, sumsq: Tensor | None = None) -> None:
+    """acc = (first ? 0 : acc) + weight * float(grad), for each pair.
+
+    ``found_inf`` (fp32 scalar) becomes 1 if any written accumulator element is not finite, which
+    covers non-finite gradients and fp32 overflow of the sum alike.  With ``sumsq`` (fp32 scalar),
+    the sum of squares of the written accumulators is added to it; the optimizer asks for this in
+    the last micro-batch of a window so that clipping needs no extra pass.
+    """
+    for g, acc, is_first in zip(grads, accs, first):
+        contribution = g.to(torch.float32) * weight
+        if is_first:
+            acc.copy_(contribution)
+        else:
+            acc.add_(contribution)
+        found_inf.copy_(torch.maximum(found_inf, (~torch.isfinite(acc)).any().to(torch.float32)))
+        if sumsq is not None:
+            sumsq.add_(acc.square().sum())
+
+
+def norm(accs: list[Tensor], sumsq: Tensor) -> None:
+    """sumsq += sum of squares of every accumulator (fp32)."""
+    for acc in accs:
+        sumsq.add_(acc.square().sum())
+
+
+def _load_fp32(param: Tensor, master: Tensor | None) -> Tensor:
+    return master.clone() if master is not None else param.to(torch.float32, copy=True)
+
+
+def _store(updated: Tensor, param: Tensor, master: Tensor | None, keep: Tensor) -> None:
+    """Write the fp32 result to the master (if any) and the parameter, unless ``keep`` says skip."""
+    if master is not None:
+        master.copy_(torch.where(keep, master, updated))
+        param.copy_(master)
+    else:
+        param.copy_(torch.where(keep, param, updated.to(param.dtype)))
+
+
+def sgd_step(params: list[Tensor], accs: list[Tensor], momentum_buffers: list[Tensor] | None,
+             steps: list[Tensor], masters: list[Tensor] | None, *, lr: Scalar, momentum: float,
+             dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
+             grad_scale: Scalar, found_inf: Tensor) -> None:
+    """One SGD step of ``torch.optim.SGD`` on grad = acc * grad_scale (grad_scale = clip / W).
+
+    ``steps[i]`` counts the steps taken by parameter i; at 0 the momentum buffer starts as the
+    gradient itself, as torch does for a missing buffer.  Computed in fp32 whatever the parameter
+    dtype; ``masters[i]`` (fp32) is the value updated when given, and the parameter is rewritten
+    from it.  Nothing changes where ``found_inf`` is non-zero.
+    """
+    keep = found_inf != 0
+    for i, (param, acc, step) in enumerate(zip(params, accs, steps)):
+        master = masters[i] if masters is not None else None
+        p32 = _load_fp32(param, master)
+        grad = acc * grad_scale
+        if maximize:
+            grad = -grad
+        if weight_decay != 0:
+            grad = grad.add(p32, alpha=weight_decay)
+        if momentum != 0:
+            buf = momentum_buffers[i]
+            new_buf = torch.where(step == 0, grad, buf * momentum + grad * (1 - dampening))
+            buf.copy_(torch.where(keep, buf, new_buf))
+            grad = grad.add(new_buf, alpha=momentum) if nesterov else new_buf
+        p32.sub_(grad * lr)
+        _store(p32, param, master, keep)
+        step.add_(torch.where(keep, 0.0, 1.0))
+
+
+def adam_step(params: list[Tensor], accs: list[Tensor], exp_avgs: list[Tensor],
+              exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor] | None, steps: list[Tensor],
+              masters: list[Tensor] | None, *, lr: Scalar, beta1: float, beta2: float, eps: float,
+              weight_decay: float, amsgrad: bool, maximize: bool, decoupled_weight_decay: bool,
+              grad_scale: Scalar, found_inf: Tensor) -> None:
+    """One Adam (``decoupled_weight_decay=False``) or AdamW step of ``torch.optim.Adam``.
+
+    grad = acc * grad_scale.  Bias corrections are computed in float64 from the step count so that
+    fp32 rounding of beta**step does not leak into the update.  Same master and skip rules as
+    ``sgd_step``.
+    """
+    keep = found_inf != 0
+    for i, (param, acc, exp_avg, exp_avg_sq, step) in enumerate(
+            zip(params, accs, exp_avgs, exp_avg_sqs, steps)):
+        master = masters[i] if masters is not None else None
+        p32 = _load_fp32(param, master)
+        grad = acc * grad_scale
+        if maximize:
+            grad = -grad
+        new_step = step.to(torch.float64) + 1
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                p32.mul_(1 - lr * weight_decay)
+            else:
+                grad = grad.add(p32, alpha=weight_decay)
+        new_avg = exp_avg.lerp(grad, 1 - beta1)
+        new_avg_sq = exp_avg_sq * beta2 + grad * grad * (1 - beta2)
+        bias_correction1 = 1 - beta1 ** new_step
+        bias_correction2_sqrt = (1 - beta2 ** new_step).sqrt()
+        step_size = (lr / bias_correction1).to(torch.float32)
+        if amsgrad:
+            new_max = torch.maximum(max_exp_avg_sqs[i], new_avg_sq)
+            max_exp_avg_sqs[i].copy_(torch.where(keep, max_exp_avg_sqs[i], new_max))
+            second_moment = new_max
+        else:
+            second_moment = new_avg_sq
+        denom = second_moment.sqrt() / bias_correction2_sqrt.to(torch.float32) + eps
+        p32.sub_(step_size * new_avg / denom)
+        exp_avg.copy_(torch.where(keep, exp_avg, new_avg))
+        exp_avg_sq.copy_(torch.where(keep, exp_avg_sq, new_avg_sq))
+        _store(p32, param, master, keep)
+        step.add_(torch.where(keep, 0.0, 1.0))

@@ -1,0 +1,44 @@
+"""Argument checks shared by the optimizers; each error names the argument."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import Tensor
+
+
+def scalar(value: float | Tensor) -> float:
+    """A hyper-parameter as a Python float (tensors other than ``lr`` are read once per step)."""
+    return float(value.item()) if isinstance(value, Tensor) else float(value)
+
+
+def refuse_differentiable(differentiable: bool) -> None:
+    if differentiable:
+        raise ValueError("differentiable=True is not supported: fused_accum updates parameters "
+                         "in place outside autograd")
+
+
+def _check_number(name: str, value: Any, low: float, high: float = math.inf,
+                  low_open: bool = False, high_open: bool = False) -> None:
+    v = scalar(value)
+    ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+    if not ok or math.isnan(v):
+        raise ValueError(f"{name} is out of range: got {value!r}")
+
+
+def check_common(group: dict[str, Any]) -> None:
+    lr = group["lr"]
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError(f"lr as a Tensor must have 1 element, got shape {tuple(lr.shape)}")
+    _check_number("lr", lr, 0.0)
+    _check_number("weight_decay", group["weight_decay"], 0.0)
+
+
+def check_adam(group: dict[str, Any]) -> None:
+    check_common(group)
+    _check_number("eps", group["eps"], 0.0)
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    _check_number("betas[0]", betas[0], 0.0, 1.0, high_open=True)
+    _check_number("betas[1]", betas[1], 0.0, 1.0, high_open=True)

@@ -1,0 +1,380 @@
+"""AccumulatingOptimizer: accumulation windows over the buffers, shared by every algorithm.
+
+A subclass supplies an :class:`Algorithm`: which flat state buffers a group needs, and the
+functional update of one bucket.  Everything else (micro-batch counting, the window weight,
+clipping, first-touch bookkeeping, state dicts) lives here, written once.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .. import kernels
+from ..buffers import Bucket, GradBuffers, param_label
+
+# grad_scale: what acc is multiplied by to give the gradient of the window (clip / W); a float
+# or a 0-d fp32 tensor on the bucket's device.  found_inf: 0-d fp32 flag on that device.
+UpdateFn = Callable[[Bucket, list[int], dict[str, Any], "float | Tensor", Tensor], None]
+
+
+class Algorithm(NamedTuple):
+    state_names: Callable[[dict[str, Any]], list[str]]   # flat fp32 state a group needs
+    update: UpdateFn
+
+
+def check_accumulation_steps(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"accumulation_steps must be an integer >= 1, got {value!r}")
+    return value
+
+
+def check_max_grad_norm(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value > 0):
+        raise ValueError(f"max_grad_norm must be None or a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _index_params(groups: list[dict[str, Any]]) -> list[Tensor]:
+    return [p for g in groups for p in g["params"]]
+
+
+class AccumulatingOptimizer(Optimizer):
+    """Base of SGD, Adam, AdamW and FusedAccumulator.
+
+    ``step()`` ends a micro-batch; every ``accumulation_steps``-th call applies the update of the
+    window with grad = acc / W (W: micro-batches, or items with ``backward(num_items=)``),
+    clipped to ``max_grad_norm`` when given.
+    """
+
+    algorithm: Algorithm
+
+    def __init__(self, params: Any, defaults: dict[str, Any], *, accumulation_steps: int = 1,
+                 max_grad_norm: float | None = None, master_weights: bool = True,
+                 backend: str = "auto") -> None:
+        self.accumulation_steps = check_accumulation_steps(accumulation_steps)
+        self.max_grad_norm = check_max_grad_norm(max_grad_norm)
+        if not isinstance(master_weights, bool):
+            raise TypeError(f"master_weights must be True or False, got {master_weights!r}")
+        self.master_weights = master_weights
+        self.backend = kernels.validate_name(backend)
+        self._buffers = GradBuffers(self.backend, self._on_backward_start)
+        self._micro = 0                              # micro-batches ended in this window
+        self._mode: str | None = None                # "plain" or "items" once the window knows
+        self._weight_sum: dict[torch.device, Tensor] = {}   # items seen in the window
+        self._grad_norm: Tensor | None = None
+        self.stepped = False
+        super().__init__(params, defaults)
+        self._buffers.fold_norm = self.accumulation_steps == 1
+
+    # -- parameters --------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        param_group = dict(param_group)
+        params = param_group.get("params")
+        if isinstance(params, (Tensor, set)) or params is None:
+            params = [params] if isinstance(params, Tensor) else params
+        else:
+            params = list(params)
+        param_group["params"] = params
+        self._check_new_params(params, len(self.param_groups))
+        self.validate_group({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+        group_index = len(self.param_groups) - 1
+        group = self.param_groups[group_index]
+        for bucket in self._buffers.add_group(group_index, group["params"], group.get("param_names")):
+            self._init_bucket_state(bucket, group)
+            self._weight_sum.setdefault(bucket.device, torch.zeros((), device=bucket.device))
+
+    def _check_new_params(self, params: Any, group_index: int) -> None:
+        if not isinstance(params, list):
+            return   # torch's own check names the problem (a set, a missing list)
+        for i, item in enumerate(params):
+            name, p = item if isinstance(item, tuple) else (None, item)
+            if not isinstance(p, Tensor):
+                continue
+            label = param_label(group_index, i, None) if name is None else f"'{name}'"
+            if not p.is_leaf:
+                raise ValueError(f"fused_accum: parameter {label} is not a leaf tensor (it was "
+                                 "computed from other tensors); pass the leaf nn.Parameter instead")
+            if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                raise TypeError(f"fused_accum: parameter {label} is {p.dtype}; fused_accum "
+                                "accumulates in fp32 and takes float32, bfloat16 or float16 "
+                                "parameters")
+
+    def validate_group(self, group: dict[str, Any]) -> None:
+        """Raise ValueError naming a bad hyper-parameter (subclasses extend)."""
+
+    def _init_bucket_state(self, bucket: Bucket, group: dict[str, Any]) -> None:
+        for name in self.algorithm.state_names(group):
+            bucket.ensure_state(name)
+        if self.master_weights and bucket.dtype != torch.float32:
+            bucket.ensure_state("master_param", bucket.flat_params())
+        self._publish_state(bucket)
+
+    def _publish_state(self, bucket: Bucket) -> None:
+        """Point ``self.state[p]`` at live views of the bucket's flat buffers."""
+        for i, p in enumerate(bucket.params):
+            entry = {"step": bucket.steps[i]}
+            entry.update({name: bucket.view(flat, i) for name, flat in bucket.state.items()})
+            self.state[p] = entry
+
+    # -- micro-batches -----------------------------------------------------------------------
+
+    def _on_backward_start(self, plain: bool) -> None:
+        kind = "plain" if plain else "items"
+        if self._mode not in (None, kind):
+            raise RuntimeError(
+                "fused_accum: this window mixes opt.backward(loss, num_items=...) with a plain "
+                "loss.backward(); call one or the other for every micro-batch of a window (the "
+                "backward pass was refused; the window's accumulated gradients are intact)")
+        self._mode = kind
+
+    def backward(self, loss: Tensor, num_items: int | float | Tensor | None = None,
+                 **backward_kwargs: Any) -> None:
+        """``loss.backward()`` for one micro-batch.
+
+        With ``num_items=n`` (``loss`` being the mean over the micro-batch's n items), the window's
+        update uses the exact mean over all items of the window.  ``n`` may be a device tensor,
+        e.g. ``(labels != -100).sum()``; it is never read on the host.
+        """
+        if num_items is None:
+            loss.backward(**backward_kwargs)
+            return
+        if self._mode == "plain":
+            raise ValueError(
+                "num_items: this window already has micro-batches from a plain backward(); call "
+                "opt.backward(loss, num_items=...) for every micro-batch of a window or for none")
+        if isinstance(num_items, Tensor):
+            if num_items.numel() != 1:
+                raise ValueError(f"num_items must be a number or a one-element tensor, got a "
+                                 f"tensor of shape {tuple(num_items.shape)}")
+            n = num_items.detach().reshape(())
+        elif isinstance(num_items, (int, float)) and not isinstance(num_items, bool):
+            if not (math.isfinite(num_items) and num_items >= 0):
+                raise ValueError(f"num_items must be a finite number >= 0, got {num_items!r}")
+            n = torch.tensor(float(num_items))
+        else:
+            raise TypeError(f"num_items must be a number or a tensor, got {type(num_items).__name__}")
+        weights = {d: n.to(device=d, dtype=torch.float32, non_blocking=True) for d in self._weight_sum}
+        self._buffers.micro_weight = weights
+        try:
+            loss.backward(**backward_kwargs)
+        except BaseException:
+            self._buffers.discard_pending()
+            raise
+        finally:
+            self._buffers.micro_weight = None
+        self._mode = "items"
+        for device, w in weights.items():
+            self._weight_sum[device].add_(w)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """End one micro-batch; the ``accumulation_steps``-th call updates the parameters."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._buffers.take_stray_grads()
+        self._buffers.discard_pending()   # only backward passes that raised are left here
+        self._micro += 1
+        self._buffers.arrived = False
+        self.stepped = False
+        if self._micro >= self.accumulation_steps:
+            self._end_window()
+        self._buffers.fold_norm = self._micro == self.accumulation_steps - 1
+        return loss
+
+    @torch.no_grad()
+    def flush(self) -> bool:
+        """Apply the update now with what the window holds (e.g. a short last window of an
+        epoch), as the mean over the micro-batches or items actually seen.  A micro-batch whose
+        gradients arrived but whose ``step()`` was not called yet counts as seen.  Returns
+        whether the parameters were updated."""
+        self._buffers.take_stray_grads()
+        self._buffers.discard_pending()
+        if self._buffers.arrived:
+            self._micro += 1
+            self._buffers.arrived = False
+        self.stepped = False
+        if self._micro > 0:
+            self._end_window()
+        self._buffers.fold_norm = self.accumulation_steps == 1
+        return self.stepped
+
+    @property
+    def grad_norm(self) -> Tensor | None:
+        """Global norm of the last window's mean gradient, before clipping (a device tensor)."""
+        return self._grad_norm
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches ended in the current window."""
+        return self._micro
+
+    # -- window end ----------------------------------------------------------------------------
+
+    def _inverse_weight(self, device: torch.device) -> float | Tensor:
+        if self._mode == "items":
+            return self._weight_sum[device].reciprocal()
+        return 1.0 / self._micro
+
+    def _end_window(self) -> None:
+        buckets = [b for b in self._buffers.buckets if any(b.touched)]
+        if buckets:
+            self._apply(buckets)
+            self.stepped = True
+        self._micro = 0
+        self._mode = None
+        for w in self._weight_sum.values():
+            w.zero_()
+        self._buffers.reset_window()
+
+    def _window_scales(self, buckets: list[Bucket]) -> tuple[dict[torch.device, float | Tensor],
+                                                              dict[torch.device, Tensor]]:
+        """Per device: grad_scale (clip / W) and the non-finite flag of the whole window.
+        Sets ``grad_norm``.  Nothing here reads a device value on the host."""
+        main = buckets[0].device
+        sumsqs = [self._buffers.window_sumsq(b) for b in buckets]
+        total = torch.stack([s.to(main) for s in sumsqs]).sum()
+        self._grad_norm = total.sqrt() * self._inverse_weight(main)
+        clip = None
+        if self.max_grad_norm is not None:
+            clip = (self.max_grad_norm / (self._grad_norm + 1e-6)).clamp(max=1.0)
+        found = self._buffers.found_inf
+        if len(found) > 1:   # a non-finite gradient anywhere skips the step everywhere
+            any_inf = torch.stack([f.to(main) for f in found.values()]).amax()
+            found = {d: any_inf.to(d) for d in found}
+        scales = {}
+        for device in {b.device for b in buckets}:
+            scale = self._inverse_weight(device)
+            scales[device] = scale if clip is None else clip.to(device) * scale
+        return scales, found
+
+    def _apply(self, buckets: list[Bucket]) -> None:
+        scales, found = self._window_scales(buckets)
+        for bucket in buckets:
+            self.algorithm.update(bucket, bucket.touched_indices(),
+                                  self.param_groups[bucket.group_index], scales[bucket.device],
+                                  found[bucket.device])
+            self._publish_state(bucket)   # an update may have allocated state lazily
+
+    # -- state dicts -----------------------------------------------------------------------------
+
+    def _stepped_mask(self, bucket: Bucket) -> list[bool]:
+        return (bucket.steps > 0).tolist()
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's format (loadable into the torch optimizer of the same name) plus a
+        ``"fused_accum"`` entry with the window in progress."""
+        packed = super().state_dict()
+        index = {p: i for i, p in enumerate(_index_params(self.param_groups))}
+        state: dict[int, dict[str, Tensor]] = {}
+        accumulated: dict[int, Tensor] = {}
+        for bucket in self._buffers.buckets:
+            stepped = self._stepped_mask(bucket)
+            for i, p in enumerate(bucket.params):
+                if stepped[i]:
+                    entry = {"step": bucket.steps[i].detach().to("cpu", copy=True)}
+                    entry.update({n: bucket.view(f, i) for n, f in bucket.state.items()})
+                    state[index[p]] = entry
+                if bucket.touched[i]:
+                    accumulated[index[p]] = bucket.view(bucket.acc, i)
+        packed["state"] = state
+        packed["fused_accum"] = {
+            "accumulation_steps": self.accumulation_steps,
+            "micro_batches": self._micro,
+            "mode": self._mode,
+            "weight_sum": {str(d): w for d, w in self._weight_sum.items()},
+            "found_inf": {str(d): f for d, f in self._buffers.found_inf.items()},
+            "accumulated_grads": accumulated,
+        }
+        return packed
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of this class or of the torch optimizer of the same name.
+
+        Everything is checked before anything changes, so a bad state dict leaves the optimizer
+        as it was.  Without a ``"fused_accum"`` entry (a torch optimizer's dict) the window
+        restarts empty; low-precision masters absent from the dict are taken from the parameters.
+        """
+        params = _index_params(self.param_groups)
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict: has {len(saved_groups)} param groups, this optimizer "
+                             f"has {len(self.param_groups)}")
+        for g, (ours, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(ours["params"]) != len(saved["params"]):
+                raise ValueError(f"state_dict: param group {g} has {len(saved['params'])} "
+                                 f"parameters, this optimizer's has {len(ours['params'])}")
+        saved_ids = [i for g in saved_groups for i in g["params"]]
+        by_param = {p: (state_dict["state"].get(sid, {}), sid) for p, sid in zip(params, saved_ids)}
+        window = state_dict.get("fused_accum")
+        accumulated = window["accumulated_grads"] if window else {}
+        for p, (entry, sid) in by_param.items():
+            label = self._buffers.label(p)
+            for name, value in entry.items():
+                if name != "step" and isinstance(value, Tensor) and value.shape != p.shape:
+                    raise ValueError(f"state_dict: state {name!r} of parameter {label} has "
+                                     f"shape {tuple(value.shape)}, expected {tuple(p.shape)}")
+            if sid in accumulated and accumulated[sid].shape != p.shape:
+                raise ValueError(f"state_dict: accumulated gradient of parameter {label} has "
+                                 f"shape {tuple(accumulated[sid].shape)}, expected {tuple(p.shape)}")
+        for ours, saved in zip(self.param_groups, saved_groups):
+            for key, value in saved.items():
+                if key != "params":
+                    ours[key] = value
+            for key, value in self.defaults.items():
+                ours.setdefault(key, value)
+        for bucket in self._buffers.buckets:
+            group = self.param_groups[bucket.group_index]
+            for name in self.algorithm.state_names(group):
+                bucket.ensure_state(name)
+            for i, p in enumerate(bucket.params):
+                entry, sid = by_param[p]
+                self._load_param_state(bucket, i, entry)
+                if sid in accumulated:
+                    bucket.view(bucket.acc, i).copy_(accumulated[sid])
+            bucket.touched = [by_param[p][1] in accumulated for p in bucket.params]
+            bucket.norm_counted = [False] * len(bucket.params)
+            bucket.norm_valid = True
+            bucket.sumsq.zero_()
+            self._publish_state(bucket)
+        self._load_window(window)
+
+    def _load_param_state(self, bucket: Bucket, i: int, entry: dict[str, Any]) -> None:
+        step = entry.get("step", self._implied_step(entry))
+        bucket.steps[i].fill_(float(step))
+        for name, flat in bucket.state.items():
+            view = bucket.view(flat, i)
+            if name in entry:
+                view.copy_(entry[name])
+            elif name == "master_param":
+                view.copy_(bucket.params[i].detach())
+            else:
+                view.zero_()
+
+    def _implied_step(self, entry: dict[str, Any]) -> int:
+        """The step count of a saved entry without one (torch's SGD keeps none)."""
+        return 1 if entry else 0
+
+    def _load_window(self, window: dict[str, Any] | None) -> None:
+        self._micro = window["micro_batches"] if window else 0
+        self._mode = window["mode"] if window else None
+        for table, saved in ((self._weight_sum, window and window["weight_sum"]),
+                             (self._buffers.found_inf, window and window["found_inf"])):
+            for device, value in table.items():
+                value.copy_(saved[str(device)]) if saved and str(device) in saved else value.zero_()
+        self._buffers.discard_pending()
+        self._buffers.arrived = False
+        self._buffers.fold_norm = self._micro == self.accumulation_steps - 1
