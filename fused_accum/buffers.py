@@ -87,13 +87,17 @@ class GradBuffers:
     """All buckets of one optimizer, the per-device window flags, and the gradient hooks.
 
     ``micro_weight`` (per-device fp32 scalars, or None for weight 1) and ``fold_norm`` are set by
-    the optimizer before a micro-batch's backward; ``on_backward_start(plain)`` is called at the
-    first gradient of every backward pass and may raise to refuse it.
+    the optimizer before a micro-batch's backward; ``on_backward_start(plain)``, a bound method of
+    the optimizer, is called at the first gradient of every backward pass and may raise to refuse
+    it.
     """
 
     def __init__(self, backend_name: str, on_backward_start: Callable[[bool], None]):
         self.backend_name = backend_name
-        self.on_backward_start = on_backward_start
+        # A weak reference: the optimizer owns this object, and the hooks must not keep the
+        # optimizer alive (deleting it hands the parameters back to plain autograd at once).
+        self._on_backward_start = weakref.WeakMethod(on_backward_start)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.buckets: list[Bucket] = []
         self.slots: dict[Tensor, tuple[Bucket, int]] = {}
         self.unhooked: list[Tensor] = []            # params that did not require grad when added
@@ -138,7 +142,17 @@ class GradBuffers:
             owner = self_ref()
             if owner is not None and getattr(p, _OWNER_ATTR, None) is self_ref:
                 owner._on_grad(p)
-        param.register_post_accumulate_grad_hook(hook)
+        self._handles.append(param.register_post_accumulate_grad_hook(hook))
+
+    def remove_hooks(self) -> None:
+        """Stop taking gradients: parameters get plain ``.grad`` accumulation again."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for p in self.slots:
+            if getattr(p, _OWNER_ATTR, None) is self._self_ref:
+                delattr(p, _OWNER_ATTR)
+        self.unhooked.clear()
 
     def label(self, param: Tensor) -> str:
         bucket, i = self.slots[param]
@@ -169,7 +183,7 @@ class GradBuffers:
             if task not in self._pending:
                 # First gradient of this backward pass: may be refused (e.g. mixing plain
                 # backward() with opt.backward(num_items=) in one window).
-                self.on_backward_start(self.micro_weight is None)
+                self._on_backward_start()(self.micro_weight is None)
                 self._pending[task] = []
                 torch.autograd.Variable._execution_engine.queue_callback(
                     lambda: self.flush(task))

@@ -212,6 +212,12 @@ class AccumulatingOptimizer(Optimizer):
         self._buffers.fold_norm = self.accumulation_steps == 1
         return self.stepped
 
+    def remove_hooks(self) -> None:
+        """Hand the parameters back to plain autograd (``.grad`` accumulates as usual), e.g. to
+        continue with a torch optimizer.  Deleting the optimizer does the same.  The buffers and
+        state stay readable; this optimizer takes no more gradients."""
+        self._buffers.remove_hooks()
+
     @property
     def grad_norm(self) -> Tensor | None:
         """Global norm of the last window's mean gradient, before clipping (a device tensor)."""
