@@ -91,7 +91,12 @@ class AccumulatingOptimizer(Optimizer):
         super().add_param_group(param_group)
         group_index = len(self.param_groups) - 1
         group = self.param_groups[group_index]
-        for bucket in self._buffers.add_group(group_index, group["params"], group.get("param_names")):
+        try:
+            buckets = self._buffers.add_group(group_index, group["params"], group.get("param_names"))
+        except Exception:
+            self.param_groups.pop()   # e.g. no backend for the device: leave the optimizer as it was
+            raise
+        for bucket in buckets:
             self._init_bucket_state(bucket, group)
             self._weight_sum.setdefault(bucket.device, torch.zeros((), device=bucket.device))
 
