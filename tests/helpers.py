@@ -95,7 +95,7 @@ def train_accumulated(model: nn.Module, opt, windows: list[list], *, num_items: 
 def max_rel_error(actual: nn.Module, expected: nn.Module) -> float:
     """Largest |a - e| / max|e| over the parameters, each tensor relative to its own scale."""
     worst = 0.0
-    for (name, a), (_, e) in zip(actual.named_parameters(), expected.named_parameters()):
+    for (_, a), (_, e) in zip(actual.named_parameters(), expected.named_parameters()):
         a, e = a.detach().double(), e.detach().double()
         worst = max(worst, ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item())
     return worst

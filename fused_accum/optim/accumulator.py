@@ -67,6 +67,9 @@ class FusedAccumulator(AccumulatingOptimizer):
     def _apply(self, buckets: list[Bucket]) -> None:
         if self.fused:
             super()._apply(buckets)
+            # The wrapped optimizer's update happened (through our kernels): tell LR schedulers
+            # attached to it, which read this flag to warn about stepping out of order.
+            self.optimizer._opt_called = True
             return
         scales, found = self._window_scales(buckets)
         if any(flag.item() != 0 for flag in found.values()):
