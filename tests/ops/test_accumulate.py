@@ -1,0 +1,90 @@
+"""accumulate and norm of every backend against the float64 oracle."""
+import pytest
+import torch
+
+import oracle
+from fused_accum import kernels
+
+SIZES = [1, 3, 4097, 2**20 + 5]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _ops(name):
+    return kernels.get_backend(name, torch.device("cpu"))
+
+
+def _grads(sizes, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, generator=g).mul_(3).to(dtype) for n in sizes]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", SIZES)
+def test_accumulate_first_touch_overwrites_every_element(backend, dtype, size):
+    ops = _ops(backend)
+    grads = _grads([size], dtype, seed=size)
+    acc = torch.full((size,), float("nan"))           # poison: every element must be written
+    weight, found, sumsq = torch.tensor(0.37), torch.tensor(0.0), torch.tensor(1.5)
+    ops.accumulate(grads, [acc], [True], weight, found, sumsq)
+    expected = oracle.accumulate(acc, grads[0], True, 0.37)
+    assert torch.isfinite(acc).all()
+    assert oracle.rel_err(acc, expected) < 1e-6
+    assert found.item() == 0
+    assert oracle.rel_err(sumsq, 1.5 + expected.square().sum()) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_accumulate_many_small_tensors_mixing_first_and_later_touches(backend, dtype):
+    ops = _ops(backend)
+    g = torch.Generator().manual_seed(7)
+    sizes = torch.randint(1, 300, (200,), generator=g).tolist()
+    grads = _grads(sizes, dtype, seed=8)
+    flat = torch.randn(sum(sizes), generator=g)
+    accs = list(flat.split(sizes))
+    first = [i % 3 == 0 for i in range(len(sizes))]
+    before = [a.clone() for a in accs]
+    for a, is_first in zip(accs, first):
+        if is_first:
+            a.fill_(float("nan"))
+    weight, found = torch.tensor(4.0), torch.tensor(0.0)
+    ops.accumulate(grads, accs, first, weight, found, None)
+    for a, b, grad, is_first in zip(accs, before, grads, first):
+        assert oracle.rel_err(a, oracle.accumulate(b, grad, is_first, 4.0)) < 1e-6
+    assert found.item() == 0
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_accumulate_flags_non_finite_gradients(backend, dtype, bad):
+    ops = _ops(backend)
+    grads = _grads([5, 4097, 9], dtype, seed=3)
+    grads[1][1234] = bad
+    accs = [torch.randn(n) for n in (5, 4097, 9)]
+    found = torch.tensor(0.0)
+    ops.accumulate(grads, accs, [False, True, False], torch.tensor(1.0), found, None)
+    assert found.item() == 1
+    assert torch.isfinite(accs[0]).all() and torch.isfinite(accs[2]).all()
+
+
+def test_accumulate_flags_fp32_overflow_of_the_sum(backend):
+    ops = _ops(backend)
+    acc, found = torch.full((10,), 3e38), torch.tensor(0.0)
+    ops.accumulate([torch.full((10,), 3e38)], [acc], [False], torch.tensor(1.0), found, None)
+    assert found.item() == 1
+
+
+def test_accumulate_keeps_a_set_flag(backend):
+    ops = _ops(backend)
+    found = torch.tensor(1.0)
+    ops.accumulate(_grads([8], torch.float32, 1), [torch.randn(8)], [False], torch.tensor(1.0), found, None)
+    assert found.item() == 1
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_norm_adds_the_sum_of_squares(backend, size):
+    ops = _ops(backend)
+    accs = [torch.randn(size), torch.randn(17)]
+    sumsq = torch.tensor(2.0)
+    ops.norm(accs, sumsq)
+    expected = 2.0 + sum(a.double().square().sum() for a in accs)
+    assert oracle.rel_err(sumsq, expected) < 1e-5

@@ -1,0 +1,126 @@
+"""sgd_step and adam_step of every backend against the float64 oracle."""
+import pytest
+import torch
+
+import oracle
+from fused_accum import kernels
+
+SIZES = [1, 3, 4097, 2**20 + 5]
+
+
+def _ops(name):
+    return kernels.get_backend(name, torch.device("cpu"))
+
+
+def _tensors(size, dtype, seed, master):
+    g = torch.Generator().manual_seed(seed)
+    p32 = torch.randn(size, generator=g)
+    return dict(
+        param=p32.to(dtype), master=p32.clone() if master else None,
+        acc=torch.randn(size, generator=g) * 5,
+        state=[torch.randn(size, generator=g) * 0.1 for _ in range(2)] + [torch.rand(size, generator=g)],
+    )
+
+
+SGD_CASES = [
+    dict(lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False),
+    dict(lr=0.05, momentum=0.9, dampening=0.2, weight_decay=0.01, nesterov=False, maximize=True),
+    dict(lr=0.05, momentum=0.9, dampening=0.0, weight_decay=0.1, nesterov=True, maximize=False),
+]
+
+
+def _check_param(param, master, expected, dtype):
+    if master is not None:
+        assert oracle.rel_err(master, expected) < 1e-6
+        assert torch.equal(param, master.to(dtype))
+    else:
+        tol = 1e-6 if dtype == torch.float32 else torch.finfo(dtype).eps
+        assert oracle.rel_err(param, expected) <= tol
+
+
+@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, True),
+                                          (torch.float16, True), (torch.bfloat16, False)])
+@pytest.mark.parametrize("case", range(len(SGD_CASES)))
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("step", [0, 3])
+def test_sgd_step(backend, dtype, master, case, size, step):
+    hp, t = SGD_CASES[case], _tensors(size, dtype, seed=size + case, master=master)
+    buf = t["state"][0]
+    p0, buf0 = (t["master"] if master else t["param"]).clone(), buf.clone()
+    steps = [torch.tensor(float(step))]
+    _ops(backend).sgd_step([t["param"]], [t["acc"]], [buf] if hp["momentum"] else None, steps,
+                           [t["master"]] if master else None, **hp,
+                           grad_scale=torch.tensor(0.25), found_inf=torch.tensor(0.0))
+    expected, expected_buf = oracle.sgd(p0, t["acc"], buf0, step, **hp, grad_scale=0.25)
+    _check_param(t["param"], t["master"], expected, dtype)
+    if hp["momentum"]:
+        assert oracle.rel_err(buf, expected_buf) < 1e-6
+    assert steps[0].item() == step + 1
+
+
+ADAM_CASES = [
+    dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False,
+         maximize=False, decoupled_weight_decay=False),
+    dict(lr=3e-3, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1, amsgrad=True,
+         maximize=True, decoupled_weight_decay=False),
+    dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, amsgrad=False,
+         maximize=False, decoupled_weight_decay=True),
+]
+
+
+@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, True),
+                                          (torch.float16, True), (torch.bfloat16, False)])
+@pytest.mark.parametrize("case", range(len(ADAM_CASES)))
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("step", [0, 41])
+def test_adam_step(backend, dtype, master, case, size, step):
+    hp, t = ADAM_CASES[case], _tensors(size, dtype, seed=size * 7 + case, master=master)
+    m, v, vmax = t["state"][0], t["state"][1].abs(), t["state"][2]
+    p0, m0, v0, vmax0 = ((t["master"] if master else t["param"]).clone(), m.clone(), v.clone(),
+                         vmax.clone())
+    steps = [torch.tensor(float(step))]
+    _ops(backend).adam_step([t["param"]], [t["acc"]], [m], [v], [vmax] if hp["amsgrad"] else None,
+                            steps, [t["master"]] if master else None, **hp,
+                            grad_scale=torch.tensor(0.5), found_inf=torch.tensor(0.0))
+    expected, em, ev, evmax = oracle.adam(p0, t["acc"], m0, v0, vmax0, step, **hp, grad_scale=0.5)
+    _check_param(t["param"], t["master"], expected, dtype)
+    assert oracle.rel_err(m, em) < 1e-6 and oracle.rel_err(v, ev) < 1e-6
+    if hp["amsgrad"]:
+        assert oracle.rel_err(vmax, evmax) < 1e-6
+    assert steps[0].item() == step + 1
+
+
+@pytest.mark.parametrize("op", ["sgd", "adam"])
+def test_a_set_non_finite_flag_changes_nothing(backend, op):
+    t = _tensors(4097, torch.bfloat16, seed=1, master=True)
+    t["acc"][17] = float("inf")
+    state = [s.abs() for s in t["state"]]
+    steps = [torch.tensor(5.0)]
+    before = [x.clone() for x in [t["param"], t["master"], *state, steps[0]]]
+    ops = _ops(backend)
+    if op == "sgd":
+        ops.sgd_step([t["param"]], [t["acc"]], [state[0]], steps, [t["master"]], **SGD_CASES[1],
+                     grad_scale=1.0, found_inf=torch.tensor(1.0))
+    else:
+        ops.adam_step([t["param"]], [t["acc"]], [state[0]], [state[1]], [state[2]], steps,
+                      [t["master"]], **ADAM_CASES[1], grad_scale=1.0, found_inf=torch.tensor(1.0))
+    for b, a in zip(before, [t["param"], t["master"], *state, steps[0]]):
+        assert torch.equal(a, b)
+
+
+def test_many_tensors_in_one_call_with_their_own_step_counts(backend):
+    g = torch.Generator().manual_seed(3)
+    sizes = torch.randint(1, 200, (200,), generator=g).tolist()
+    params = [torch.randn(n, generator=g) for n in sizes]
+    accs = [torch.randn(n, generator=g) for n in sizes]
+    ms = [torch.randn(n, generator=g) * 0.1 for n in sizes]
+    vs = [torch.rand(n, generator=g) * 0.1 for n in sizes]
+    step_values = [i % 5 for i in range(len(sizes))]
+    steps = [torch.tensor(float(s)) for s in step_values]
+    before = [(p.clone(), m.clone(), v.clone()) for p, m, v in zip(params, ms, vs)]
+    hp = ADAM_CASES[2]
+    _ops(backend).adam_step(params, accs, ms, vs, None, steps, None, **hp, grad_scale=1.0,
+                            found_inf=torch.tensor(0.0))
+    for p, a, (p0, m0, v0), s in zip(params, accs, before, step_values):
+        expected = oracle.adam(p0, a, m0, v0, v0, s, **hp, grad_scale=1.0)[0]
+        assert oracle.rel_err(p, expected) < 1e-6
