@@ -8,31 +8,38 @@ import fused_accum
 from helpers import IGNORE, assert_same_params, clone, lm_loss, make_batches, make_model
 
 
-def _reference_after(base, batches, **kwargs):
+def _window_in_progress(seed, k, backend, named=False):
+    """An AdamW window with its first micro-batch accumulated, the remaining micro-batches, and
+    the large-batch result the window must reach."""
+    batches = make_batches(seed, k, 2)
+    base = make_model(seed=seed)
     expected = clone(base)
-    opt = torch.optim.AdamW(expected.parameters(), **kwargs)
+    ref = torch.optim.AdamW(expected.parameters(), lr=1e-2)
     (sum(lm_loss(expected, *b) for b in batches) / len(batches)).backward()
-    opt.step()
-    return expected
-
-
-def test_sparse_gradient_is_refused_and_the_window_survives(backend):
-    batches = make_batches(60, 3, 2)
-    base = make_model(seed=60)
-    expected = _reference_after(base, batches, lr=1e-2)
+    ref.step()
     model = clone(base)
-    opt = fused_accum.AdamW(model.named_parameters(), lr=1e-2, accumulation_steps=3, backend=backend)
+    params = model.named_parameters() if named else model.parameters()
+    opt = fused_accum.AdamW(params, lr=1e-2, accumulation_steps=k, backend=backend)
     lm_loss(model, *batches[0]).backward()
     opt.step()
-    model.embed.sparse = True
-    with pytest.raises(RuntimeError, match=r"'embed.weight'.*sparse gradient"):
-        lm_loss(model, *batches[1]).backward()
-    model.embed.sparse = False
-    for batch in batches[1:]:
+    return model, opt, batches[1:], expected
+
+
+def _finish(model, opt, batches, expected):
+    for batch in batches:
         lm_loss(model, *batch).backward()
         opt.step()
     assert opt.stepped
     assert_same_params(model, expected)
+
+
+def test_sparse_gradient_is_refused_and_the_window_survives(backend):
+    model, opt, rest, expected = _window_in_progress(60, 3, backend, named=True)
+    model.embed.sparse = True
+    with pytest.raises(RuntimeError, match=r"'embed.weight'.*sparse gradient"):
+        lm_loss(model, *rest[0]).backward()
+    model.embed.sparse = False
+    _finish(model, opt, rest, expected)
 
 
 def test_non_leaf_parameter_is_refused_by_name():
@@ -44,13 +51,7 @@ def test_non_leaf_parameter_is_refused_by_name():
 
 
 def test_bad_param_group_mid_window_changes_nothing(backend):
-    batches = make_batches(61, 2, 2)
-    base = make_model(seed=61)
-    expected = _reference_after(base, batches, lr=1e-2)
-    model = clone(base)
-    opt = fused_accum.AdamW(model.parameters(), lr=1e-2, accumulation_steps=2, backend=backend)
-    lm_loss(model, *batches[0]).backward()
-    opt.step()
+    model, opt, rest, expected = _window_in_progress(61, 2, backend)
     extra = torch.randn(4, requires_grad=True)
     with pytest.raises(ValueError, match="not a leaf"):
         opt.add_param_group({"params": [extra * 3]})
@@ -59,9 +60,7 @@ def test_bad_param_group_mid_window_changes_nothing(backend):
     with pytest.raises(TypeError, match=r"param_groups\[1\]\['params'\]\[0\].*float64"):
         opt.add_param_group({"params": [torch.randn(2, dtype=torch.float64, requires_grad=True)]})
     assert len(opt.param_groups) == 1
-    lm_loss(model, *batches[1]).backward()
-    opt.step()
-    assert_same_params(model, expected)
+    _finish(model, opt, rest, expected)
 
 
 @pytest.mark.parametrize("plain_first", [True, False])

@@ -197,3 +197,41 @@ def test_two_backward_passes_in_one_micro_batch_add_up(backend):
     lm_loss(model, *batches[1]).backward()
     opt.step()
     assert_same_params(model, expected)
+
+
+@pytest.mark.parametrize("poison", ["inf", "zero-items"])
+def test_a_window_without_a_finite_mean_is_skipped_and_the_next_one_applies(poison, backend):
+    windows = [make_batches(s, 2, 2) for s in (16, 17)]
+    base = make_model(seed=16)
+    expected = train_large_batch(clone(base), lambda p: torch.optim.AdamW(p, lr=1e-2), windows[1:])
+    model = clone(base)
+    opt = fused_accum.AdamW(model.parameters(), lr=1e-2, accumulation_steps=2, backend=backend)
+    for i, batch in enumerate(windows[0]):
+        loss = lm_loss(model, *batch)
+        if poison == "inf":
+            (loss * (float("inf") if i == 1 else 1.0)).backward()
+        else:
+            opt.backward(loss, num_items=0)
+        opt.step()
+    assert opt.stepped
+    for p, q in zip(model.parameters(), base.parameters()):
+        assert torch.equal(p, q)
+    assert all(s["step"].item() == 0 and not s["exp_avg"].any() for s in opt.state.values())
+    train_accumulated(model, opt, windows[1:])
+    assert_same_params(model, expected)
+
+
+def test_step_with_a_closure(backend):
+    window = make_batches(18, 3, 2)
+    base = make_model(seed=18)
+    expected = train_large_batch(clone(base), lambda p: torch.optim.SGD(p, lr=0.1), [window])
+    model = clone(base)
+    opt = fused_accum.SGD(model.parameters(), lr=0.1, accumulation_steps=3, backend=backend)
+    for batch in window:
+        def closure(batch=batch):
+            loss = lm_loss(model, *batch)
+            loss.backward()
+            return loss
+        assert torch.isfinite(opt.step(closure))
+    assert opt.stepped
+    assert_same_params(model, expected)

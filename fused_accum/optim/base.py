@@ -262,7 +262,9 @@ class AccumulatingOptimizer(Optimizer):
         clip = None
         if self.max_grad_norm is not None:
             clip = (self.max_grad_norm / (self._grad_norm + 1e-6)).clamp(max=1.0)
-        found = self._buffers.found_inf
+        found = dict(self._buffers.found_inf)
+        if self._mode == "items":   # a window of zero items has no mean: skip it like an inf
+            found = {d: torch.maximum(f, (self._weight_sum[d] == 0).to(f.dtype)) for d, f in found.items()}
         if len(found) > 1:   # a non-finite gradient anywhere skips the step everywhere
             any_inf = torch.stack([f.to(main) for f in found.values()]).amax()
             found = {d: any_inf.to(d) for d in found}
