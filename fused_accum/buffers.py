@@ -53,13 +53,28 @@ class Bucket:
         self.touched = [False] * len(params)        # got a gradient in this window
         self.norm_counted = [False] * len(params)   # its final acc is already in sumsq
         self.norm_valid = True                      # False once a counted slice changed again
+        self._views: dict[int, tuple[Tensor, list[Tensor]]] = {}
+        self._step_views: list[Tensor] | None = None
 
     def view(self, flat: Tensor, i: int) -> Tensor:
         """Parameter i's slice of a flat buffer, shaped like the parameter."""
         return flat[self.offsets[i]:self.offsets[i] + self.numels[i]].view(self.params[i].shape)
 
     def views(self, flat: Tensor, indices: list[int]) -> list[Tensor]:
-        return [self.view(flat, i) for i in indices]
+        """Views of ``indices`` into a flat buffer of this bucket, built once per buffer (the
+        buffers live as long as the bucket, so the views stay valid)."""
+        cached = self._views.get(id(flat))
+        if cached is None or cached[0] is not flat:
+            cached = (flat, [self.view(flat, i) for i in range(len(self.params))])
+            self._views[id(flat)] = cached
+        every = cached[1]
+        return [every[i] for i in indices]
+
+    def step_views(self, indices: list[int]) -> list[Tensor]:
+        """0-d views of the per-parameter step counts."""
+        if self._step_views is None:
+            self._step_views = [self.steps[i] for i in range(len(self.params))]
+        return [self._step_views[i] for i in indices]
 
     def ensure_state(self, name: str, init: Tensor | None = None) -> Tensor:
         """The flat fp32 state buffer ``name``, allocated (zeros, or ``init``) on first use."""

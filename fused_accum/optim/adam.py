@@ -24,7 +24,7 @@ def adam_update(bucket: Bucket, indices: list[int], group: dict[str, Any],
     bucket.backend.adam_step(
         [bucket.params[i] for i in indices], bucket.views(bucket.acc, indices),
         views["exp_avg"], views["exp_avg_sq"], views.get("max_exp_avg_sq"),
-        [bucket.steps[i] for i in indices], masters,
+        bucket.step_views(indices), masters,
         lr=group["lr"], beta1=scalar(beta1), beta2=scalar(beta2), eps=scalar(group["eps"]),
         weight_decay=scalar(group["weight_decay"]), amsgrad=bool(group["amsgrad"]),
         maximize=bool(group["maximize"]),

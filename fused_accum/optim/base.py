@@ -277,10 +277,12 @@ class AccumulatingOptimizer(Optimizer):
     def _apply(self, buckets: list[Bucket]) -> None:
         scales, found = self._window_scales(buckets)
         for bucket in buckets:
+            allocated = len(bucket.state)
             self.algorithm.update(bucket, bucket.touched_indices(),
                                   self.param_groups[bucket.group_index], scales[bucket.device],
                                   found[bucket.device])
-            self._publish_state(bucket)   # an update may have allocated state lazily
+            if len(bucket.state) != allocated:   # state allocated lazily (e.g. momentum set later)
+                self._publish_state(bucket)
 
     # -- state dicts -----------------------------------------------------------------------------
 

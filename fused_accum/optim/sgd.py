@@ -24,7 +24,7 @@ def sgd_update(bucket: Bucket, indices: list[int], group: dict[str, Any],
     masters = bucket.views(bucket.state["master_param"], indices) if "master_param" in bucket.state else None
     bucket.backend.sgd_step(
         [bucket.params[i] for i in indices], bucket.views(bucket.acc, indices), buffers,
-        [bucket.steps[i] for i in indices], masters,
+        bucket.step_views(indices), masters,
         lr=group["lr"], momentum=momentum, dampening=scalar(group["dampening"]),
         weight_decay=scalar(group["weight_decay"]), nesterov=bool(group["nesterov"]),
         maximize=bool(group["maximize"]), grad_scale=grad_scale, found_inf=found_inf)
