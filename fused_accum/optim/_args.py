@@ -7,6 +7,21 @@ from typing import Any
 from torch import Tensor
 
 
+def check_accumulation_steps(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"accumulation_steps must be an integer >= 1, got {value!r}")
+    return value
+
+
+def check_max_grad_norm(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value > 0):
+        raise ValueError(f"max_grad_norm must be None or a finite number > 0, got {value!r}")
+    return float(value)
+
+
 def scalar(value: float | Tensor) -> float:
     """A hyper-parameter as a Python float (tensors other than ``lr`` are read once per step)."""
     return float(value.item()) if isinstance(value, Tensor) else float(value)

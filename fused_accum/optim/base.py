@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 
 from .. import kernels
 from ..buffers import Bucket, GradBuffers, param_label
+from ._args import check_accumulation_steps, check_max_grad_norm
 
 # grad_scale: what acc is multiplied by to give the gradient of the window (clip / W); a float
 # or a 0-d fp32 tensor on the bucket's device.  found_inf: 0-d fp32 flag on that device.
@@ -25,21 +26,6 @@ UpdateFn = Callable[[Bucket, list[int], dict[str, Any], "float | Tensor", Tensor
 class Algorithm(NamedTuple):
     state_names: Callable[[dict[str, Any]], list[str]]   # flat fp32 state a group needs
     update: UpdateFn
-
-
-def check_accumulation_steps(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"accumulation_steps must be an integer >= 1, got {value!r}")
-    return value
-
-
-def check_max_grad_norm(value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            math.isfinite(value) and value > 0):
-        raise ValueError(f"max_grad_norm must be None or a finite number > 0, got {value!r}")
-    return float(value)
 
 
 def _index_params(groups: list[dict[str, Any]]) -> list[Tensor]:
