@@ -15,6 +15,7 @@ import torch
 # Name -> module path, in the order "auto" prefers them.  Later backends (the compiled extension,
 # Triton) register here; "reference" is last because it is the always-available fallback.
 _BACKENDS: dict[str, str] = {
+    "extension": "fused_accum.kernels.extension",
     "reference": "fused_accum.kernels.reference",
 }
 ENV_VAR = "FUSED_ACCUM_BACKEND"

@@ -1,0 +1,345 @@
+// CPU kernels of the fused_accum op set (schemas: fused_accum/kernels/schemas.py; formulas:
+// fused_accum/kernels/reference.py).  One call handles every tensor of a bucket: the tensors are
+// cut into chunks, the chunks run on ATen's thread pool, and per-chunk partial results (sum of
+// squares, non-finite flags) are combined in chunk order, so results do not depend on the number
+// of threads.  Inner loops work on kLanes independent lanes so that the compiler vectorizes them
+// without -ffast-math (which would break the non-finite checks).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <vector>
+
+namespace fused_accum {
+namespace {
+
+constexpr int64_t kChunk = 1 << 16;  // elements per task
+constexpr int kLanes = 16;
+
+inline float load(const float* p, int64_t i) { return p[i]; }
+inline float load(const c10::BFloat16* p, int64_t i) { return static_cast<float>(p[i]); }
+inline float load(const c10::Half* p, int64_t i) { return static_cast<float>(p[i]); }
+inline void store(float* p, int64_t i, float v) { p[i] = v; }
+inline void store(c10::BFloat16* p, int64_t i, float v) { p[i] = c10::BFloat16(v); }
+inline void store(c10::Half* p, int64_t i, float v) { p[i] = c10::Half(v); }
+
+struct Task {
+  int64_t tensor, begin, end;
+};
+
+std::vector<Task> make_tasks(at::TensorList tensors) {
+  std::vector<Task> tasks;
+  for (int64_t t = 0; t < static_cast<int64_t>(tensors.size()); ++t) {
+    const int64_t n = tensors[t].numel();
+    for (int64_t b = 0; b < n; b += kChunk) tasks.push_back({t, b, std::min(n, b + kChunk)});
+  }
+  return tasks;
+}
+
+template <typename F>
+void for_each_task(const std::vector<Task>& tasks, const F& f) {
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) f(i, tasks[i]);
+  });
+}
+
+float scalar_of(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.numel() == 1 && t.scalar_type() == at::kFloat && t.is_cpu(),
+              "fused_accum: ", name, " must be a one-element float32 CPU tensor");
+  return *t.data_ptr<float>();
+}
+
+void check_pairs(const char* op, at::TensorList a, const char* a_name, at::TensorList b,
+                 const char* b_name) {
+  TORCH_CHECK(a.size() == b.size(), "fused_accum.", op, ": ", a.size(), " ", a_name, " but ",
+              b.size(), " ", b_name);
+  for (size_t i = 0; i < a.size(); ++i) {
+    TORCH_CHECK(a[i].numel() == b[i].numel(), "fused_accum.", op, ": ", a_name, "[", i, "] has ",
+                a[i].numel(), " elements, ", b_name, "[", i, "] has ", b[i].numel());
+    TORCH_CHECK(a[i].is_contiguous() && b[i].is_contiguous(), "fused_accum.", op, ": ", a_name,
+                "[", i, "] and ", b_name, "[", i, "] must be contiguous");
+    TORCH_CHECK(a[i].is_cpu() && b[i].is_cpu(), "fused_accum.", op, ": CPU tensors expected");
+  }
+}
+
+void check_fp32(const char* op, at::TensorList list, const char* name) {
+  for (size_t i = 0; i < list.size(); ++i)
+    TORCH_CHECK(list[i].scalar_type() == at::kFloat && list[i].is_contiguous(), "fused_accum.",
+                op, ": ", name, "[", i, "] must be a contiguous float32 tensor");
+}
+
+template <typename F>
+void dispatch_float_types(at::ScalarType type, const char* what, const F& f) {
+  switch (type) {
+    case at::kFloat: f(static_cast<float*>(nullptr)); break;
+    case at::kBFloat16: f(static_cast<c10::BFloat16*>(nullptr)); break;
+    case at::kHalf: f(static_cast<c10::Half*>(nullptr)); break;
+    default: TORCH_CHECK(false, "fused_accum: ", what, " must be float32, bfloat16 or float16");
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// accumulate: acc = (first ? 0 : acc) + w * float(g); flag non-finite results; optional sum acc^2
+
+template <typename G, bool kFirst>
+void accumulate_range(const G* g, float* acc, int64_t n, float w, double& sq_out, bool& bad_out) {
+  float sq[kLanes] = {};
+  float nf[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const float c = w * load(g, j + l);
+      const float a = kFirst ? c : acc[j + l] + c;
+      acc[j + l] = a;
+      sq[l] += a * a;
+      nf[l] += a * 0.0f;  // NaN exactly when a is inf or NaN
+    }
+  }
+  for (; j < n; ++j) {
+    const float c = w * load(g, j);
+    const float a = kFirst ? c : acc[j] + c;
+    acc[j] = a;
+    sq[0] += a * a;
+    nf[0] += a * 0.0f;
+  }
+  double s = 0;
+  float bad = 0;
+  for (int l = 0; l < kLanes; ++l) {
+    s += sq[l];
+    bad += nf[l];
+  }
+  sq_out = s;
+  bad_out = !(bad == 0.0f);
+}
+
+void accumulate_cpu(at::TensorList grads, at::TensorList accs, at::IntArrayRef first,
+                    const at::Tensor& weight, const at::Tensor& found_inf,
+                    const std::optional<at::Tensor>& sumsq) {
+  check_pairs("accumulate", grads, "grads", accs, "accs");
+  check_fp32("accumulate", accs, "accs");
+  TORCH_CHECK(first.size() == accs.size(), "fused_accum.accumulate: ", first.size(),
+              " first flags for ", accs.size(), " tensors");
+  const float w = scalar_of(weight, "weight");
+  float* flag = found_inf.data_ptr<float>();
+  scalar_of(found_inf, "found_inf");
+  if (sumsq.has_value()) scalar_of(*sumsq, "sumsq");
+  const auto tasks = make_tasks(accs);
+  std::vector<double> sq(tasks.size(), 0.0);
+  std::vector<char> bad(tasks.size(), 0);
+  for_each_task(tasks, [&](int64_t i, const Task& task) {
+    const at::Tensor& g = grads[task.tensor];
+    float* acc = accs[task.tensor].data_ptr<float>() + task.begin;
+    const int64_t n = task.end - task.begin;
+    bool b = false;
+    dispatch_float_types(g.scalar_type(), "grads", [&](auto* type_tag) {
+      using G = std::remove_pointer_t<decltype(type_tag)>;
+      const G* src = static_cast<const G*>(g.const_data_ptr()) + task.begin;
+      if (first[task.tensor]) accumulate_range<G, true>(src, acc, n, w, sq[i], b);
+      else accumulate_range<G, false>(src, acc, n, w, sq[i], b);
+    });
+    bad[i] = b;
+  });
+  double total = 0;
+  bool any_bad = false;
+  for (size_t i = 0; i < tasks.size(); ++i) {
+    total += sq[i];
+    any_bad = any_bad || bad[i];
+  }
+  if (any_bad) *flag = 1.0f;
+  if (sumsq.has_value()) *sumsq->data_ptr<float>() += static_cast<float>(total);
+}
+
+// ---------------------------------------------------------------------------------------------
+// norm: sumsq += sum acc^2
+
+void norm_cpu(at::TensorList accs, const at::Tensor& sumsq) {
+  check_fp32("norm", accs, "accs");
+  scalar_of(sumsq, "sumsq");
+  const auto tasks = make_tasks(accs);
+  std::vector<double> sq(tasks.size(), 0.0);
+  for_each_task(tasks, [&](int64_t i, const Task& task) {
+    const float* a = accs[task.tensor].const_data_ptr<float>() + task.begin;
+    const int64_t n = task.end - task.begin;
+    float lanes[kLanes] = {};
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes)
+      for (int l = 0; l < kLanes; ++l) lanes[l] += a[j + l] * a[j + l];
+    for (; j < n; ++j) lanes[0] += a[j] * a[j];
+    double s = 0;
+    for (int l = 0; l < kLanes; ++l) s += lanes[l];
+    sq[i] = s;
+  });
+  double total = 0;
+  for (double s : sq) total += s;
+  *sumsq.data_ptr<float>() += static_cast<float>(total);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Optimizer steps.  The fp32 working value of a parameter is its master when there is one, else
+// the parameter itself converted; the result is written to both.
+
+struct StepLists {
+  at::TensorList params, accs, masters;
+};
+
+void check_step_lists(const char* op, const StepLists& l, at::TensorList steps) {
+  check_pairs(op, l.params, "params", l.accs, "accs");
+  check_fp32(op, l.accs, "accs");
+  TORCH_CHECK(steps.size() == l.params.size(), "fused_accum.", op, ": one step count per tensor");
+  for (const auto& s : steps)
+    TORCH_CHECK(s.numel() == 1 && s.scalar_type() == at::kFloat, "fused_accum.", op,
+                ": steps must be one-element float32 tensors");
+  if (!l.masters.empty()) {
+    check_pairs(op, l.params, "params", l.masters, "masters");
+    check_fp32(op, l.masters, "masters");
+  }
+}
+
+void check_state(const char* op, at::TensorList params, at::TensorList state, const char* name) {
+  check_pairs(op, params, "params", state, name);
+  check_fp32(op, state, name);
+}
+
+// Complements such as 1 - beta are taken in double and rounded once, as torch does: 1 - 0.999f
+// would carry 0.999f's rounding error (1e-5 relative) into every update.
+struct SgdHyper {
+  float lr, momentum, one_minus_dampening, weight_decay, scale;
+  bool nesterov, maximize;
+};
+
+template <typename P>
+void sgd_range(P* param, float* master, const float* acc, float* buf, int64_t n, bool first_step,
+               const SgdHyper& h) {
+  for (int64_t j = 0; j < n; ++j) {
+    float g = acc[j] * h.scale;
+    if (h.maximize) g = -g;
+    float p = master ? master[j] : load(param, j);
+    if (h.weight_decay != 0) g += h.weight_decay * p;
+    if (buf) {
+      const float b = first_step ? g : h.momentum * buf[j] + h.one_minus_dampening * g;
+      buf[j] = b;
+      g = h.nesterov ? g + h.momentum * b : b;
+    }
+    p -= h.lr * g;
+    if (master) master[j] = p;
+    store(param, j, p);
+  }
+}
+
+void sgd_step_cpu(at::TensorList params, at::TensorList accs, at::TensorList momentum_buffers,
+                  at::TensorList steps, at::TensorList masters, const at::Tensor& lr,
+                  double momentum, double dampening, double weight_decay, bool nesterov,
+                  bool maximize, const at::Tensor& grad_scale, const at::Tensor& found_inf) {
+  const StepLists lists{params, accs, masters};
+  check_step_lists("sgd_step", lists, steps);
+  if (!momentum_buffers.empty()) check_state("sgd_step", params, momentum_buffers, "momentum_buffers");
+  TORCH_CHECK(momentum == 0 || !momentum_buffers.empty(),
+              "fused_accum.sgd_step: momentum != 0 needs momentum_buffers");
+  if (scalar_of(found_inf, "found_inf") != 0) return;
+  const SgdHyper h{scalar_of(lr, "lr"), static_cast<float>(momentum),
+                   static_cast<float>(1.0 - dampening), static_cast<float>(weight_decay),
+                   scalar_of(grad_scale, "grad_scale"), nesterov, maximize};
+  const auto tasks = make_tasks(params);
+  for_each_task(tasks, [&](int64_t, const Task& task) {
+    const int64_t t = task.tensor, b = task.begin, n = task.end - task.begin;
+    float* master = masters.empty() ? nullptr : masters[t].data_ptr<float>() + b;
+    float* buf = (momentum == 0) ? nullptr : momentum_buffers[t].data_ptr<float>() + b;
+    const bool first_step = *steps[t].const_data_ptr<float>() == 0;
+    const float* acc = accs[t].const_data_ptr<float>() + b;
+    dispatch_float_types(params[t].scalar_type(), "params", [&](auto* type_tag) {
+      using P = std::remove_pointer_t<decltype(type_tag)>;
+      sgd_range(static_cast<P*>(params[t].data_ptr()) + b, master, acc, buf, n, first_step, h);
+    });
+  });
+  for (const auto& s : steps) *s.data_ptr<float>() += 1;
+}
+
+struct AdamHyper {
+  float lr, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, decay_factor, scale;
+  bool amsgrad, maximize, decoupled;
+};
+
+template <typename P>
+void adam_range(P* param, float* master, const float* acc, float* m, float* v, float* vmax,
+                int64_t n, float step_size, float bc2_sqrt, const AdamHyper& h) {
+  for (int64_t j = 0; j < n; ++j) {
+    float g = acc[j] * h.scale;
+    if (h.maximize) g = -g;
+    float p = master ? master[j] : load(param, j);
+    if (h.weight_decay != 0) {
+      if (h.decoupled) p *= h.decay_factor;
+      else g += h.weight_decay * p;
+    }
+    const float mj = m[j] + h.one_minus_beta1 * (g - m[j]);
+    const float vj = h.beta2 * v[j] + h.one_minus_beta2 * g * g;
+    m[j] = mj;
+    v[j] = vj;
+    float second = vj;
+    if (vmax) {
+      second = std::max(vmax[j], vj);
+      vmax[j] = second;
+    }
+    p -= step_size * mj / (std::sqrt(second) / bc2_sqrt + h.eps);
+    if (master) master[j] = p;
+    store(param, j, p);
+  }
+}
+
+void adam_step_cpu(at::TensorList params, at::TensorList accs, at::TensorList exp_avgs,
+                   at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                   at::TensorList steps, at::TensorList masters, const at::Tensor& lr,
+                   double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
+                   bool maximize, bool decoupled_weight_decay, const at::Tensor& grad_scale,
+                   const at::Tensor& found_inf) {
+  const StepLists lists{params, accs, masters};
+  check_step_lists("adam_step", lists, steps);
+  check_state("adam_step", params, exp_avgs, "exp_avgs");
+  check_state("adam_step", params, exp_avg_sqs, "exp_avg_sqs");
+  TORCH_CHECK(!amsgrad || !max_exp_avg_sqs.empty(),
+              "fused_accum.adam_step: amsgrad needs max_exp_avg_sqs");
+  if (amsgrad) check_state("adam_step", params, max_exp_avg_sqs, "max_exp_avg_sqs");
+  if (scalar_of(found_inf, "found_inf") != 0) return;
+  const double lr_value = scalar_of(lr, "lr");
+  const AdamHyper h{static_cast<float>(lr_value), static_cast<float>(beta2),
+                    static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),
+                    static_cast<float>(eps), static_cast<float>(weight_decay),
+                    static_cast<float>(1.0 - lr_value * weight_decay),
+                    scalar_of(grad_scale, "grad_scale"), amsgrad, maximize,
+                    decoupled_weight_decay};
+  // Bias corrections per tensor, in double from the step count (as the reference does).
+  std::vector<float> step_size(params.size()), bc2_sqrt(params.size());
+  for (size_t t = 0; t < params.size(); ++t) {
+    const double step = *steps[t].const_data_ptr<float>() + 1.0;
+    step_size[t] = static_cast<float>(h.lr / (1.0 - std::pow(beta1, step)));
+    bc2_sqrt[t] = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, step)));
+  }
+  const auto tasks = make_tasks(params);
+  for_each_task(tasks, [&](int64_t, const Task& task) {
+    const int64_t t = task.tensor, b = task.begin, n = task.end - task.begin;
+    float* master = masters.empty() ? nullptr : masters[t].data_ptr<float>() + b;
+    float* vmax = amsgrad ? max_exp_avg_sqs[t].data_ptr<float>() + b : nullptr;
+    dispatch_float_types(params[t].scalar_type(), "params", [&](auto* type_tag) {
+      using P = std::remove_pointer_t<decltype(type_tag)>;
+      adam_range(static_cast<P*>(params[t].data_ptr()) + b, master,
+                 accs[t].const_data_ptr<float>() + b, exp_avgs[t].data_ptr<float>() + b,
+                 exp_avg_sqs[t].data_ptr<float>() + b, vmax, n, step_size[t], bc2_sqrt[t], h);
+    });
+  });
+  for (const auto& s : steps) *s.data_ptr<float>() += 1;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_accum, CPU, m) {
+  m.impl("accumulate", &accumulate_cpu);
+  m.impl("norm", &norm_cpu);
+  m.impl("sgd_step", &sgd_step_cpu);
+  m.impl("adam_step", &adam_step_cpu);
+}
+
+}  // namespace fused_accum

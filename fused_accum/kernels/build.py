@@ -1,0 +1,86 @@
+"""Building and loading the compiled ops in csrc/.
+
+The CPU library is built just in time with ninja on first use (``torch.utils.cpp_extension``
+caches it under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) unless
+``setup.py`` built it ahead of time (``FUSED_ACCUM_BUILD_EXT=1``).  The CUDA library is built the
+same way where torch has CUDA.  A failed build is remembered with its message: ``backend="auto"``
+then falls back, and ``backend="extension"`` raises with it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+from . import schemas
+
+_PACKAGE = Path(__file__).resolve().parents[1]
+_lock = threading.Lock()
+_loaded: dict[str, str | None] = {}   # device type -> None when loaded, else the error
+
+
+def csrc_dir() -> Path:
+    """csrc/ of a source checkout, or the copy setup.py puts inside an installed package."""
+    for candidate in (_PACKAGE / "_csrc", _PACKAGE.parent / "csrc"):
+        if (candidate / "cpu" / "ops.cpp").exists():
+            return candidate
+    raise FileNotFoundError(f"csrc/ not found next to {_PACKAGE}")
+
+
+def cpu_flags() -> list[str]:
+    flags = ["-O3", "-std=c++17"]
+    arch = os.environ.get("FUSED_ACCUM_CPU_ARCH", "native")   # "" for the compiler's default
+    if arch:
+        flags.append(f"-march={arch}")
+    return flags
+
+
+def cuda_flags() -> list[str]:
+    return ["-O3", "-std=c++17", "-lineinfo",
+            "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+
+
+def _prebuilt(device_type: str) -> Path | None:
+    spec = importlib.util.find_spec(f"fused_accum._C_{device_type}")
+    return Path(spec.origin) if spec and spec.origin else None
+
+
+def _build(device_type: str) -> None:
+    from torch.utils import cpp_extension
+    prebuilt = _prebuilt(device_type)
+    if prebuilt is not None:
+        torch.ops.load_library(str(prebuilt))
+        return
+    src = csrc_dir()
+    if device_type == "cpu":
+        sources, kwargs = [src / "cpu" / "ops.cpp"], {"extra_cflags": cpu_flags()}
+    else:
+        sources = [src / "cuda" / "ops.cu"]
+        kwargs = {"extra_cflags": ["-O3", "-std=c++17"], "extra_cuda_cflags": cuda_flags()}
+    print(f"fused_accum: building the {device_type.upper()} extension (first use; cached)...",
+          file=sys.stderr, flush=True)
+    cpp_extension.load(name=f"fused_accum_{device_type}", sources=[str(s) for s in sources],
+                       is_python_module=False, verbose=bool(os.environ.get("FUSED_ACCUM_VERBOSE")),
+                       **kwargs)
+
+
+def load(device_type: str) -> str | None:
+    """Load the compiled ops for ``device_type`` ("cpu" or "cuda"); None, or why they cannot."""
+    with _lock:
+        if device_type not in _loaded:
+            schemas.define()
+            if device_type == "cuda" and not torch.cuda.is_available():
+                _loaded[device_type] = "torch has no CUDA device here"
+            elif device_type not in ("cpu", "cuda"):
+                _loaded[device_type] = f"no compiled ops for {device_type} devices"
+            else:
+                try:
+                    _build(device_type)
+                    _loaded[device_type] = None
+                except Exception as exc:   # kept as the reason; "auto" falls back on it
+                    _loaded[device_type] = f"build failed: {type(exc).__name__}: {exc}"
+        return _loaded[device_type]
