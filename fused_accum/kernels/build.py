@@ -40,7 +40,8 @@ def cpu_flags() -> list[str]:
 
 
 def cuda_flags() -> list[str]:
-    return ["-O3", "-std=c++17", "-lineinfo",
+    # USE_CUDA declares aoti_torch_get_current_cuda_stream in the stable ABI's shim (torch < 2.13).
+    return ["-O3", "-std=c++17", "-lineinfo", "-DUSE_CUDA",
             "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
 
 

@@ -1,0 +1,137 @@
+"""Every compiled or generated backend against ``reference`` on identical fresh inputs, and the
+compiled ops through torch.library.opcheck (schema, mutation annotations, fake implementation)."""
+import pytest
+import torch
+
+from fused_accum import kernels
+from fused_accum.kernels import reference
+
+CPU = torch.device("cpu")
+OTHERS = [n for n in kernels.backend_names()
+          if n != "reference" and kernels.availability(n, CPU)[0]]
+pytestmark = pytest.mark.skipif(not OTHERS, reason="no backend besides reference builds here")
+
+
+@pytest.fixture(params=OTHERS or ["none"])
+def other(request):
+    return kernels.get_backend(request.param, CPU)
+
+
+def _bucket(seed, sizes, dtype):
+    g = torch.Generator().manual_seed(seed)
+    flat = lambda scale=1.0: [torch.randn(n, generator=g) * scale for n in sizes]
+    return dict(params=[t.to(dtype) for t in flat()], accs=flat(3.0), m=flat(0.1),
+                v=[t.abs() for t in flat(0.1)], vmax=[t.abs() + 0.05 for t in flat(0.1)],
+                masters=None if dtype == torch.float32 else flat(),
+                steps=[torch.tensor(float(i % 4)) for i in range(len(sizes))],
+                grads=[t.to(dtype) for t in flat(2.0)])
+
+
+def _clone(d):
+    return {k: (None if v is None else [t.clone() for t in v]) for k, v in d.items()}
+
+
+def _assert_lists_close(a, b, rtol=1e-6):
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype
+        scale = y.float().abs().max().item() or 1.0
+        torch.testing.assert_close(x.float(), y.float(), rtol=0, atol=rtol * scale)
+
+
+SIZES = [1, 3, 4097, 70001] + [5, 17, 1, 64, 129] * 20
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_accumulate_matches_reference(other, dtype):
+    d = _bucket(1, SIZES, dtype)
+    first = [i % 2 == 0 for i in range(len(SIZES))]
+    results = []
+    for backend in (reference, other):
+        x = _clone(d)
+        for acc, f in zip(x["accs"], first):
+            if f:
+                acc.fill_(float("nan"))   # poison: first touch must write every element
+        found, sumsq = torch.tensor(0.0), torch.tensor(0.25)
+        backend.accumulate(x["grads"], x["accs"], first, torch.tensor(1.7), found, sumsq)
+        results.append((x["accs"], found, sumsq))
+    _assert_lists_close(results[1][0], results[0][0])
+    assert results[1][1].item() == results[0][1].item() == 0
+    torch.testing.assert_close(results[1][2], results[0][2], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hp", [
+    dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False),
+    dict(momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False, maximize=True),
+    dict(momentum=0.9, dampening=0.0, weight_decay=0.1, nesterov=True, maximize=False)])
+def test_sgd_step_matches_reference(other, dtype, hp):
+    d = _bucket(2, SIZES, dtype)
+    results = []
+    for backend in (reference, other):
+        x = _clone(d)
+        backend.sgd_step(x["params"], x["accs"], x["m"] if hp["momentum"] else None, x["steps"],
+                         x["masters"], lr=0.05, **hp, grad_scale=torch.tensor(0.3),
+                         found_inf=torch.tensor(0.0))
+        results.append(x)
+    for key in ("params", "m", "masters", "steps"):
+        if results[0][key] is not None:
+            _assert_lists_close(results[1][key], results[0][key],
+                                rtol=1e-6 if key != "params" or dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("amsgrad,maximize,decoupled", [(False, False, True), (True, True, False)])
+def test_adam_step_matches_reference(other, dtype, amsgrad, maximize, decoupled):
+    d = _bucket(3, SIZES, dtype)
+    results = []
+    for backend in (reference, other):
+        x = _clone(d)
+        backend.adam_step(x["params"], x["accs"], x["m"], x["v"], x["vmax"] if amsgrad else None,
+                          x["steps"], x["masters"], lr=torch.tensor(3e-3), beta1=0.9, beta2=0.999,
+                          eps=1e-8, weight_decay=0.1, amsgrad=amsgrad, maximize=maximize,
+                          decoupled_weight_decay=decoupled, grad_scale=0.5,
+                          found_inf=torch.tensor(0.0))
+        results.append(x)
+    for key in ("params", "m", "v", "vmax", "masters", "steps"):
+        if results[0][key] is not None:
+            _assert_lists_close(results[1][key], results[0][key],
+                                rtol=1e-5 if key != "params" or dtype == torch.float32 else 1e-2)
+
+
+def test_non_contiguous_parameters_are_updated_in_place(other):
+    param = torch.randn(6, 4).t()          # a transposed (non-contiguous) parameter
+    expected = param.clone()
+    acc = torch.randn(4, 6)
+    reference.sgd_step([expected], [acc], None, [torch.tensor(0.0)], None, lr=0.1, momentum=0.0,
+                       dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
+                       grad_scale=1.0, found_inf=torch.tensor(0.0))
+    other.sgd_step([param], [acc], None, [torch.tensor(0.0)], None, lr=0.1, momentum=0.0,
+                   dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
+                   grad_scale=1.0, found_inf=torch.tensor(0.0))
+    assert not param.is_contiguous()
+    torch.testing.assert_close(param, expected, rtol=1e-6, atol=1e-7)
+
+
+def _opcheck_cases():
+    d = _bucket(4, [5, 130], torch.bfloat16)
+    f32 = lambda v: torch.tensor(float(v))
+    ops = torch.ops.fused_accum
+    return {
+        "accumulate": (ops.accumulate.default,
+                       (d["grads"], d["accs"], [1, 0], f32(2.0), f32(0.0), f32(0.5))),
+        "norm": (ops.norm.default, (d["accs"], f32(0.0))),
+        "sgd_step": (ops.sgd_step.default,
+                     (d["params"], d["accs"], d["m"], d["steps"], d["masters"], f32(0.1), 0.9,
+                      0.0, 0.01, True, False, f32(0.5), f32(0.0))),
+        "adam_step": (ops.adam_step.default,
+                      (d["params"], d["accs"], d["m"], d["v"], d["vmax"], d["steps"], d["masters"],
+                       f32(1e-3), 0.9, 0.999, 1e-8, 0.1, True, False, True, f32(0.5), f32(0.0))),
+    }
+
+
+@pytest.mark.parametrize("op", ["accumulate", "norm", "sgd_step", "adam_step"])
+def test_opcheck(other, op):
+    if other.name != "extension":
+        pytest.skip("opcheck applies to the torch.library ops of the extension backend")
+    fn, args = _opcheck_cases()[op]
+    torch.library.opcheck(fn, args)

@@ -1,0 +1,106 @@
+"""The CUDA side: compiled CUDA ops against reference on the GPU, and whole windows on the GPU.
+
+Skipped where there is no CUDA device; tests/ops and the optimizer tests are the CPU versions
+of these checks."""
+import pytest
+import torch
+
+import fused_accum
+from fused_accum import kernels
+from fused_accum.kernels import reference
+from helpers import assert_same_params, clone, make_batches, make_model, train_accumulated, train_large_batch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU (CPU versions: tests/ops, tests/test_*.py)")
+CUDA = torch.device("cuda")
+
+
+def _gpu_backends():
+    if not torch.cuda.is_available():
+        return ["none"]
+    return [n for n in kernels.backend_names() if n != "reference"]
+
+
+@pytest.fixture(params=_gpu_backends())
+def gpu_backend(request):
+    ok, reason = kernels.availability(request.param, CUDA)
+    assert ok, f"{request.param} cannot run on CUDA: {reason}"
+    return kernels.get_backend(request.param, CUDA)
+
+
+SIZES = [1, 3, 4097, 2**20 + 5] + [7, 129, 1000] * 70   # > 200 tensors: several per launch
+
+
+def _lists(seed, dtype):
+    g = torch.Generator(device=CUDA).manual_seed(seed)
+    mk = lambda scale=1.0: [torch.randn(n, generator=g, device=CUDA) * scale for n in SIZES]
+    return dict(params=[t.to(dtype) for t in mk()], grads=[t.to(dtype) for t in mk(2.0)], accs=mk(3.0),
+                m=mk(0.1), v=[t.abs() for t in mk(0.1)], vmax=[t.abs() + 0.05 for t in mk(0.1)],
+                masters=None if dtype == torch.float32 else mk(),
+                steps=[torch.tensor(float(i % 3), device=CUDA) for i in range(len(SIZES))])
+
+
+def _clone(d):
+    return {k: None if v is None else [t.clone() for t in v] for k, v in d.items()}
+
+
+def _close(a, b, rtol=1e-6):
+    for x, y in zip(a, b):
+        scale = y.float().abs().max().item() or 1.0
+        torch.testing.assert_close(x.float(), y.float(), rtol=0, atol=rtol * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_accumulate_on_gpu_matches_reference(gpu_backend, dtype):
+    d = _lists(1, dtype)
+    first = [i % 2 == 0 for i in range(len(SIZES))]
+    out = []
+    for backend in (reference, gpu_backend):
+        x = _clone(d)
+        for acc, f in zip(x["accs"], first):
+            if f:
+                acc.fill_(float("nan"))
+        found, sumsq = torch.zeros((), device=CUDA), torch.full((), 0.5, device=CUDA)
+        backend.accumulate(x["grads"], x["accs"], first, torch.full((), 1.3, device=CUDA), found, sumsq)
+        out.append((x["accs"], found, sumsq))
+    _close(out[1][0], out[0][0])
+    assert out[1][1].item() == 0
+    torch.testing.assert_close(out[1][2], out[0][2], rtol=1e-5, atol=0)
+    d["grads"][3][77] = float("inf")
+    found = torch.zeros((), device=CUDA)
+    gpu_backend.accumulate(d["grads"], d["accs"], first, torch.ones((), device=CUDA), found, None)
+    assert found.item() == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_steps_on_gpu_match_reference(gpu_backend, dtype):
+    d = _lists(2, dtype)
+    results = []
+    for backend in (reference, gpu_backend):
+        x = _clone(d)
+        backend.adam_step(x["params"], x["accs"], x["m"], x["v"], x["vmax"], x["steps"], x["masters"],
+                          lr=3e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=True,
+                          maximize=False, decoupled_weight_decay=True,
+                          grad_scale=torch.full((), 0.5, device=CUDA),
+                          found_inf=torch.zeros((), device=CUDA))
+        backend.sgd_step(x["params"], x["accs"], x["v"], x["steps"], x["masters"], lr=0.1,
+                         momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False,
+                         maximize=True, grad_scale=0.25, found_inf=torch.zeros((), device=CUDA))
+        results.append(x)
+    for key in ("m", "v", "vmax", "masters", "steps"):
+        if results[0][key] is not None:
+            _close(results[1][key], results[0][key], rtol=1e-5)
+    _close(results[1]["params"], results[0]["params"], rtol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_window_on_gpu_equals_large_batch(gpu_backend):
+    windows = [make_batches(s, 4, 3) for s in range(3)]
+    windows = [[(x.cuda(), y.cuda()) for x, y in w] for w in windows]
+    base = make_model(seed=1).cuda()
+    expected = train_large_batch(clone(base), lambda p: torch.optim.AdamW(p, lr=1e-2), windows,
+                                 max_grad_norm=0.5)
+    model = clone(base)
+    opt = fused_accum.AdamW(model.parameters(), lr=1e-2, accumulation_steps=4, max_grad_norm=0.5,
+                            backend=gpu_backend.name)
+    train_accumulated(model, opt, windows)
+    assert_same_params(model, expected)
