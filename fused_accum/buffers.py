@@ -23,6 +23,7 @@ from . import kernels
 # The GradBuffers that currently owns a parameter.  The newest optimizer built over a parameter
 # owns it; hooks of older (or dead) optimizers leave its gradient alone.
 _OWNER_ATTR = "_fused_accum_owner"
+ALIGN = 16   # elements
 
 
 def param_label(group_index: int, index: int, names: list[str] | None) -> str:
@@ -41,10 +42,13 @@ class Bucket:
         self.dtype = params[0].dtype
         self.backend = kernels.get_backend(backend_name, self.device)
         self.numels = [p.numel() for p in params]
-        self.offsets = [0]
-        for n in self.numels[:-1]:
-            self.offsets.append(self.offsets[-1] + n)
-        total = sum(self.numels)
+        # Each slice starts on a multiple of ALIGN elements (64 bytes), so kernels can use vector
+        # loads on every parameter's slice of every flat buffer.
+        self.offsets = []
+        total = 0
+        for n in self.numels:
+            self.offsets.append(total)
+            total += -(-n // ALIGN) * ALIGN
         # Never zeroed: the first touch of a slice in a window overwrites it.
         self.acc = torch.empty(total, dtype=torch.float32, device=self.device)
         self.state: dict[str, Tensor] = {}          # flat fp32 optimizer state, by torch's names
@@ -86,7 +90,11 @@ class Bucket:
         return self.state[name]
 
     def flat_params(self) -> Tensor:
-        return torch.cat([p.detach().reshape(-1).to(torch.float32) for p in self.params])
+        """The parameters in fp32, laid out like the bucket's flat buffers (padding zeroed)."""
+        flat = torch.zeros_like(self.acc)
+        for i, p in enumerate(self.params):
+            self.view(flat, i).copy_(p.detach())
+        return flat
 
     def touched_indices(self) -> list[int]:
         return [i for i, t in enumerate(self.touched) if t]
