@@ -1,17 +1,67 @@
-"""pip-installable package.  ``pip install .`` installs the Python package; it imports nothing
-from torch, so build isolation never pulls a torch wheel.  The compiled ops in csrc/ are added
-here as ``ext_modules`` by the compiled-extension work (they build against the installed torch,
-so that build will be opt-in and run with ``--no-build-isolation``)."""
+"""pip-installable package.
+
+``pip install .`` installs the Python package and a copy of csrc/; the compiled ops are then
+built just in time, on first use, against the installed torch.  This file imports nothing from
+torch in that case, so build isolation never pulls a torch wheel.
+
+``FUSED_ACCUM_BUILD_EXT=1 pip install --no-build-isolation .`` builds the ops ahead of time
+against the torch already installed: the CPU library always, the CUDA library when that torch
+has CUDA.
+"""
+import os
+import shutil
+from pathlib import Path
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+
+
+class BuildPyWithSources(build_py):
+    """Ships csrc/ inside the package (fused_accum/_csrc) for the just-in-time build."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "fused_accum" / "_csrc"
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(ROOT / "csrc", target, ignore=shutil.ignore_patterns("*.md"))
+
+
+def ahead_of_time_extensions():
+    if os.environ.get("FUSED_ACCUM_BUILD_EXT") != "1":
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    # An ahead-of-time build may run elsewhere than where it is built: no -march=native unless
+    # FUSED_ACCUM_CPU_ARCH asks for an architecture.
+    arch = os.environ.get("FUSED_ACCUM_CPU_ARCH")
+    cpu_flags = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp-simd"] + ([f"-march={arch}"] if arch else [])
+    modules = [CppExtension("fused_accum._C_cpu", ["csrc/cpu/ops.cpp"],
+                            extra_compile_args={"cxx": cpu_flags})]
+    if torch.version.cuda and CUDA_HOME:
+        modules.append(CUDAExtension(
+            "fused_accum._C_cuda", ["csrc/cuda/ops.cu"],
+            extra_compile_args={"cxx": ["-O3", "-std=c++17"],
+                                "nvcc": ["-O3", "-std=c++17", "-lineinfo", "-DUSE_CUDA",
+                                         "-gencode=arch=compute_80,code=sm_80",
+                                         "-gencode=arch=compute_90,code=sm_90"]}))
+    return modules, {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}
+
+
+ext_modules, ext_cmdclass = ahead_of_time_extensions()
 
 setup(
     name="fused_accum",
     version="0.1.0",
     description="Gradient accumulation in fp32 buffers, fused with the optimizer step, for PyTorch",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["fused_accum", "fused_accum.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
-    extras_require={"test": ["pytest"], "bench": ["matplotlib"]},
+    extras_require={"test": ["pytest", "ninja"], "bench": ["matplotlib"]},
+    ext_modules=ext_modules,
+    cmdclass={"build_py": BuildPyWithSources, **ext_cmdclass},
 )

@@ -2,8 +2,9 @@
 // fused_accum/kernels/reference.py).  One call handles every tensor of a bucket: the tensors are
 // cut into chunks, the chunks run on ATen's thread pool, and per-chunk partial results (sum of
 // squares, non-finite flags) are combined in chunk order, so results do not depend on the number
-// of threads.  Inner loops work on kLanes independent lanes so that the compiler vectorizes them
-// without -ffast-math (which would break the non-finite checks).
+// of threads.  Inner loops are `omp simd` loops (built with -fopenmp-simd): the reductions in them
+// may be reordered, which is what lets them vectorize without -ffast-math (that would break the
+// non-finite checks and torch's rounding).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
@@ -12,6 +13,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -19,14 +22,36 @@ namespace fused_accum {
 namespace {
 
 constexpr int64_t kChunk = 1 << 16;  // elements per task
-constexpr int kLanes = 16;
+
+// Element conversions, branch-free so that loops vectorize; bfloat16 rounding is c10's
+// (round to nearest even, NaN to 0x7FC0), float16 uses the compiler's IEEE conversion.
+inline float bf16_to_f32(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return f != f ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
+}
 
 inline float load(const float* p, int64_t i) { return p[i]; }
-inline float load(const c10::BFloat16* p, int64_t i) { return static_cast<float>(p[i]); }
-inline float load(const c10::Half* p, int64_t i) { return static_cast<float>(p[i]); }
+inline float load(const c10::BFloat16* p, int64_t i) {
+  return bf16_to_f32(reinterpret_cast<const uint16_t*>(p)[i]);
+}
+inline float load(const c10::Half* p, int64_t i) {
+  return static_cast<float>(reinterpret_cast<const _Float16*>(p)[i]);
+}
 inline void store(float* p, int64_t i, float v) { p[i] = v; }
-inline void store(c10::BFloat16* p, int64_t i, float v) { p[i] = c10::BFloat16(v); }
-inline void store(c10::Half* p, int64_t i, float v) { p[i] = c10::Half(v); }
+inline void store(c10::BFloat16* p, int64_t i, float v) {
+  reinterpret_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
+}
+inline void store(c10::Half* p, int64_t i, float v) {
+  reinterpret_cast<_Float16*>(p)[i] = static_cast<_Float16>(v);
+}
 
 struct Task {
   int64_t tensor, begin, end;
@@ -87,34 +112,19 @@ void dispatch_float_types(at::ScalarType type, const char* what, const F& f) {
 // accumulate: acc = (first ? 0 : acc) + w * float(g); flag non-finite results; optional sum acc^2
 
 template <typename G, bool kFirst>
-void accumulate_range(const G* g, float* acc, int64_t n, float w, double& sq_out, bool& bad_out) {
-  float sq[kLanes] = {};
-  float nf[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const float c = w * load(g, j + l);
-      const float a = kFirst ? c : acc[j + l] + c;
-      acc[j + l] = a;
-      sq[l] += a * a;
-      nf[l] += a * 0.0f;  // NaN exactly when a is inf or NaN
-    }
-  }
-  for (; j < n; ++j) {
+void accumulate_range(const G* __restrict__ g, float* __restrict__ acc, int64_t n, float w,
+                      double& sq_out, bool& bad_out) {
+  float sq = 0.0f, nf = 0.0f;
+#pragma omp simd reduction(+ : sq, nf)
+  for (int64_t j = 0; j < n; ++j) {
     const float c = w * load(g, j);
     const float a = kFirst ? c : acc[j] + c;
     acc[j] = a;
-    sq[0] += a * a;
-    nf[0] += a * 0.0f;
+    sq += a * a;
+    nf += a * 0.0f;  // NaN exactly when a is inf or NaN
   }
-  double s = 0;
-  float bad = 0;
-  for (int l = 0; l < kLanes; ++l) {
-    s += sq[l];
-    bad += nf[l];
-  }
-  sq_out = s;
-  bad_out = !(bad == 0.0f);
+  sq_out = sq;
+  bad_out = !(nf == 0.0f);
 }
 
 void accumulate_cpu(at::TensorList grads, at::TensorList accs, at::IntArrayRef first,
@@ -165,13 +175,9 @@ void norm_cpu(at::TensorList accs, const at::Tensor& sumsq) {
   for_each_task(tasks, [&](int64_t i, const Task& task) {
     const float* a = accs[task.tensor].const_data_ptr<float>() + task.begin;
     const int64_t n = task.end - task.begin;
-    float lanes[kLanes] = {};
-    int64_t j = 0;
-    for (; j + kLanes <= n; j += kLanes)
-      for (int l = 0; l < kLanes; ++l) lanes[l] += a[j + l] * a[j + l];
-    for (; j < n; ++j) lanes[0] += a[j] * a[j];
-    double s = 0;
-    for (int l = 0; l < kLanes; ++l) s += lanes[l];
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < n; ++j) s += a[j] * a[j];
     sq[i] = s;
   });
   double total = 0;
@@ -206,27 +212,30 @@ void check_state(const char* op, at::TensorList params, at::TensorList state, co
 }
 
 // Complements such as 1 - beta are taken in double and rounded once, as torch does: 1 - 0.999f
-// would carry 0.999f's rounding error (1e-5 relative) into every update.
+// would carry 0.999f's rounding error (1e-5 relative) into every update.  Options that would
+// branch per element are compile-time flags, or folded into factors that are exact when unused
+// (maximize into the sign of scale, decoupled decay into a factor of 1, L2 decay into 0 * p,
+// both exact for finite values).
 struct SgdHyper {
   float lr, momentum, one_minus_dampening, weight_decay, scale;
-  bool nesterov, maximize;
+  bool nesterov;
 };
 
-template <typename P>
-void sgd_range(P* param, float* master, const float* acc, float* buf, int64_t n, bool first_step,
-               const SgdHyper& h) {
+template <typename P, bool kMaster, bool kMomentum>
+void sgd_range(P* __restrict__ param, float* __restrict__ master, const float* __restrict__ acc,
+               float* __restrict__ buf, int64_t n, bool first_step, const SgdHyper& h) {
+#pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     float g = acc[j] * h.scale;
-    if (h.maximize) g = -g;
-    float p = master ? master[j] : load(param, j);
-    if (h.weight_decay != 0) g += h.weight_decay * p;
-    if (buf) {
+    float p = kMaster ? master[j] : load(param, j);
+    g += h.weight_decay * p;
+    if (kMomentum) {
       const float b = first_step ? g : h.momentum * buf[j] + h.one_minus_dampening * g;
       buf[j] = b;
       g = h.nesterov ? g + h.momentum * b : b;
     }
     p -= h.lr * g;
-    if (master) master[j] = p;
+    if (kMaster) master[j] = p;
     store(param, j, p);
   }
 }
@@ -241,51 +250,54 @@ void sgd_step_cpu(at::TensorList params, at::TensorList accs, at::TensorList mom
   TORCH_CHECK(momentum == 0 || !momentum_buffers.empty(),
               "fused_accum.sgd_step: momentum != 0 needs momentum_buffers");
   if (scalar_of(found_inf, "found_inf") != 0) return;
+  const float scale = scalar_of(grad_scale, "grad_scale");
   const SgdHyper h{scalar_of(lr, "lr"), static_cast<float>(momentum),
                    static_cast<float>(1.0 - dampening), static_cast<float>(weight_decay),
-                   scalar_of(grad_scale, "grad_scale"), nesterov, maximize};
+                   maximize ? -scale : scale, nesterov};
+  const bool has_master = !masters.empty(), has_momentum = momentum != 0;
   const auto tasks = make_tasks(params);
   for_each_task(tasks, [&](int64_t, const Task& task) {
     const int64_t t = task.tensor, b = task.begin, n = task.end - task.begin;
-    float* master = masters.empty() ? nullptr : masters[t].data_ptr<float>() + b;
-    float* buf = (momentum == 0) ? nullptr : momentum_buffers[t].data_ptr<float>() + b;
+    float* master = has_master ? masters[t].data_ptr<float>() + b : nullptr;
+    float* buf = has_momentum ? momentum_buffers[t].data_ptr<float>() + b : nullptr;
     const bool first_step = *steps[t].const_data_ptr<float>() == 0;
     const float* acc = accs[t].const_data_ptr<float>() + b;
     dispatch_float_types(params[t].scalar_type(), "params", [&](auto* type_tag) {
       using P = std::remove_pointer_t<decltype(type_tag)>;
-      sgd_range(static_cast<P*>(params[t].data_ptr()) + b, master, acc, buf, n, first_step, h);
+      P* param = static_cast<P*>(params[t].data_ptr()) + b;
+      if (has_master && has_momentum) sgd_range<P, true, true>(param, master, acc, buf, n, first_step, h);
+      else if (has_master) sgd_range<P, true, false>(param, master, acc, buf, n, first_step, h);
+      else if (has_momentum) sgd_range<P, false, true>(param, master, acc, buf, n, first_step, h);
+      else sgd_range<P, false, false>(param, master, acc, buf, n, first_step, h);
     });
   });
   for (const auto& s : steps) *s.data_ptr<float>() += 1;
 }
 
 struct AdamHyper {
-  float lr, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, decay_factor, scale;
-  bool amsgrad, maximize, decoupled;
+  float beta2, one_minus_beta1, one_minus_beta2, eps, l2, decay, scale;
 };
 
-template <typename P>
-void adam_range(P* param, float* master, const float* acc, float* m, float* v, float* vmax,
-                int64_t n, float step_size, float bc2_sqrt, const AdamHyper& h) {
+template <typename P, bool kMaster, bool kAmsgrad>
+void adam_range(P* __restrict__ param, float* __restrict__ master, const float* __restrict__ acc,
+                float* __restrict__ m, float* __restrict__ v, float* __restrict__ vmax, int64_t n,
+                float step_size, float bc2_sqrt, const AdamHyper& h) {
+#pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    float g = acc[j] * h.scale;
-    if (h.maximize) g = -g;
-    float p = master ? master[j] : load(param, j);
-    if (h.weight_decay != 0) {
-      if (h.decoupled) p *= h.decay_factor;
-      else g += h.weight_decay * p;
-    }
+    const float g0 = acc[j] * h.scale;
+    float p = (kMaster ? master[j] : load(param, j)) * h.decay;
+    const float g = g0 + h.l2 * p;
     const float mj = m[j] + h.one_minus_beta1 * (g - m[j]);
     const float vj = h.beta2 * v[j] + h.one_minus_beta2 * g * g;
     m[j] = mj;
     v[j] = vj;
     float second = vj;
-    if (vmax) {
+    if (kAmsgrad) {
       second = std::max(vmax[j], vj);
       vmax[j] = second;
     }
     p -= step_size * mj / (std::sqrt(second) / bc2_sqrt + h.eps);
-    if (master) master[j] = p;
+    if (kMaster) master[j] = p;
     store(param, j, p);
   }
 }
@@ -305,29 +317,36 @@ void adam_step_cpu(at::TensorList params, at::TensorList accs, at::TensorList ex
   if (amsgrad) check_state("adam_step", params, max_exp_avg_sqs, "max_exp_avg_sqs");
   if (scalar_of(found_inf, "found_inf") != 0) return;
   const double lr_value = scalar_of(lr, "lr");
-  const AdamHyper h{static_cast<float>(lr_value), static_cast<float>(beta2),
-                    static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),
-                    static_cast<float>(eps), static_cast<float>(weight_decay),
-                    static_cast<float>(1.0 - lr_value * weight_decay),
-                    scalar_of(grad_scale, "grad_scale"), amsgrad, maximize,
-                    decoupled_weight_decay};
+  const float scale = scalar_of(grad_scale, "grad_scale");
+  const AdamHyper h{static_cast<float>(beta2), static_cast<float>(1.0 - beta1),
+                    static_cast<float>(1.0 - beta2), static_cast<float>(eps),
+                    decoupled_weight_decay ? 0.0f : static_cast<float>(weight_decay),
+                    decoupled_weight_decay ? static_cast<float>(1.0 - lr_value * weight_decay) : 1.0f,
+                    maximize ? -scale : scale};
   // Bias corrections per tensor, in double from the step count (as the reference does).
   std::vector<float> step_size(params.size()), bc2_sqrt(params.size());
   for (size_t t = 0; t < params.size(); ++t) {
     const double step = *steps[t].const_data_ptr<float>() + 1.0;
-    step_size[t] = static_cast<float>(h.lr / (1.0 - std::pow(beta1, step)));
+    step_size[t] = static_cast<float>(lr_value / (1.0 - std::pow(beta1, step)));
     bc2_sqrt[t] = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, step)));
   }
+  const bool has_master = !masters.empty();
   const auto tasks = make_tasks(params);
   for_each_task(tasks, [&](int64_t, const Task& task) {
     const int64_t t = task.tensor, b = task.begin, n = task.end - task.begin;
-    float* master = masters.empty() ? nullptr : masters[t].data_ptr<float>() + b;
+    float* master = has_master ? masters[t].data_ptr<float>() + b : nullptr;
     float* vmax = amsgrad ? max_exp_avg_sqs[t].data_ptr<float>() + b : nullptr;
+    const float* acc = accs[t].const_data_ptr<float>() + b;
+    float* m = exp_avgs[t].data_ptr<float>() + b;
+    float* v = exp_avg_sqs[t].data_ptr<float>() + b;
     dispatch_float_types(params[t].scalar_type(), "params", [&](auto* type_tag) {
       using P = std::remove_pointer_t<decltype(type_tag)>;
-      adam_range(static_cast<P*>(params[t].data_ptr()) + b, master,
-                 accs[t].const_data_ptr<float>() + b, exp_avgs[t].data_ptr<float>() + b,
-                 exp_avg_sqs[t].data_ptr<float>() + b, vmax, n, step_size[t], bc2_sqrt[t], h);
+      P* param = static_cast<P*>(params[t].data_ptr()) + b;
+      const float ss = step_size[t], bc = bc2_sqrt[t];
+      if (has_master && amsgrad) adam_range<P, true, true>(param, master, acc, m, v, vmax, n, ss, bc, h);
+      else if (has_master) adam_range<P, true, false>(param, master, acc, m, v, vmax, n, ss, bc, h);
+      else if (amsgrad) adam_range<P, false, true>(param, master, acc, m, v, vmax, n, ss, bc, h);
+      else adam_range<P, false, false>(param, master, acc, m, v, vmax, n, ss, bc, h);
     });
   });
   for (const auto& s : steps) *s.data_ptr<float>() += 1;
