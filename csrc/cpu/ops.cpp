@@ -21,7 +21,7 @@
 namespace fused_accum {
 namespace {
 
-constexpr int64_t kChunk = 1 << 16;  // elements per task
+constexpr int64_t kChunk = 1 << 14;  // elements per task: small enough to split 64K tensors across threads
 
 // Element conversions, branch-free so that loops vectorize; bfloat16 rounding is c10's
 // (round to nearest even, NaN to 0x7FC0), float16 uses the compiler's IEEE conversion.

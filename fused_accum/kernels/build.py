@@ -32,10 +32,12 @@ def csrc_dir() -> Path:
 
 
 def cpu_flags() -> list[str]:
-    # -fno-math-errno: sqrt needs no errno branch, so the Adam loop vectorizes; results are the
-    # same.  -fopenmp-simd: honour the kernels' `omp simd` loops (no threads from OpenMP).
-    # Never -ffast-math: it would break the non-finite checks and torch's rounding.
-    flags = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp-simd"]
+    # -fopenmp: at::parallel_for is inline over `omp parallel` in torch's OpenMP builds, so
+    # without it the kernels run on one thread (libgomp.so.1 resolves to the copy torch loaded);
+    # it also honours the kernels' `omp simd` loops.  -fno-math-errno: sqrt needs no errno
+    # branch, so the Adam loop vectorizes; results are the same.  Never -ffast-math: it would
+    # break the non-finite checks and torch's rounding.
+    flags = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp"]
     arch = os.environ.get("FUSED_ACCUM_CPU_ARCH", "native")   # "" for the compiler's default
     if arch:
         flags.append(f"-march={arch}")
@@ -61,7 +63,8 @@ def _build(device_type: str) -> None:
         return
     src = csrc_dir()
     if device_type == "cpu":
-        sources, kwargs = [src / "cpu" / "ops.cpp"], {"extra_cflags": cpu_flags()}
+        sources = [src / "cpu" / "ops.cpp"]
+        kwargs = {"extra_cflags": cpu_flags(), "extra_ldflags": ["-fopenmp"]}
     else:
         sources = [src / "cuda" / "ops.cu"]
         kwargs = {"extra_cflags": ["-O3", "-std=c++17"], "extra_cuda_cflags": cuda_flags()}
