@@ -1,10 +1,10 @@
-"""``python -m fused_accum {check,info}``."""
+"""``python -m fused_accum {bench,check,info}``."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .cli import check, info
+from .cli import bench, check, info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,8 +13,10 @@ def main(argv: list[str] | None = None) -> int:
     check.add_arguments(commands.add_parser(
         "check", help="train a small model accumulated and as one large batch; print the difference"))
     commands.add_parser("info", help="versions, devices and which backends can run")
+    bench.add_arguments(commands.add_parser(
+        "bench", help="fused_accum against plain PyTorch: ops and whole windows"))
     args = parser.parse_args(argv)
-    return {"check": check.run, "info": info.run}[args.command](args)
+    return {"check": check.run, "info": info.run, "bench": bench.run}[args.command](args)
 
 
 if __name__ == "__main__":

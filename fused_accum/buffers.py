@@ -184,8 +184,11 @@ class GradBuffers:
     # -- gradients in ------------------------------------------------------------------------
 
     def _check_grad(self, param: Tensor, grad: Tensor) -> None:
+        if (grad.layout == torch.strided and grad.shape == param.shape
+                and grad.device == param.device and grad.is_floating_point()):
+            return   # the hot path: nothing to say
         label = self.label(param)
-        if grad.is_sparse or grad.layout != torch.strided:
+        if grad.layout != torch.strided:
             raise RuntimeError(f"fused_accum: parameter {label} received a sparse gradient; "
                                "fused_accum accumulates dense gradients only (use a dense "
                                "embedding, e.g. nn.Embedding(sparse=False))")
@@ -193,8 +196,7 @@ class GradBuffers:
             raise RuntimeError(f"fused_accum: parameter {label} received a gradient of shape "
                                f"{tuple(grad.shape)} on {grad.device}; expected "
                                f"{tuple(param.shape)} on {param.device}")
-        if not grad.is_floating_point():
-            raise RuntimeError(f"fused_accum: parameter {label} received a {grad.dtype} gradient")
+        raise RuntimeError(f"fused_accum: parameter {label} received a {grad.dtype} gradient")
 
     def _on_grad(self, param: Tensor) -> None:
         grad = param.grad

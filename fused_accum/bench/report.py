@@ -1,0 +1,89 @@
+"""Tables and plots from benchmark results (the dicts ``python -m fused_accum bench --json``
+writes), so that the README is generated from committed data:
+``python -m fused_accum.bench.report benchmarks/results/FILE.json``."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _machine_line(result: dict) -> str:
+    m = result["machine"]
+    where = m.get("gpu") or f"{m['cpu']}, {m['torch_threads']} threads"
+    return (f"{where}; torch {m['torch']}; fused_accum {m['fused_accum']}; {m['date']}; "
+            f"copy bandwidth {result['copy_bandwidth_gb_per_s']:.1f} GB/s")
+
+
+def ops_table(rows: list[dict]) -> str:
+    lines = ["| op | case | MB | contender | ms | GB/s | of copy | time vs torch |",
+             "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['op']} | {r['variant']} | {r['size_mb']} | {r['runs']} | "
+                     f"{r['time_s'] * 1e3:.3f} | {r['gb_per_s']:.1f} | {r['fraction_of_copy']:.0%} | "
+                     f"{r['time_vs_torch']:.2f}x |")
+    return "\n".join(lines)
+
+
+def windows_table(rows: list[dict]) -> str:
+    lines = ["| config | parameters | k | pipeline | ms per window (p10-p90) | time vs torch best | "
+             "bytes/param | GB/s | of copy | max rel. diff vs torch best |",
+             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(
+            f"| ({r['config']}) {r['describe']} | {r['parameters'] / 1e6:.1f}M in {r['tensors']} | "
+            f"{r['k']} | {r['pipeline']} | {r['time_s'] * 1e3:.1f} ({r['time_p10_s'] * 1e3:.1f}-"
+            f"{r['time_p90_s'] * 1e3:.1f}) | {r['time_vs_torch_best']:.2f}x | "
+            f"{r['bytes_per_parameter']} | {r['gb_per_s']:.1f} | {r['fraction_of_copy']:.0%} | "
+            f"{r['max_rel_diff_vs_torch_best']:.1e} |")
+    return "\n".join(lines)
+
+
+def tables(result: dict) -> str:
+    parts = [f"Measured on {_machine_line(result)}."]
+    if result["windows"]:
+        parts += ["", "Windows:", "", windows_table(result["windows"])]
+    if result["ops"]:
+        parts += ["", "Ops:", "", ops_table(result["ops"])]
+    return "\n".join(parts)
+
+
+def plot(result: dict, path: Path) -> bool:
+    """Time ratio and fraction of copy bandwidth per configuration; False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    panels = [r for r in (("windows", "pipeline", "time_vs_torch_best"), ("ops", "contender", "time_vs_torch"))
+              if result[r[0]]]
+    fig, axes = plt.subplots(len(panels), 2, figsize=(13, 4.5 * len(panels)), squeeze=False)
+    for row, (level, who, ratio) in zip(axes, panels):
+        data = result[level]
+        labels = sorted({(r.get("config") or f"{r['op']}: {r['variant']}", r.get("size_mb", 0))
+                         for r in data}, key=str)
+        names = sorted({r[who] for r in data})
+        for j, (key, title) in enumerate(((ratio, "time vs torch (lower is better)"),
+                                          ("fraction_of_copy", "fraction of copy bandwidth"))):
+            ax = row[j]
+            width = 0.8 / len(names)
+            for i, name in enumerate(names):
+                values = [next((r[key] for r in data if r[who] == name and
+                                (r.get("config") or f"{r['op']}: {r['variant']}", r.get("size_mb", 0)) == lab), 0)
+                          for lab in labels]
+                ax.barh([y + i * width for y in range(len(labels))], values, height=width, label=name)
+            ax.set_yticks([y + 0.4 - width / 2 for y in range(len(labels))])
+            ax.set_yticklabels([f"{a} ({b} MB)" if b else f"({a})" for a, b in labels], fontsize=7)
+            ax.set_title(f"{level}: {title}")
+            ax.axvline(1.0, color="grey", linewidth=0.8)
+            ax.legend(fontsize=7)
+    fig.suptitle(_machine_line(result), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+if __name__ == "__main__":
+    for name in sys.argv[1:]:
+        print(tables(json.loads(Path(name).read_text())))
