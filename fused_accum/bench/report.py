@@ -1,6 +1,6 @@
-"""Tables and plots from benchmark results (the dicts ``python -m fused_accum bench --json``
-writes), so that the README is generated from committed data:
-``python -m fused_accum.bench.report benchmarks/results/FILE.json``."""
+"""Tables and plots from benchmark results (what ``python -m fused_accum bench --json`` writes),
+so that the README's figures come from committed data:
+``python -m fused_accum.bench.report benchmarks/results/FILE.json [--plot FILE.png]``."""
 from __future__ import annotations
 
 import json
@@ -76,6 +76,8 @@ def plot(result: dict, path: Path) -> bool:
             ax.set_yticks([y + 0.4 - width / 2 for y in range(len(labels))])
             ax.set_yticklabels([f"{a} ({b} MB)" if b else f"({a})" for a, b in labels], fontsize=7)
             ax.set_title(f"{level}: {title}")
+            if key == ratio:
+                ax.set_xscale("log")   # the reference backend is tens of times slower
             ax.axvline(1.0, color="grey", linewidth=0.8)
             ax.legend(fontsize=7)
     fig.suptitle(_machine_line(result), fontsize=8)
@@ -84,6 +86,20 @@ def plot(result: dict, path: Path) -> bool:
     return True
 
 
+def main(argv: list[str]) -> int:
+    """report.py RESULTS.json [--plot OUT.png]: print the tables, optionally redraw the plot."""
+    if not argv or argv[0].startswith("-"):
+        print(main.__doc__, file=sys.stderr)
+        return 2
+    result = json.loads(Path(argv[0]).read_text())
+    print(tables(result))
+    if "--plot" in argv:
+        out = Path(argv[argv.index("--plot") + 1])
+        if not plot(result, out):
+            print("no plot: matplotlib is not installed", file=sys.stderr)
+            return 1
+    return 0
+
+
 if __name__ == "__main__":
-    for name in sys.argv[1:]:
-        print(tables(json.loads(Path(name).read_text())))
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,39 @@
+"""The benchmark runs end to end (--quick, tiny sizes) and writes the documented JSON.
+No timing assertions: speed is measured by the benchmark, not tested."""
+import json
+import subprocess
+import sys
+
+from fused_accum import kernels
+from fused_accum.bench.report import tables
+
+OPS_KEYS = {"op", "variant", "size_mb", "elements", "contender", "runs", "bytes", "time_s",
+            "time_p10_s", "time_p90_s", "gb_per_s", "fraction_of_copy", "time_vs_torch"}
+WINDOW_KEYS = {"config", "describe", "parameters", "tensors", "dtype", "k", "pipeline", "time_s",
+               "time_p10_s", "time_p90_s", "time_vs_torch_best", "bytes_per_parameter", "bytes",
+               "gb_per_s", "fraction_of_copy", "max_rel_diff_vs_torch_best"}
+
+
+def test_quick_bench_writes_the_documented_json(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "-m", "fused_accum", "bench", "--quick", "--repeats", "1",
+                             "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Windows:" in result.stdout and "Ops:" in result.stdout
+    data = json.loads(out.read_text())
+    assert data["schema"] == "fused_accum.bench/1"
+    assert {"date", "device", "cpu", "torch", "fused_accum"} <= set(data["machine"])
+    assert data["copy_bandwidth_gb_per_s"] > 0
+    assert data["ops"] and all(set(r) == OPS_KEYS for r in data["ops"])
+    assert data["windows"] and all(set(r) == WINDOW_KEYS for r in data["windows"])
+    contenders = {r["contender"] for r in data["ops"]}
+    cpu_backends = {n for n in kernels.backend_names() if kernels.availability(n, "cpu")[0]}
+    assert contenders == {"torch"} | {f"fused_accum:{n}" for n in cpu_backends}
+    assert {r["pipeline"] for r in data["windows"]} == {"fused_accum", "torch best", "torch naive"}
+    for r in data["ops"] + data["windows"]:
+        assert r["time_s"] > 0 and r["bytes"] > 0
+    # fused_accum and the best plain pipeline end every window with the same parameters.
+    for r in data["windows"]:
+        if r["pipeline"] == "fused_accum":
+            assert r["max_rel_diff_vs_torch_best"] < (1e-2 if r["dtype"] == "bfloat16" else 1e-5)
+    assert "| (b) bf16 GPT-like model" in tables(data)
