@@ -12,6 +12,7 @@ import importlib.util
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -68,11 +69,14 @@ def _build(device_type: str) -> None:
     else:
         sources = [src / "cuda" / "ops.cu"]
         kwargs = {"extra_cflags": ["-O3", "-std=c++17"], "extra_cuda_cflags": cuda_flags()}
-    print(f"fused_accum: building the {device_type.upper()} extension (first use; cached)...",
-          file=sys.stderr, flush=True)
+    start = time.perf_counter()
     cpp_extension.load(name=f"fused_accum_{device_type}", sources=[str(s) for s in sources],
                        is_python_module=False, verbose=bool(os.environ.get("FUSED_ACCUM_VERBOSE")),
                        **kwargs)
+    seconds = time.perf_counter() - start
+    if seconds > 2:   # a cached load takes milliseconds: this was a build
+        print(f"fused_accum: built the {device_type.upper()} extension in {seconds:.0f} s "
+              "(cached for next time)", file=sys.stderr, flush=True)
 
 
 def load(device_type: str) -> str | None:

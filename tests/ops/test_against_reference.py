@@ -135,3 +135,28 @@ def test_opcheck(other, op):
         pytest.skip("opcheck applies to the torch.library ops of the extension backend")
     fn, args = _opcheck_cases()[op]
     torch.library.opcheck(fn, args)
+
+
+def test_torch_compile_traces_a_window_through_the_ops(other):
+    if other.name != "extension":
+        pytest.skip("the torch.library ops are the extension backend's")
+    ops = torch.ops.fused_accum
+
+    def window(g1, g2, acc, p, m, v, step, w, found, sumsq, lr, scale):
+        ops.accumulate([g1], [acc], [1], w, found, None)
+        ops.accumulate([g2], [acc], [0], w, found, sumsq)
+        ops.adam_step([p], [acc], [m], [v], [], [step], [], lr, 0.9, 0.999, 1e-8, 0.1, False,
+                      False, True, scale, found)
+
+    g = torch.Generator().manual_seed(5)
+    eager = [torch.randn(1000, generator=g).bfloat16(), torch.randn(1000, generator=g).bfloat16(),
+             torch.randn(1000, generator=g), torch.randn(1000, generator=g),
+             torch.randn(1000, generator=g) * 0.1, torch.rand(1000, generator=g) * 0.1,
+             torch.tensor(3.0), torch.tensor(1.0), torch.tensor(0.0), torch.tensor(0.0),
+             torch.tensor(1e-3), torch.tensor(0.5)]
+    compiled = [t.clone() for t in eager]
+    window(*eager)
+    torch.compile(window, fullgraph=True)(*compiled)
+    for a, b in zip(compiled, eager):
+        assert torch.equal(a, b)
+    assert eager[6].item() == 4.0
