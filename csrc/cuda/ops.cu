@@ -191,6 +191,13 @@ __device__ __forceinline__ Chunk locate(const Meta<N>& meta, int32_t chunk) {
   return {lo, begin, min(kChunk, meta.numel[lo] - begin)};
 }
 
+// This block's part of list ``list`` (null where the list is absent).
+template <typename T, int N>
+__device__ __forceinline__ T* slice(const Meta<N>& meta, int list, const Chunk& c) {
+  T* p = static_cast<T*>(meta.ptr[list][c.t]);
+  return p ? p + c.begin : nullptr;
+}
+
 // Runs body(i, count) over this block's chunk: count == kVec for aligned vector steps, 1 for the
 // rest.  body must handle both.
 template <typename Body>
@@ -224,8 +231,8 @@ __global__ void __launch_bounds__(kThreads) accumulate_kernel(Meta<2> meta, cons
                                                              float* partial, int32_t chunk_base) {
   __shared__ float shared[kThreads / 32];
   const Chunk c = locate(meta, blockIdx.x);
-  const G* g = static_cast<const G*>(meta.ptr[0][c.t]) + c.begin;
-  float* acc = static_cast<float*>(meta.ptr[1][c.t]) + c.begin;
+  const G* g = slice<const G>(meta, 0, c);
+  float* acc = slice<float>(meta, 1, c);
   const bool first = meta.flags[c.t] & kFirst;
   const float w = *weight;
   float sq = 0.0f, bad = 0.0f;
@@ -262,7 +269,7 @@ __global__ void __launch_bounds__(kThreads) accumulate_kernel(Meta<2> meta, cons
 __global__ void __launch_bounds__(kThreads) norm_kernel(Meta<1> meta, float* partial, int32_t chunk_base) {
   __shared__ float shared[kThreads / 32];
   const Chunk c = locate(meta, blockIdx.x);
-  const float* a = static_cast<const float*>(meta.ptr[0][c.t]) + c.begin;
+  const float* a = slice<const float>(meta, 0, c);
   float sq = 0.0f;
   for_chunk(c, meta.flags[c.t] & kAligned, [&](int64_t i, int count) {
     if (count == kVec) {
@@ -398,12 +405,10 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(Meta<5> meta, SgdHyper h,
                                                       const float* scale_ptr, const float* found_inf) {
   if (*found_inf != 0.0f) return;
   const Chunk c = locate(meta, blockIdx.x);
-  P* param = static_cast<P*>(meta.ptr[0][c.t]) + c.begin;
-  const float* acc = static_cast<const float*>(meta.ptr[1][c.t]) + c.begin;
-  float* buf = static_cast<float*>(meta.ptr[2][c.t]);
-  float* master = static_cast<float*>(meta.ptr[3][c.t]);
-  if (buf) buf += c.begin;
-  if (master) master += c.begin;
+  P* param = slice<P>(meta, 0, c);
+  const float* acc = slice<const float>(meta, 1, c);
+  float* buf = slice<float>(meta, 2, c);
+  float* master = slice<float>(meta, 3, c);
   const bool first_step = *static_cast<const float*>(meta.ptr[4][c.t]) == 0.0f;
   const float lr = *lr_ptr, scale = *scale_ptr;
   auto update = [&](float a, float p, float b, float& b_out) {
@@ -457,14 +462,12 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(Meta<7> meta, AdamHyper 
                                                        const float* scale_ptr, const float* found_inf) {
   if (*found_inf != 0.0f) return;
   const Chunk c = locate(meta, blockIdx.x);
-  P* param = static_cast<P*>(meta.ptr[0][c.t]) + c.begin;
-  const float* acc = static_cast<const float*>(meta.ptr[1][c.t]) + c.begin;
-  float* m = static_cast<float*>(meta.ptr[2][c.t]) + c.begin;
-  float* v = static_cast<float*>(meta.ptr[3][c.t]) + c.begin;
-  float* vmax = static_cast<float*>(meta.ptr[4][c.t]);
-  float* master = static_cast<float*>(meta.ptr[5][c.t]);
-  if (vmax) vmax += c.begin;
-  if (master) master += c.begin;
+  P* param = slice<P>(meta, 0, c);
+  const float* acc = slice<const float>(meta, 1, c);
+  float* m = slice<float>(meta, 2, c);
+  float* v = slice<float>(meta, 3, c);
+  float* vmax = slice<float>(meta, 4, c);
+  float* master = slice<float>(meta, 5, c);
   // Bias corrections in double from the step count, as the reference computes them.
   const double step = static_cast<double>(*static_cast<const float*>(meta.ptr[6][c.t])) + 1.0;
   const float lr = *lr_ptr, scale = *scale_ptr;
