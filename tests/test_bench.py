@@ -11,7 +11,8 @@ OPS_KEYS = {"op", "variant", "size_mb", "elements", "contender", "runs", "bytes"
             "time_p10_s", "time_p90_s", "gb_per_s", "fraction_of_copy", "time_vs_torch"}
 WINDOW_KEYS = {"config", "describe", "parameters", "tensors", "dtype", "k", "pipeline", "time_s",
                "time_p10_s", "time_p90_s", "time_vs_torch_best", "bytes_per_parameter", "bytes",
-               "gb_per_s", "fraction_of_copy", "max_rel_diff_vs_torch_best"}
+               "gb_per_s", "fraction_of_copy", "peak_memory_bytes", "peak_memory_vs_torch_best",
+               "max_rel_diff_vs_torch_best"}
 
 
 def test_quick_bench_writes_the_documented_json(tmp_path):

@@ -27,14 +27,15 @@ def ops_table(rows: list[dict]) -> str:
 
 def windows_table(rows: list[dict]) -> str:
     lines = ["| config | parameters | k | pipeline | ms per window (p10-p90) | time vs torch best | "
-             "bytes/param | GB/s | of copy | max rel. diff vs torch best |",
-             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "bytes/param | GB/s | of copy | peak memory MB (vs torch best) | max rel. diff vs torch best |",
+             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(
             f"| ({r['config']}) {r['describe']} | {r['parameters'] / 1e6:.1f}M in {r['tensors']} | "
             f"{r['k']} | {r['pipeline']} | {r['time_s'] * 1e3:.1f} ({r['time_p10_s'] * 1e3:.1f}-"
             f"{r['time_p90_s'] * 1e3:.1f}) | {r['time_vs_torch_best']:.2f}x | "
             f"{r['bytes_per_parameter']} | {r['gb_per_s']:.1f} | {r['fraction_of_copy']:.0%} | "
+            f"{r['peak_memory_bytes'] / 2**20:.0f} ({r['peak_memory_vs_torch_best']:.2f}x) | "
             f"{r['max_rel_diff_vs_torch_best']:.1e} |")
     return "\n".join(lines)
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 import fused_accum
+from . import memory
 from .harness import progress, time_interleaved
 
 
@@ -220,6 +221,12 @@ def run(device: torch.device, quick: bool, repeats: int, copy_bw: float, backend
                      TorchBestPipeline(config, Workload(config, device, 0)),
                      TorchNaivePipeline(config, Workload(config, device, 0))]
         timings = time_interleaved({p.name: p.window for p in pipelines}, device, repeats, warmup=1)
+        names = [p.name for p in pipelines]
+        if device.type == "cuda":
+            peaks = {n: memory.cuda_peak_bytes(config, device, n, backend) for n in names}
+        else:
+            progress(f"windows: ({config.name}) peak memory, one process per pipeline")
+            peaks = memory.cpu_peak_bytes(config.name, names, quick, backend)
         reference = pipelines[1].parameters()
         base = timings["torch best"].median
         for p in pipelines:
@@ -234,6 +241,8 @@ def run(device: torch.device, quick: bool, repeats: int, copy_bw: float, backend
                 time_vs_torch_best=t.median / base,
                 bytes_per_parameter=bytes_per_parameter(config, p.name), bytes=nbytes,
                 gb_per_s=nbytes / t.median / 1e9, fraction_of_copy=nbytes / t.median / copy_bw,
+                peak_memory_bytes=peaks[p.name],
+                peak_memory_vs_torch_best=peaks[p.name] / max(peaks["torch best"], 1),
                 max_rel_diff_vs_torch_best=diff))
         del pipelines
     return rows
