@@ -5,6 +5,8 @@ Replace ``torch.optim.AdamW(...)`` by ``fused_accum.AdamW(..., accumulation_step
 of one batch k times as large.
 """
 from .optim import AccumulatingOptimizer, Adam, AdamW, FusedAccumulator, SGD
+from .scaling import DynamicLossScale
 
 __version__ = "0.1.0"
-__all__ = ["SGD", "Adam", "AdamW", "FusedAccumulator", "AccumulatingOptimizer", "__version__"]
+__all__ = ["SGD", "Adam", "AdamW", "FusedAccumulator", "AccumulatingOptimizer", "DynamicLossScale",
+           "__version__"]

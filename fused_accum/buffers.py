@@ -109,10 +109,10 @@ class Bucket:
 class GradBuffers:
     """All buckets of one optimizer, the per-device window flags, and the gradient hooks.
 
-    ``micro_weight`` (per-device fp32 scalars, or None for weight 1) and ``fold_norm`` are set by
-    the optimizer before a micro-batch's backward; ``on_backward_start(plain)``, a bound method of
-    the optimizer, is called at the first gradient of every backward pass and may raise to refuse
-    it.
+    ``micro_weight`` (per-device fp32 scalars, or None for weight 1), ``micro_kind`` and
+    ``fold_norm`` are set by the optimizer before a micro-batch's backward;
+    ``on_backward_start(kind, through_optimizer)``, a bound method of the optimizer, is called at
+    the first gradient of every backward pass and may raise to refuse it.
     """
 
     def __init__(self, backend_name: str, on_backward_start: Callable[[bool], None]):
@@ -127,6 +127,7 @@ class GradBuffers:
         self.found_inf: dict[torch.device, Tensor] = {}
         self._ones: dict[torch.device, Tensor] = {}
         self.micro_weight: dict[torch.device, Tensor] | None = None
+        self.micro_kind: str | None = None          # set by opt.backward: "plain" or "items"
         self.fold_norm = False
         self.arrived = False                        # a gradient came since the last step()
         self._pending: dict[int, list[tuple[Tensor, Tensor]]] = {}   # graph task id -> grads
@@ -208,7 +209,7 @@ class GradBuffers:
             if task not in self._pending:
                 # First gradient of this backward pass: may be refused (e.g. mixing plain
                 # backward() with opt.backward(num_items=) in one window).
-                self._on_backward_start()(self.micro_weight is None)
+                self._on_backward_start()(self.micro_kind or "plain", self.micro_kind is not None)
                 self._pending[task] = []
                 torch.autograd.Variable._execution_engine.queue_callback(
                     lambda: self.flush(task))

@@ -63,7 +63,7 @@ def test_without_master_weights_the_low_precision_parameter_is_updated_from_fp32
     base = make_model(seed=75).to(dtype)
     model = clone(base)
     opt = fused_accum.SGD(model.parameters(), lr=0.5, momentum=0.9, accumulation_steps=4,
-                          master_weights=False, backend=backend)
+                          master_weights=False, loss_scale=None, backend=backend)
     for batch in window:
         lm_loss(model, *batch).backward()
         opt.step()

@@ -34,7 +34,7 @@ class FusedAccumulator(AccumulatingOptimizer):
 
     def __init__(self, optimizer: Optimizer, accumulation_steps: int = 1,
                  max_grad_norm: float | None = None, master_weights: bool | None = None,
-                 backend: str = "auto") -> None:
+                 loss_scale: Any = "auto", nonfinite: str = "skip", backend: str = "auto") -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
                             f"{type(optimizer).__name__}")
@@ -53,7 +53,7 @@ class FusedAccumulator(AccumulatingOptimizer):
         super().__init__(optimizer.param_groups, dict(optimizer.defaults),
                          accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm,
                          master_weights=self.fused if master_weights is None else master_weights,
-                         backend=backend)
+                         loss_scale=loss_scale, nonfinite=nonfinite, backend=backend)
         self.param_groups = optimizer.param_groups   # shared: schedulers on either object agree
         if self.fused and optimizer.state:
             self.load_state_dict(optimizer.state_dict())
@@ -64,14 +64,13 @@ class FusedAccumulator(AccumulatingOptimizer):
         elif self.algorithm is ADAM_ALGORITHM:
             check_adam(group)
 
-    def _apply(self, buckets: list[Bucket]) -> None:
+    def _apply(self, buckets: list[Bucket], scales: dict, found: dict) -> None:
         if self.fused:
-            super()._apply(buckets)
+            super()._apply(buckets, scales, found)
             # The wrapped optimizer's update happened (through our kernels): tell LR schedulers
             # attached to it, which read this flag to warn about stepping out of order.
             self.optimizer._opt_called = True
             return
-        scales, found = self._window_scales(buckets)
         if any(flag.item() != 0 for flag in found.values()):
             return   # a non-finite gradient in the window: skip the step
         handed = []

@@ -40,7 +40,8 @@ class Adam(AccumulatingOptimizer):
 
     Takes every argument of ``torch.optim.Adam`` (``foreach``, ``fused`` and ``capturable`` are
     accepted and have no effect: the kernels are always fused and never sync; ``differentiable=True``
-    is refused), plus ``accumulation_steps``, ``max_grad_norm``, ``master_weights`` and ``backend``.
+    is refused), plus ``accumulation_steps``, ``max_grad_norm``, ``master_weights``, ``loss_scale``,
+    ``nonfinite`` and ``backend`` (see :class:`fused_accum.AccumulatingOptimizer`).
     """
 
     algorithm = ADAM_ALGORITHM
@@ -51,7 +52,8 @@ class Adam(AccumulatingOptimizer):
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, decoupled_weight_decay: bool = False,
                  accumulation_steps: int = 1, max_grad_norm: float | None = None,
-                 master_weights: bool = True, backend: str = "auto") -> None:
+                 master_weights: bool = True, loss_scale: Any = "auto", nonfinite: str = "skip",
+                 backend: str = "auto") -> None:
         refuse_differentiable(differentiable)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
@@ -59,7 +61,7 @@ class Adam(AccumulatingOptimizer):
                         decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults, accumulation_steps=accumulation_steps,
                          max_grad_norm=max_grad_norm, master_weights=master_weights,
-                         backend=backend)
+                         loss_scale=loss_scale, nonfinite=nonfinite, backend=backend)
 
     def validate_group(self, group: dict[str, Any]) -> None:
         check_adam(group)
@@ -81,9 +83,11 @@ class AdamW(Adam):
                  foreach: bool | None = None, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None,
                  accumulation_steps: int = 1, max_grad_norm: float | None = None,
-                 master_weights: bool = True, backend: str = "auto") -> None:
+                 master_weights: bool = True, loss_scale: Any = "auto", nonfinite: str = "skip",
+                 backend: str = "auto") -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable, differentiable=differentiable,
                          fused=fused, decoupled_weight_decay=True,
                          accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm,
-                         master_weights=master_weights, backend=backend)
+                         master_weights=master_weights, loss_scale=loss_scale,
+                         nonfinite=nonfinite, backend=backend)

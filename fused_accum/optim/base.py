@@ -7,6 +7,7 @@ clipping, first-touch bookkeeping, state dicts) lives here, written once.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -14,8 +15,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .. import kernels
+from .. import kernels, scaling
 from ..buffers import Bucket, GradBuffers, param_label
+from .nonfinite import SkipMonitor
 from ._args import check_accumulation_steps, check_max_grad_norm
 
 # grad_scale: what acc is multiplied by to give the gradient of the window (clip / W); a float
@@ -38,14 +40,31 @@ class AccumulatingOptimizer(Optimizer):
     ``step()`` ends a micro-batch; every ``accumulation_steps``-th call applies the update of the
     window with grad = acc / W (W: micro-batches, or items with ``backward(num_items=)``),
     clipped to ``max_grad_norm`` when given.
+
+    Arguments every fused_accum optimizer takes besides its torch namesake's:
+
+    - ``accumulation_steps``: micro-batches per window (>= 1).
+    - ``max_grad_norm``: clip the window's mean gradient to this global norm (None: no clipping).
+    - ``master_weights``: fp32 master copies for bf16/fp16 parameters (default True).
+    - ``loss_scale``: "auto" (dynamic when any parameter is fp16, else none), "dynamic", a
+      :class:`fused_accum.DynamicLossScale` (GradScaler's knobs), a number (static), or None.
+      Loss scaling applies to losses passed to ``opt.backward(loss)``.
+    - ``nonfinite``: a window with a non-finite gradient is always skipped (parameters, state and
+      step counts untouched); "skip" (default) counts it in ``skipped_steps`` and warns once,
+      "raise" raises at the step naming the parameters (reads the flag on the host).  With dynamic
+      loss scaling, skipped windows are overflows: they back the scale off, silently.
+    - ``backend``: "auto", or a name from ``python -m fused_accum info``.
     """
 
     algorithm: Algorithm
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, accumulation_steps: int = 1,
                  max_grad_norm: float | None = None, master_weights: bool = True,
-                 backend: str = "auto") -> None:
+                 loss_scale: Any = "auto", nonfinite: str = "skip", backend: str = "auto") -> None:
         self.accumulation_steps = check_accumulation_steps(accumulation_steps)
+        if nonfinite not in ("skip", "raise"):
+            raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
+        self.nonfinite = nonfinite
         self.max_grad_norm = check_max_grad_norm(max_grad_norm)
         if not isinstance(master_weights, bool):
             raise TypeError(f"master_weights must be True or False, got {master_weights!r}")
@@ -59,6 +78,11 @@ class AccumulatingOptimizer(Optimizer):
         self.stepped = False
         super().__init__(params, defaults)
         self._buffers.fold_norm = self.accumulation_steps == 1
+        main = self._buffers.buckets[0].device
+        self._scaler = scaling.resolve(loss_scale, _index_params(self.param_groups), main)
+        self._skipped = torch.zeros((), device=main)   # windows skipped for non-finite gradients
+        self._skip_monitor = SkipMonitor(main)
+        self._warned = set()
 
     # -- parameters --------------------------------------------------------------------------
 
@@ -121,43 +145,50 @@ class AccumulatingOptimizer(Optimizer):
 
     # -- micro-batches -----------------------------------------------------------------------
 
-    def _on_backward_start(self, plain: bool) -> None:
-        kind = "plain" if plain else "items"
+    def _on_backward_start(self, kind: str, through_optimizer: bool) -> None:
         if self._mode not in (None, kind):
             raise RuntimeError(
                 "fused_accum: this window mixes opt.backward(loss, num_items=...) with a plain "
                 "loss.backward(); call one or the other for every micro-batch of a window (the "
                 "backward pass was refused; the window's accumulated gradients are intact)")
         self._mode = kind
+        if not through_optimizer and self._scaler is not None:
+            self._warn_once("unscaled", "fused_accum: loss scaling is on (fp16 parameters, or "
+                            "loss_scale=...), but this backward pass did not go through "
+                            "opt.backward(loss), so its loss was not scaled and small fp16 "
+                            "gradients may underflow; call opt.backward(loss)")
 
     def backward(self, loss: Tensor, num_items: int | float | Tensor | None = None,
                  **backward_kwargs: Any) -> None:
-        """``loss.backward()`` for one micro-batch.
+        """``loss.backward()`` for one micro-batch, with the loss scaled when loss scaling is on.
 
         With ``num_items=n`` (``loss`` being the mean over the micro-batch's n items), the window's
         update uses the exact mean over all items of the window.  ``n`` may be a device tensor,
         e.g. ``(labels != -100).sum()``; it is never read on the host.
         """
-        if num_items is None:
-            loss.backward(**backward_kwargs)
-            return
-        if self._mode == "plain":
+        if num_items is not None and self._mode == "plain":
             raise ValueError(
                 "num_items: this window already has micro-batches from a plain backward(); call "
                 "opt.backward(loss, num_items=...) for every micro-batch of a window or for none")
-        if isinstance(num_items, Tensor):
-            if num_items.numel() != 1:
-                raise ValueError(f"num_items must be a number or a one-element tensor, got a "
-                                 f"tensor of shape {tuple(num_items.shape)}")
-            n = num_items.detach().reshape(())
-        elif isinstance(num_items, (int, float)) and not isinstance(num_items, bool):
-            if not (math.isfinite(num_items) and num_items >= 0):
-                raise ValueError(f"num_items must be a finite number >= 0, got {num_items!r}")
-            n = torch.tensor(float(num_items))
-        else:
-            raise TypeError(f"num_items must be a number or a tensor, got {type(num_items).__name__}")
-        weights = {d: n.to(device=d, dtype=torch.float32, non_blocking=True) for d in self._weight_sum}
+        items = None if num_items is None else self._items(num_items)
+        if items is None and self._scaler is None:
+            self._buffers.micro_kind = "plain"
+            try:
+                loss.backward(**backward_kwargs)
+            finally:
+                self._buffers.micro_kind = None
+            return
+        weights = {}
+        for device in self._weight_sum:
+            weight = None if items is None else items.to(device, torch.float32, non_blocking=True)
+            if self._scaler is not None:   # the accumulate weight carries 1 / scale
+                inverse = self._scaler.inverse(device)
+                weight = inverse if weight is None else weight * inverse
+            weights[device] = weight
+        if self._scaler is not None:
+            loss = loss * self._scaler.scale.to(loss.device, non_blocking=True)
         self._buffers.micro_weight = weights
+        self._buffers.micro_kind = "plain" if items is None else "items"
         try:
             loss.backward(**backward_kwargs)
         except BaseException:
@@ -165,9 +196,24 @@ class AccumulatingOptimizer(Optimizer):
             raise
         finally:
             self._buffers.micro_weight = None
-        self._mode = "items"
-        for device, w in weights.items():
-            self._weight_sum[device].add_(w)
+            self._buffers.micro_kind = None
+        if items is not None:
+            self._mode = "items"
+            for device, total in self._weight_sum.items():
+                total.add_(items.to(device, torch.float32, non_blocking=True))
+
+    @staticmethod
+    def _items(num_items: int | float | Tensor) -> Tensor:
+        if isinstance(num_items, Tensor):
+            if num_items.numel() != 1:
+                raise ValueError(f"num_items must be a number or a one-element tensor, got a "
+                                 f"tensor of shape {tuple(num_items.shape)}")
+            return num_items.detach().reshape(())
+        if isinstance(num_items, (int, float)) and not isinstance(num_items, bool):
+            if not (math.isfinite(num_items) and num_items >= 0):
+                raise ValueError(f"num_items must be a finite number >= 0, got {num_items!r}")
+            return torch.tensor(float(num_items))
+        raise TypeError(f"num_items must be a number or a tensor, got {type(num_items).__name__}")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -228,14 +274,74 @@ class AccumulatingOptimizer(Optimizer):
 
     def _end_window(self) -> None:
         buckets = [b for b in self._buffers.buckets if any(b.touched)]
-        if buckets:
-            self._apply(buckets)
-            self.stepped = True
+        try:
+            if buckets:
+                scales, found = self._window_scales(buckets)
+                if self.nonfinite == "raise" and not (self._scaler and self._scaler.dynamic):
+                    self._raise_if_not_finite(buckets, found)
+                self._apply(buckets, scales, found)
+                self.stepped = True
+                self._after_apply(found)
+        finally:
+            self._reset_window()
+
+    def _after_apply(self, found: dict[torch.device, Tensor]) -> None:
+        """Count a skipped window, update the loss scale, and warn once about skips."""
+        main = self._skipped.device
+        self._skipped.add_(found[main])
+        if self._scaler is not None:
+            self._scaler.update(found[self._scaler.scale.device])
+        if self._scaler is None or not self._scaler.dynamic:   # dynamic scaling expects skips
+            self._skip_monitor.record(found[main])
+            if self._skip_monitor.poll():
+                self._warn_once("skipped", "fused_accum: a window had non-finite gradients and "
+                                "its step was skipped (see opt.skipped_steps; nonfinite='raise' "
+                                "names the parameters)")
+
+    def _raise_if_not_finite(self, buckets: list[Bucket], found: dict[torch.device, Tensor]) -> None:
+        """nonfinite='raise': read the flag on the host and name the parameters concerned."""
+        if not any(flag.item() != 0 for flag in found.values()):
+            return
+        names = [bucket.labels[i] for bucket in buckets for i in bucket.touched_indices()
+                 if not torch.isfinite(bucket.view(bucket.acc, i)).all()]
+        raise FloatingPointError(
+            "fused_accum: non-finite gradients in this window, in "
+            + (", ".join(names) if names else "no single parameter (zero items in the window)")
+            + "; the window was discarded and the parameters left unchanged")
+
+    def _reset_window(self) -> None:
         self._micro = 0
         self._mode = None
         for w in self._weight_sum.values():
             w.zero_()
         self._buffers.reset_window()
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Windows whose step was skipped for non-finite gradients (reads the device counter)."""
+        return int(self._skipped.item())
+
+    @property
+    def loss_scale(self) -> float | None:
+        """The current loss scale (reads the device value), or None without loss scaling."""
+        return None if self._scaler is None else self._scaler.scale.item()
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes the optimizer holds, by kind: the fp32 accumulators, each optimizer state (fp32
+        masters as "master_param"), step counts, and the parameters themselves."""
+        held: dict[str, int] = {"accumulators": 0, "parameters": 0, "step": 0}
+        for bucket in self._buffers.buckets:
+            held["accumulators"] += bucket.acc.nbytes
+            held["step"] += bucket.steps.nbytes
+            held["parameters"] += sum(p.nbytes for p in bucket.params)
+            for name, flat in bucket.state.items():
+                held[name] = held.get(name, 0) + flat.nbytes
+        return held
 
     def _window_scales(self, buckets: list[Bucket]) -> tuple[dict[torch.device, float | Tensor],
                                                               dict[torch.device, Tensor]]:
@@ -260,8 +366,8 @@ class AccumulatingOptimizer(Optimizer):
             scales[device] = scale if clip is None else clip.to(device) * scale
         return scales, found
 
-    def _apply(self, buckets: list[Bucket]) -> None:
-        scales, found = self._window_scales(buckets)
+    def _apply(self, buckets: list[Bucket], scales: dict[torch.device, float | Tensor],
+               found: dict[torch.device, Tensor]) -> None:
         for bucket in buckets:
             allocated = len(bucket.state)
             self.algorithm.update(bucket, bucket.touched_indices(),
@@ -299,6 +405,8 @@ class AccumulatingOptimizer(Optimizer):
             "weight_sum": {str(d): w for d, w in self._weight_sum.items()},
             "found_inf": {str(d): f for d, f in self._buffers.found_inf.items()},
             "accumulated_grads": accumulated,
+            "skipped_steps": self._skipped,
+            "loss_scaler": None if self._scaler is None else self._scaler.state_dict(),
         }
         return packed
 
@@ -370,6 +478,10 @@ class AccumulatingOptimizer(Optimizer):
         return 1 if entry else 0
 
     def _load_window(self, window: dict[str, Any] | None) -> None:
+        if window and window.get("skipped_steps") is not None:
+            self._skipped.copy_(window["skipped_steps"])
+        if window and window.get("loss_scaler") is not None and self._scaler is not None:
+            self._scaler.load_state_dict(window["loss_scaler"])
         self._micro = window["micro_batches"] if window else 0
         self._mode = window["mode"] if window else None
         for table, saved in ((self._weight_sum, window and window["weight_sum"]),

@@ -38,7 +38,8 @@ class SGD(AccumulatingOptimizer):
 
     Takes every argument of ``torch.optim.SGD`` (``foreach`` and ``fused`` are accepted and have no
     effect: the kernels are always fused; ``differentiable=True`` is refused), plus
-    ``accumulation_steps``, ``max_grad_norm``, ``master_weights`` and ``backend``.
+    ``accumulation_steps``, ``max_grad_norm``, ``master_weights``, ``loss_scale``, ``nonfinite``
+    and ``backend`` (see :class:`fused_accum.AccumulatingOptimizer`).
     """
 
     algorithm = SGD_ALGORITHM
@@ -48,14 +49,15 @@ class SGD(AccumulatingOptimizer):
                  *, maximize: bool = False, foreach: bool | None = None,
                  differentiable: bool = False, fused: bool | None = None,
                  accumulation_steps: int = 1, max_grad_norm: float | None = None,
-                 master_weights: bool = True, backend: str = "auto") -> None:
+                 master_weights: bool = True, loss_scale: Any = "auto", nonfinite: str = "skip",
+                 backend: str = "auto") -> None:
         refuse_differentiable(differentiable)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach,
                         differentiable=differentiable, fused=fused)
         super().__init__(params, defaults, accumulation_steps=accumulation_steps,
                          max_grad_norm=max_grad_norm, master_weights=master_weights,
-                         backend=backend)
+                         loss_scale=loss_scale, nonfinite=nonfinite, backend=backend)
 
     def validate_group(self, group: dict[str, Any]) -> None:
         check_common(group)
