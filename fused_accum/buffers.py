@@ -24,6 +24,7 @@ from . import kernels
 # owns it; hooks of older (or dead) optimizers leave its gradient alone.
 _OWNER_ATTR = "_fused_accum_owner"
 ALIGN = 16   # elements
+MASTER_STATES = ("master_param", "master_remainder")   # fp32 masters; int16 remainders (compact)
 
 
 def param_label(group_index: int, index: int, names: list[str] | None) -> str:
@@ -80,14 +81,23 @@ class Bucket:
             self._step_views = [self.steps[i] for i in range(len(self.params))]
         return [self._step_views[i] for i in indices]
 
-    def ensure_state(self, name: str, init: Tensor | None = None) -> Tensor:
-        """The flat fp32 state buffer ``name``, allocated (zeros, or ``init``) on first use."""
+    def ensure_state(self, name: str, init: Tensor | None = None,
+                     dtype: torch.dtype = torch.float32) -> Tensor:
+        """The flat state buffer ``name`` (fp32 unless said), allocated (zeros, or ``init``) on
+        first use."""
         if name not in self.state:
             if init is None:
-                self.state[name] = torch.zeros_like(self.acc)
+                self.state[name] = torch.zeros_like(self.acc, dtype=dtype)
             else:
-                self.state[name] = init.to(device=self.device, dtype=torch.float32).clone()
+                self.state[name] = init.to(device=self.device, dtype=dtype).clone()
         return self.state[name]
+
+    def master_views(self, indices: list[int]) -> list[Tensor] | None:
+        """What the kernels take as masters: fp32 masters, int16 remainders (compact), or None."""
+        for name in MASTER_STATES:
+            if name in self.state:
+                return self.views(self.state[name], indices)
+        return None
 
     def flat_params(self) -> Tensor:
         """The parameters in fp32, laid out like the bucket's flat buffers (padding zeroed)."""

@@ -104,3 +104,24 @@ def test_window_on_gpu_equals_large_batch(gpu_backend):
                             backend=gpu_backend.name)
     train_accumulated(model, opt, windows)
     assert_same_params(model, expected)
+
+
+def test_compact_masters_on_gpu_match_reference(gpu_backend):
+    from fused_accum.kernels.reference import compact_master, split_master
+    g = torch.Generator(device=CUDA).manual_seed(3)
+    masters = [torch.randn(n, generator=g, device=CUDA) for n in SIZES]
+    results = []
+    for backend in (reference, gpu_backend):
+        pairs = [split_master(m) for m in masters]
+        params = [h.view(torch.bfloat16).clone() for h, _ in pairs]
+        rems = [r.clone() for _, r in pairs]
+        m = [torch.zeros_like(x) for x in masters]
+        v = [torch.zeros_like(x) for x in masters]
+        accs = [torch.randn(x.shape, generator=torch.Generator(device=CUDA).manual_seed(4), device=CUDA)
+                for x in masters]
+        backend.adam_step(params, accs, m, v, None, [torch.zeros((), device=CUDA) for _ in SIZES],
+                          rems, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
+                          amsgrad=False, maximize=False, decoupled_weight_decay=True,
+                          grad_scale=1.0, found_inf=torch.zeros((), device=CUDA))
+        results.append([compact_master(p, r) for p, r in zip(params, rems)])
+    _close(results[1], results[0], rtol=1e-6)

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace fused_accum {
@@ -202,7 +203,68 @@ void check_step_lists(const char* op, const StepLists& l, at::TensorList steps) 
                 ": steps must be one-element float32 tensors");
   if (!l.masters.empty()) {
     check_pairs(op, l.params, "params", l.masters, "masters");
-    check_fp32(op, l.masters, "masters");
+    const bool compact = l.masters[0].scalar_type() == at::kShort;
+    for (size_t i = 0; i < l.masters.size(); ++i) {
+      TORCH_CHECK(compact ? (l.masters[i].scalar_type() == at::kShort &&
+                             l.params[i].scalar_type() == at::kBFloat16)
+                          : l.masters[i].scalar_type() == at::kFloat,
+                  "fused_accum.", op, ": masters must all be float32, or all int16 remainders of "
+                  "bfloat16 parameters (compact masters); masters[", i, "] is not");
+    }
+  }
+}
+
+// How a parameter's fp32 working value is kept: the parameter itself, an fp32 master, or a
+// compact master (bfloat16 parameter + int16 remainder: u = (p << 16) + r as bits, p rounded to
+// nearest with ties away from zero; see reference.py).
+enum class Master { kNone, kFp32, kCompact };
+
+Master master_mode(at::TensorList masters) {
+  if (masters.empty()) return Master::kNone;
+  return masters[0].scalar_type() == at::kShort ? Master::kCompact : Master::kFp32;
+}
+
+template <typename F>
+void with_master_mode(Master mode, const F& f) {
+  switch (mode) {
+    case Master::kNone: f(std::integral_constant<Master, Master::kNone>{}); break;
+    case Master::kFp32: f(std::integral_constant<Master, Master::kFp32>{}); break;
+    case Master::kCompact: f(std::integral_constant<Master, Master::kCompact>{}); break;
+  }
+}
+
+template <typename F>
+void with_flag(bool flag, const F& f) {
+  if (flag) f(std::true_type{});
+  else f(std::false_type{});
+}
+
+template <typename P, Master kM>
+inline float load_working(const P* param, const float* master, const int16_t* rem, int64_t j) {
+  if constexpr (kM == Master::kFp32) {
+    return master[j];
+  } else if constexpr (kM == Master::kCompact) {
+    const uint32_t high = reinterpret_cast<const uint16_t*>(param)[j];
+    const uint32_t u = (high << 16) + static_cast<uint32_t>(static_cast<int32_t>(rem[j]));
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+  } else {
+    return load(param, j);
+  }
+}
+
+template <typename P, Master kM>
+inline void store_working(P* param, float* master, int16_t* rem, int64_t j, float p) {
+  if constexpr (kM == Master::kCompact) {
+    uint32_t u;
+    std::memcpy(&u, &p, sizeof u);
+    const uint32_t high = ((u + 0x8000u) >> 16) & 0xFFFFu;
+    rem[j] = static_cast<int16_t>(static_cast<uint16_t>(u - (high << 16)));
+    reinterpret_cast<uint16_t*>(param)[j] = static_cast<uint16_t>(high);
+  } else {
+    if constexpr (kM == Master::kFp32) master[j] = p;
+    store(param, j, p);
   }
 }
 
@@ -221,13 +283,14 @@ struct SgdHyper {
   bool nesterov;
 };
 
-template <typename P, bool kMaster, bool kMomentum>
-void sgd_range(P* __restrict__ param, float* __restrict__ master, const float* __restrict__ acc,
-               float* __restrict__ buf, int64_t n, bool first_step, const SgdHyper& h) {
+template <typename P, Master kM, bool kMomentum>
+void sgd_range(P* __restrict__ param, float* __restrict__ master, int16_t* __restrict__ rem,
+               const float* __restrict__ acc, float* __restrict__ buf, int64_t n, bool first_step,
+               const SgdHyper& h) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     float g = acc[j] * h.scale;
-    float p = kMaster ? master[j] : load(param, j);
+    float p = load_working<P, kM>(param, master, rem, j);
     g += h.weight_decay * p;
     if (kMomentum) {
       const float b = first_step ? g : h.momentum * buf[j] + h.one_minus_dampening * g;
@@ -235,8 +298,7 @@ void sgd_range(P* __restrict__ param, float* __restrict__ master, const float* _
       g = h.nesterov ? g + h.momentum * b : b;
     }
     p -= h.lr * g;
-    if (kMaster) master[j] = p;
-    store(param, j, p);
+    store_working<P, kM>(param, master, rem, j, p);
   }
 }
 
@@ -254,21 +316,25 @@ void sgd_step_cpu(at::TensorList params, at::TensorList accs, at::TensorList mom
   const SgdHyper h{scalar_of(lr, "lr"), static_cast<float>(momentum),
                    static_cast<float>(1.0 - dampening), static_cast<float>(weight_decay),
                    maximize ? -scale : scale, nesterov};
-  const bool has_master = !masters.empty(), has_momentum = momentum != 0;
+  const Master mode = master_mode(masters);
+  const bool has_momentum = momentum != 0;
   const auto tasks = make_tasks(params);
   for_each_task(tasks, [&](int64_t, const Task& task) {
     const int64_t t = task.tensor, b = task.begin, n = task.end - task.begin;
-    float* master = has_master ? masters[t].data_ptr<float>() + b : nullptr;
+    float* master = mode == Master::kFp32 ? masters[t].data_ptr<float>() + b : nullptr;
+    int16_t* rem = mode == Master::kCompact ? masters[t].data_ptr<int16_t>() + b : nullptr;
     float* buf = has_momentum ? momentum_buffers[t].data_ptr<float>() + b : nullptr;
     const bool first_step = *steps[t].const_data_ptr<float>() == 0;
     const float* acc = accs[t].const_data_ptr<float>() + b;
     dispatch_float_types(params[t].scalar_type(), "params", [&](auto* type_tag) {
       using P = std::remove_pointer_t<decltype(type_tag)>;
       P* param = static_cast<P*>(params[t].data_ptr()) + b;
-      if (has_master && has_momentum) sgd_range<P, true, true>(param, master, acc, buf, n, first_step, h);
-      else if (has_master) sgd_range<P, true, false>(param, master, acc, buf, n, first_step, h);
-      else if (has_momentum) sgd_range<P, false, true>(param, master, acc, buf, n, first_step, h);
-      else sgd_range<P, false, false>(param, master, acc, buf, n, first_step, h);
+      with_master_mode(mode, [&](auto m) {
+        with_flag(has_momentum, [&](auto mom) {
+          sgd_range<P, decltype(m)::value, decltype(mom)::value>(param, master, rem, acc, buf, n,
+                                                                 first_step, h);
+        });
+      });
     });
   });
   for (const auto& s : steps) *s.data_ptr<float>() += 1;
@@ -278,14 +344,15 @@ struct AdamHyper {
   float beta2, one_minus_beta1, one_minus_beta2, eps, l2, decay, scale;
 };
 
-template <typename P, bool kMaster, bool kAmsgrad>
-void adam_range(P* __restrict__ param, float* __restrict__ master, const float* __restrict__ acc,
-                float* __restrict__ m, float* __restrict__ v, float* __restrict__ vmax, int64_t n,
-                float step_size, float bc2_sqrt, const AdamHyper& h) {
+template <typename P, Master kM, bool kAmsgrad>
+void adam_range(P* __restrict__ param, float* __restrict__ master, int16_t* __restrict__ rem,
+                const float* __restrict__ acc, float* __restrict__ m, float* __restrict__ v,
+                float* __restrict__ vmax, int64_t n, float step_size, float bc2_sqrt,
+                const AdamHyper& h) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const float g0 = acc[j] * h.scale;
-    float p = (kMaster ? master[j] : load(param, j)) * h.decay;
+    float p = load_working<P, kM>(param, master, rem, j) * h.decay;
     const float g = g0 + h.l2 * p;
     const float mj = m[j] + h.one_minus_beta1 * (g - m[j]);
     const float vj = h.beta2 * v[j] + h.one_minus_beta2 * g * g;
@@ -297,8 +364,7 @@ void adam_range(P* __restrict__ param, float* __restrict__ master, const float* 
       vmax[j] = second;
     }
     p -= step_size * mj / (std::sqrt(second) / bc2_sqrt + h.eps);
-    if (kMaster) master[j] = p;
-    store(param, j, p);
+    store_working<P, kM>(param, master, rem, j, p);
   }
 }
 
@@ -330,11 +396,12 @@ void adam_step_cpu(at::TensorList params, at::TensorList accs, at::TensorList ex
     step_size[t] = static_cast<float>(lr_value / (1.0 - std::pow(beta1, step)));
     bc2_sqrt[t] = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, step)));
   }
-  const bool has_master = !masters.empty();
+  const Master mode = master_mode(masters);
   const auto tasks = make_tasks(params);
   for_each_task(tasks, [&](int64_t, const Task& task) {
     const int64_t t = task.tensor, b = task.begin, n = task.end - task.begin;
-    float* master = has_master ? masters[t].data_ptr<float>() + b : nullptr;
+    float* master = mode == Master::kFp32 ? masters[t].data_ptr<float>() + b : nullptr;
+    int16_t* rem = mode == Master::kCompact ? masters[t].data_ptr<int16_t>() + b : nullptr;
     float* vmax = amsgrad ? max_exp_avg_sqs[t].data_ptr<float>() + b : nullptr;
     const float* acc = accs[t].const_data_ptr<float>() + b;
     float* m = exp_avgs[t].data_ptr<float>() + b;
@@ -343,10 +410,12 @@ void adam_step_cpu(at::TensorList params, at::TensorList accs, at::TensorList ex
       using P = std::remove_pointer_t<decltype(type_tag)>;
       P* param = static_cast<P*>(params[t].data_ptr()) + b;
       const float ss = step_size[t], bc = bc2_sqrt[t];
-      if (has_master && amsgrad) adam_range<P, true, true>(param, master, acc, m, v, vmax, n, ss, bc, h);
-      else if (has_master) adam_range<P, true, false>(param, master, acc, m, v, vmax, n, ss, bc, h);
-      else if (amsgrad) adam_range<P, false, true>(param, master, acc, m, v, vmax, n, ss, bc, h);
-      else adam_range<P, false, false>(param, master, acc, m, v, vmax, n, ss, bc, h);
+      with_master_mode(mode, [&](auto mm) {
+        with_flag(amsgrad, [&](auto ams) {
+          adam_range<P, decltype(mm)::value, decltype(ams)::value>(param, master, rem, acc, m, v,
+                                                                   vmax, n, ss, bc, h);
+        });
+      });
     });
   });
   for (const auto& s : steps) *s.data_ptr<float>() += 1;

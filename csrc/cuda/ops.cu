@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace fused_accum {
@@ -390,6 +391,83 @@ void norm_cuda(std::vector<Tensor> accs, Tensor sumsq) {
   check_launch("norm");
 }
 
+// The fp32 working value of a parameter's elements and its write-back: the parameter itself, its
+// fp32 master, or its compact master (bfloat16 parameter + int16 remainder, u = (p << 16) + r as
+// bits, p rounded to nearest with ties away from zero; see reference.py).
+__device__ __forceinline__ float combine(uint16_t high, int16_t rem) {
+  return __uint_as_float((static_cast<uint32_t>(high) << 16) + static_cast<uint32_t>(static_cast<int32_t>(rem)));
+}
+
+__device__ __forceinline__ void split(float p, uint16_t& high, int16_t& rem) {
+  const uint32_t u = __float_as_uint(p);
+  const uint32_t h = ((u + 0x8000u) >> 16) & 0xFFFFu;
+  high = static_cast<uint16_t>(h);
+  rem = static_cast<int16_t>(static_cast<uint16_t>(u - (h << 16)));
+}
+
+template <typename P, bool kCompact>
+struct Working {
+  P* param;
+  float* master;   // fp32 masters, or null
+  int16_t* rem;    // compact remainders (kCompact only)
+
+  __device__ __forceinline__ Vec<float> load(int64_t i) const {
+    Vec<float> out;
+    if constexpr (kCompact) {
+      const Vec<uint16_t> hv = load_vec(reinterpret_cast<const uint16_t*>(param) + i);
+      const Vec<int16_t> rv = load_vec(rem + i);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) out.v[k] = combine(hv.v[k], rv.v[k]);
+    } else if (master) {
+      out = load_vec(master + i);
+    } else {
+      const Vec<P> raw = load_vec(param + i);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) out.v[k] = to_f(raw.v[k]);
+    }
+    return out;
+  }
+
+  __device__ __forceinline__ void store(int64_t i, const Vec<float>& p) const {
+    if constexpr (kCompact) {
+      Vec<uint16_t> hv;
+      Vec<int16_t> rv;
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) split(p.v[k], hv.v[k], rv.v[k]);
+      store_vec(reinterpret_cast<uint16_t*>(param) + i, hv);
+      store_vec(rem + i, rv);
+    } else {
+      Vec<P> out;
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) out.v[k] = from_f<P>(p.v[k]);
+      if (master) store_vec(master + i, p);
+      store_vec(param + i, out);
+    }
+  }
+
+  __device__ __forceinline__ float load1(int64_t i) const {
+    if constexpr (kCompact) return combine(reinterpret_cast<const uint16_t*>(param)[i], rem[i]);
+    return master ? master[i] : to_f(param[i]);
+  }
+
+  __device__ __forceinline__ void store1(int64_t i, float p) const {
+    if constexpr (kCompact) {
+      uint16_t h;
+      split(p, h, rem[i]);
+      reinterpret_cast<uint16_t*>(param)[i] = h;
+    } else {
+      if (master) master[i] = p;
+      param[i] = from_f<P>(p);
+    }
+  }
+};
+
+template <typename P, bool kCompact, int N>
+__device__ __forceinline__ Working<P, kCompact> working(const Meta<N>& meta, const Chunk& c, int master_list) {
+  return {slice<P>(meta, 0, c), kCompact ? nullptr : slice<float>(meta, master_list, c),
+          kCompact ? slice<int16_t>(meta, master_list, c) : nullptr};
+}
+
 // ---------------------------------------------------------------------------------------------
 // Optimizer steps.  Lists in Meta: SGD {params, accs, momentum_buffers, masters, steps}; Adam
 // {params, accs, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps}.  Step counts are
@@ -400,15 +478,14 @@ struct SgdHyper {
   bool nesterov, maximize;
 };
 
-template <typename P>
+template <typename P, bool kCompact>
 __global__ void __launch_bounds__(kThreads) sgd_kernel(Meta<5> meta, SgdHyper h, const float* lr_ptr,
                                                       const float* scale_ptr, const float* found_inf) {
   if (*found_inf != 0.0f) return;
   const Chunk c = locate(meta, blockIdx.x);
-  P* param = slice<P>(meta, 0, c);
+  const Working<P, kCompact> w = working<P, kCompact>(meta, c, 3);
   const float* acc = slice<const float>(meta, 1, c);
   float* buf = slice<float>(meta, 2, c);
-  float* master = slice<float>(meta, 3, c);
   const bool first_step = *static_cast<const float*>(meta.ptr[4][c.t]) == 0.0f;
   const float lr = *lr_ptr, scale = *scale_ptr;
   auto update = [&](float a, float p, float b, float& b_out) {
@@ -424,29 +501,17 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(Meta<5> meta, SgdHyper h,
   for_chunk(c, meta.flags[c.t] & kAligned, [&](int64_t i, int count) {
     if (count == kVec) {
       const Vec<float> av = load_vec(acc + i);
-      Vec<float> pv, bv = {};
-      if (master) pv = load_vec(master + i);
-      else {
-        const Vec<P> raw = load_vec(param + i);
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) pv.v[k] = to_f(raw.v[k]);
-      }
+      Vec<float> pv = w.load(i), bv = {};
       if (buf) bv = load_vec(buf + i);
-      Vec<P> out;
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        pv.v[k] = update(av.v[k], pv.v[k], buf ? bv.v[k] : 0.0f, bv.v[k]);
-        out.v[k] = from_f<P>(pv.v[k]);
-      }
+      for (int k = 0; k < kVec; ++k) pv.v[k] = update(av.v[k], pv.v[k], bv.v[k], bv.v[k]);
       if (buf) store_vec(buf + i, bv);
-      if (master) store_vec(master + i, pv);
-      store_vec(param + i, out);
+      w.store(i, pv);
     } else {
       float b_out = 0.0f;
-      const float p = update(acc[i], master ? master[i] : to_f(param[i]), buf ? buf[i] : 0.0f, b_out);
+      const float p = update(acc[i], w.load1(i), buf ? buf[i] : 0.0f, b_out);
       if (buf) buf[i] = b_out;
-      if (master) master[i] = p;
-      param[i] = from_f<P>(p);
+      w.store1(i, p);
     }
   });
 }
@@ -457,17 +522,16 @@ struct AdamHyper {
   bool amsgrad, maximize, decoupled;
 };
 
-template <typename P>
+template <typename P, bool kCompact>
 __global__ void __launch_bounds__(kThreads) adam_kernel(Meta<7> meta, AdamHyper h, const float* lr_ptr,
                                                        const float* scale_ptr, const float* found_inf) {
   if (*found_inf != 0.0f) return;
   const Chunk c = locate(meta, blockIdx.x);
-  P* param = slice<P>(meta, 0, c);
+  const Working<P, kCompact> w = working<P, kCompact>(meta, c, 5);
   const float* acc = slice<const float>(meta, 1, c);
   float* m = slice<float>(meta, 2, c);
   float* v = slice<float>(meta, 3, c);
   float* vmax = slice<float>(meta, 4, c);
-  float* master = slice<float>(meta, 5, c);
   // Bias corrections in double from the step count, as the reference computes them.
   const double step = static_cast<double>(*static_cast<const float*>(meta.ptr[6][c.t])) + 1.0;
   const float lr = *lr_ptr, scale = *scale_ptr;
@@ -493,33 +557,21 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(Meta<7> meta, AdamHyper 
   for_chunk(c, meta.flags[c.t] & kAligned, [&](int64_t i, int count) {
     if (count == kVec) {
       const Vec<float> av = load_vec(acc + i);
-      Vec<float> mv = load_vec(m + i), vv = load_vec(v + i), xv = {}, pv;
+      Vec<float> mv = load_vec(m + i), vv = load_vec(v + i), xv = {}, pv = w.load(i);
       if (vmax) xv = load_vec(vmax + i);
-      if (master) pv = load_vec(master + i);
-      else {
-        const Vec<P> raw = load_vec(param + i);
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) pv.v[k] = to_f(raw.v[k]);
-      }
-      Vec<P> out;
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        pv.v[k] = update(av.v[k], pv.v[k], mv.v[k], vv.v[k], xv.v[k]);
-        out.v[k] = from_f<P>(pv.v[k]);
-      }
+      for (int k = 0; k < kVec; ++k) pv.v[k] = update(av.v[k], pv.v[k], mv.v[k], vv.v[k], xv.v[k]);
       store_vec(m + i, mv);
       store_vec(v + i, vv);
       if (vmax) store_vec(vmax + i, xv);
-      if (master) store_vec(master + i, pv);
-      store_vec(param + i, out);
+      w.store(i, pv);
     } else {
       float mk = m[i], vk = v[i], xk = vmax ? vmax[i] : 0.0f;
-      const float p = update(acc[i], master ? master[i] : to_f(param[i]), mk, vk, xk);
+      const float p = update(acc[i], w.load1(i), mk, vk, xk);
       m[i] = mk;
       v[i] = vk;
       if (vmax) vmax[i] = xk;
-      if (master) master[i] = p;
-      param[i] = from_f<P>(p);
+      w.store1(i, p);
     }
   });
 }
@@ -558,6 +610,20 @@ void launch_steps(const char* op, const std::vector<Tensor>& params,
   }
 }
 
+// Masters are all fp32, or all int16 remainders of bfloat16 parameters (compact); returns which.
+bool check_masters(const std::vector<Tensor>& masters, const std::vector<Tensor>& params, const char* op) {
+  if (masters.empty()) return false;
+  const bool compact = masters[0].scalar_type() == ScalarType::Short;
+  check_list(masters, params, op, "masters", false);
+  for (size_t i = 0; i < masters.size(); ++i)
+    STD_TORCH_CHECK(compact ? (masters[i].scalar_type() == ScalarType::Short &&
+                               params[i].scalar_type() == ScalarType::BFloat16)
+                            : masters[i].scalar_type() == ScalarType::Float,
+                    "fused_accum.", op, ": masters must all be float32, or all int16 remainders of "
+                    "bfloat16 parameters (compact masters); masters[", i, "] is not");
+  return compact;
+}
+
 void check_steps(const std::vector<Tensor>& steps, const std::vector<Tensor>& params, const char* op) {
   STD_TORCH_CHECK(steps.size() == params.size(), "fused_accum.", op, ": one step count per tensor");
   for (const auto& s : steps) check_scalar(s, op, "steps[i]");
@@ -574,7 +640,7 @@ void sgd_step_cuda(std::vector<Tensor> params, std::vector<Tensor> accs,
   STD_TORCH_CHECK(momentum == 0 || !momentum_buffers.empty(),
                   "fused_accum.sgd_step: momentum != 0 needs momentum_buffers");
   if (momentum != 0) check_list(momentum_buffers, params, "sgd_step", "momentum_buffers", true);
-  if (!masters.empty()) check_list(masters, params, "sgd_step", "masters", true);
+  const bool compact = check_masters(masters, params, "sgd_step");
   check_steps(steps, params, "sgd_step");
   for (const Tensor* t : {&lr, &grad_scale, &found_inf}) check_scalar(*t, "sgd_step", "a scalar argument");
   const SgdHyper h{static_cast<float>(momentum), static_cast<float>(1.0 - dampening),
@@ -584,7 +650,11 @@ void sgd_step_cuda(std::vector<Tensor> params, std::vector<Tensor> accs,
   launch_steps<5>("sgd_step", params, {&params, &accs, buffers, &masters, &steps}, found_inf,
                   [&](auto* tag, const Meta<5>& meta, int32_t blocks, cudaStream_t stream) {
                     using P = std::remove_pointer_t<decltype(tag)>;
-                    sgd_kernel<P><<<blocks, kThreads, 0, stream>>>(
+                    auto kernel = sgd_kernel<P, false>;
+                    if constexpr (std::is_same_v<P, __nv_bfloat16>) {
+                      if (compact) kernel = sgd_kernel<P, true>;   // check_masters: bf16 only
+                    }
+                    kernel<<<blocks, kThreads, 0, stream>>>(
                         meta, h, static_cast<const float*>(lr.data_ptr()),
                         static_cast<const float*>(grad_scale.data_ptr()),
                         static_cast<const float*>(found_inf.data_ptr()));
@@ -603,7 +673,7 @@ void adam_step_cuda(std::vector<Tensor> params, std::vector<Tensor> accs, std::v
   check_list(exp_avg_sqs, params, "adam_step", "exp_avg_sqs", true);
   STD_TORCH_CHECK(!amsgrad || !max_exp_avg_sqs.empty(), "fused_accum.adam_step: amsgrad needs max_exp_avg_sqs");
   if (amsgrad) check_list(max_exp_avg_sqs, params, "adam_step", "max_exp_avg_sqs", true);
-  if (!masters.empty()) check_list(masters, params, "adam_step", "masters", true);
+  const bool compact = check_masters(masters, params, "adam_step");
   check_steps(steps, params, "adam_step");
   for (const Tensor* t : {&lr, &grad_scale, &found_inf}) check_scalar(*t, "adam_step", "a scalar argument");
   const AdamHyper h{static_cast<float>(beta2), static_cast<float>(1.0 - beta1),
@@ -615,7 +685,11 @@ void adam_step_cuda(std::vector<Tensor> params, std::vector<Tensor> accs, std::v
   launch_steps<7>("adam_step", params, {&params, &accs, &exp_avgs, &exp_avg_sqs, vmax, &masters, &steps},
                   found_inf, [&](auto* tag, const Meta<7>& meta, int32_t blocks, cudaStream_t stream) {
                     using P = std::remove_pointer_t<decltype(tag)>;
-                    adam_kernel<P><<<blocks, kThreads, 0, stream>>>(
+                    auto kernel = adam_kernel<P, false>;
+                    if constexpr (std::is_same_v<P, __nv_bfloat16>) {
+                      if (compact) kernel = adam_kernel<P, true>;   // check_masters: bf16 only
+                    }
+                    kernel<<<blocks, kThreads, 0, stream>>>(
                         meta, h, static_cast<const float*>(lr.data_ptr()),
                         static_cast<const float*>(grad_scale.data_ptr()),
                         static_cast<const float*>(found_inf.data_ptr()));

@@ -48,17 +48,52 @@ def norm(accs: list[Tensor], sumsq: Tensor) -> None:
         sumsq.add_(acc.square().sum())
 
 
+# Compact masters: a bf16 parameter p and an int16 remainder r hold an fp32 master u exactly, as
+# bits: u = (p << 16) + r.  p is u rounded to nearest with ties away from zero: round-to-nearest-
+# even cannot be split losslessly (an even bf16 value has 65537 fp32 values rounding to it), and
+# rounding ties away keeps r within [-2^15, 2^15).  p differs from an RNE cast only at exact ties.
+
+def _bits(x: Tensor) -> Tensor:
+    """The fp32 bit pattern of ``x`` as an int64 in [0, 2^32)."""
+    return x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+
+
+def compact_master(param: Tensor, remainder: Tensor) -> Tensor:
+    """The fp32 master that a bf16 parameter and its int16 remainder hold."""
+    high = param.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+    u = ((high << 16) + remainder.to(torch.int64)) & 0xFFFFFFFF
+    return torch.where(u >= 2**31, u - 2**32, u).to(torch.int32).view(torch.float32).view(param.shape)
+
+
+def split_master(master: Tensor) -> tuple[Tensor, Tensor]:
+    """(bf16 bits as int16, int16 remainder) of an fp32 master."""
+    u = _bits(master)
+    high = ((u + 0x8000) >> 16) & 0xFFFF
+    remainder = u - (high << 16)
+    remainder = torch.where(remainder >= 2**31, remainder - 2**32, remainder)   # carry past bit 31
+    high = torch.where(high >= 2**15, high - 2**16, high)
+    return high.to(torch.int16).view(master.shape), remainder.to(torch.int16).view(master.shape)
+
+
 def _load_fp32(param: Tensor, master: Tensor | None) -> Tensor:
-    return master.clone() if master is not None else param.to(torch.float32, copy=True)
+    if master is None:
+        return param.to(torch.float32, copy=True)
+    if master.dtype == torch.int16:
+        return compact_master(param, master)
+    return master.clone()
 
 
 def _store(updated: Tensor, param: Tensor, master: Tensor | None, keep: Tensor) -> None:
     """Write the fp32 result to the master (if any) and the parameter, unless ``keep`` says skip."""
-    if master is not None:
+    if master is None:
+        param.copy_(torch.where(keep, param, updated.to(param.dtype)))
+    elif master.dtype == torch.int16:
+        high, remainder = split_master(torch.where(keep, compact_master(param, master), updated))
+        param.view(torch.int16).copy_(high)
+        master.copy_(remainder)
+    else:
         master.copy_(torch.where(keep, master, updated))
         param.copy_(master)
-    else:
-        param.copy_(torch.where(keep, param, updated.to(param.dtype)))
 
 
 def sgd_step(params: list[Tensor], accs: list[Tensor], momentum_buffers: list[Tensor] | None,

@@ -19,7 +19,7 @@ def adam_update(bucket: Bucket, indices: list[int], group: dict[str, Any],
     """One Adam/AdamW step of ``indices`` of ``bucket`` with grad = acc * grad_scale."""
     views = {name: bucket.views(bucket.ensure_state(name), indices)
              for name in adam_state_names(group)}
-    masters = bucket.views(bucket.state["master_param"], indices) if "master_param" in bucket.state else None
+    masters = bucket.master_views(indices)
     beta1, beta2 = group["betas"]
     bucket.backend.adam_step(
         [bucket.params[i] for i in indices], bucket.views(bucket.acc, indices),
@@ -52,7 +52,7 @@ class Adam(AccumulatingOptimizer):
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, decoupled_weight_decay: bool = False,
                  accumulation_steps: int = 1, max_grad_norm: float | None = None,
-                 master_weights: bool = True, loss_scale: Any = "auto", nonfinite: str = "skip",
+                 master_weights: bool | str = True, loss_scale: Any = "auto", nonfinite: str = "skip",
                  backend: str = "auto") -> None:
         refuse_differentiable(differentiable)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
@@ -83,7 +83,7 @@ class AdamW(Adam):
                  foreach: bool | None = None, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None,
                  accumulation_steps: int = 1, max_grad_norm: float | None = None,
-                 master_weights: bool = True, loss_scale: Any = "auto", nonfinite: str = "skip",
+                 master_weights: bool | str = True, loss_scale: Any = "auto", nonfinite: str = "skip",
                  backend: str = "auto") -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable, differentiable=differentiable,

@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import kernels, scaling
+from ..kernels import reference
 from ..buffers import Bucket, GradBuffers, param_label
 from .nonfinite import SkipMonitor
 from ._args import check_accumulation_steps, check_max_grad_norm
@@ -45,7 +46,10 @@ class AccumulatingOptimizer(Optimizer):
 
     - ``accumulation_steps``: micro-batches per window (>= 1).
     - ``max_grad_norm``: clip the window's mean gradient to this global norm (None: no clipping).
-    - ``master_weights``: fp32 master copies for bf16/fp16 parameters (default True).
+    - ``master_weights``: fp32 master copies for bf16/fp16 parameters (True, the default);
+      "compact" keeps a bf16 parameter's master as the parameter plus an int16 remainder (2 bytes
+      instead of 4, the same fp32 value bit for bit; fp16 parameters get full masters); False
+      updates low-precision parameters directly from fp32 maths.
     - ``loss_scale``: "auto" (dynamic when any parameter is fp16, else none), "dynamic", a
       :class:`fused_accum.DynamicLossScale` (GradScaler's knobs), a number (static), or None.
       Loss scaling applies to losses passed to ``opt.backward(loss)``.
@@ -59,15 +63,15 @@ class AccumulatingOptimizer(Optimizer):
     algorithm: Algorithm
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, accumulation_steps: int = 1,
-                 max_grad_norm: float | None = None, master_weights: bool = True,
+                 max_grad_norm: float | None = None, master_weights: bool | str = True,
                  loss_scale: Any = "auto", nonfinite: str = "skip", backend: str = "auto") -> None:
         self.accumulation_steps = check_accumulation_steps(accumulation_steps)
         if nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
         self.nonfinite = nonfinite
         self.max_grad_norm = check_max_grad_norm(max_grad_norm)
-        if not isinstance(master_weights, bool):
-            raise TypeError(f"master_weights must be True or False, got {master_weights!r}")
+        if master_weights not in (True, False, "compact"):
+            raise TypeError(f"master_weights must be True, False or 'compact', got {master_weights!r}")
         self.master_weights = master_weights
         self.backend = kernels.validate_name(backend)
         self._buffers = GradBuffers(self.backend, self._on_backward_start)
@@ -132,7 +136,9 @@ class AccumulatingOptimizer(Optimizer):
     def _init_bucket_state(self, bucket: Bucket, group: dict[str, Any]) -> None:
         for name in self.algorithm.state_names(group):
             bucket.ensure_state(name)
-        if self.master_weights and bucket.dtype != torch.float32:
+        if self.master_weights == "compact" and bucket.dtype == torch.bfloat16:
+            bucket.ensure_state("master_remainder", dtype=torch.int16)   # master = parameter
+        elif self.master_weights and bucket.dtype != torch.float32:
             bucket.ensure_state("master_param", bucket.flat_params())
         self._publish_state(bucket)
 
@@ -464,14 +470,21 @@ class AccumulatingOptimizer(Optimizer):
     def _load_param_state(self, bucket: Bucket, i: int, entry: dict[str, Any]) -> None:
         step = entry.get("step", self._implied_step(entry))
         bucket.steps[i].fill_(float(step))
+        param = bucket.params[i].detach()
         for name, flat in bucket.state.items():
             view = bucket.view(flat, i)
             if name in entry:
                 view.copy_(entry[name])
+            elif name == "master_param" and "master_remainder" in entry:   # compact -> full
+                view.copy_(reference.compact_master(param, entry["master_remainder"].to(param.device)))
+            elif name == "master_remainder" and "master_param" in entry:   # full -> compact
+                high, remainder = reference.split_master(entry["master_param"].to(param.device, torch.float32))
+                param.view(torch.int16).copy_(high)
+                view.copy_(remainder)
             elif name == "master_param":
-                view.copy_(bucket.params[i].detach())
+                view.copy_(param)
             else:
-                view.zero_()
+                view.zero_()   # moments start at zero; a zero remainder makes the master the parameter
 
     def _implied_step(self, entry: dict[str, Any]) -> int:
         """The step count of a saved entry without one (torch's SGD keeps none)."""

@@ -21,7 +21,7 @@ def sgd_update(bucket: Bucket, indices: list[int], group: dict[str, Any],
     buffers = None
     if momentum != 0:
         buffers = bucket.views(bucket.ensure_state("momentum_buffer"), indices)
-    masters = bucket.views(bucket.state["master_param"], indices) if "master_param" in bucket.state else None
+    masters = bucket.master_views(indices)
     bucket.backend.sgd_step(
         [bucket.params[i] for i in indices], bucket.views(bucket.acc, indices), buffers,
         bucket.step_views(indices), masters,
@@ -49,7 +49,7 @@ class SGD(AccumulatingOptimizer):
                  *, maximize: bool = False, foreach: bool | None = None,
                  differentiable: bool = False, fused: bool | None = None,
                  accumulation_steps: int = 1, max_grad_norm: float | None = None,
-                 master_weights: bool = True, loss_scale: Any = "auto", nonfinite: str = "skip",
+                 master_weights: bool | str = True, loss_scale: Any = "auto", nonfinite: str = "skip",
                  backend: str = "auto") -> None:
         refuse_differentiable(differentiable)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
