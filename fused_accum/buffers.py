@@ -58,6 +58,7 @@ class Bucket:
         self.touched = [False] * len(params)        # got a gradient in this window
         self.norm_counted = [False] * len(params)   # its final acc is already in sumsq
         self.norm_valid = True                      # False once a counted slice changed again
+        self.rounding_seed = -1                     # >= 0: stochastic rounding of the parameters
         self._views: dict[int, tuple[Tensor, list[Tensor]]] = {}
         self._step_views: list[Tensor] | None = None
 

@@ -125,3 +125,70 @@ def test_compact_masters_on_gpu_match_reference(gpu_backend):
                           grad_scale=1.0, found_inf=torch.zeros((), device=CUDA))
         results.append([compact_master(p, r) for p, r in zip(params, rems)])
     _close(results[1], results[0], rtol=1e-6)
+
+
+def test_stochastic_rounding_on_gpu_draws_the_reference_bits(gpu_backend):
+    values = [torch.randn(n, device=CUDA) for n in SIZES]
+    out = []
+    for backend in (reference, gpu_backend):
+        params = [v.to(torch.bfloat16) for v in values]
+        backend.sgd_step(params, [torch.full_like(v, 1e-4) for v in values], None,
+                         [torch.full((), 7.0, device=CUDA) for _ in values], None, lr=1.0,
+                         momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                         maximize=False, grad_scale=1.0, found_inf=torch.zeros((), device=CUDA),
+                         rounding_seed=12345)
+        out.append(torch.cat([p.float() for p in params]))
+    same = (out[0] == out[1]).double().mean().item()
+    assert same > 0.999   # the fp32 update may differ by an ulp (fused multiply-add) near a cut
+
+
+def _fp16_window_setup(backend_name):
+    torch.manual_seed(0)
+    model = make_model(seed=7).cuda().half()
+    opt = fused_accum.AdamW(model.parameters(), lr=1e-3, accumulation_steps=4, max_grad_norm=1.0,
+                            loss_scale=fused_accum.DynamicLossScale(init_scale=2.0**10),
+                            backend=backend_name)
+    tokens = torch.randint(0, 37, (4, 2, 5), device=CUDA)
+    targets = torch.randint(0, 37, (4, 2, 5), device=CUDA)
+    from helpers import lm_loss
+
+    def window():
+        for i in range(4):
+            opt.backward(lm_loss(model, tokens[i], targets[i]))
+            opt.step()
+    return model, opt, window
+
+
+def test_a_whole_window_runs_without_host_synchronisation(gpu_backend):
+    model, opt, window = _fp16_window_setup(gpu_backend.name)
+    window()   # first window: lazy allocations, extension loading
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        window()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert opt.stepped
+
+
+def test_a_window_captured_in_a_cuda_graph_replays_to_the_eager_result(gpu_backend):
+    eager_model, eager_opt, eager_window = _fp16_window_setup(gpu_backend.name)
+    model, opt, window = _fp16_window_setup(gpu_backend.name)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):   # warm up on a side stream, as graph capture requires
+        window()
+        eager_window()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        window()
+    eager_window()                  # the captured window, run eagerly
+    for _ in range(3):
+        eager_window()
+        graph.replay()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(model.parameters(), eager_model.parameters()):
+        assert torch.equal(a, b)
+    assert opt.loss_scale == eager_opt.loss_scale

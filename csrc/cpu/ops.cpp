@@ -254,6 +254,30 @@ inline float load_working(const P* param, const float* master, const int16_t* re
   }
 }
 
+// Stochastic rounding of bf16 parameters without masters (see reference.py): 16 random bits from
+// a counter-based hash of a per-tensor key (seed, step, position) and the element index.
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  return x ^ (x >> 16);
+}
+
+uint32_t rounding_key(int64_t seed, float step, int64_t tensor_id) {
+  const uint64_t s = static_cast<uint64_t>(seed) + 0x9E3779B9ull * static_cast<uint64_t>(step + 1.0f) +
+                     0x85EBCA6Bull * static_cast<uint64_t>(tensor_id);
+  return mix32(static_cast<uint32_t>(s));
+}
+
+inline uint16_t stochastic_bf16(float p, uint32_t key, int64_t index) {
+  uint32_t u;
+  std::memcpy(&u, &p, sizeof u);
+  const uint32_t r = mix32(key ^ static_cast<uint32_t>(index)) & 0xFFFFu;
+  const uint32_t high = ((u + r) >> 16) & 0xFFFFu;
+  return p != p ? uint16_t{0x7FC0} : static_cast<uint16_t>(high);
+}
+
 template <typename P, Master kM>
 inline void store_working(P* param, float* master, int16_t* rem, int64_t j, float p) {
   if constexpr (kM == Master::kCompact) {
@@ -283,10 +307,26 @@ struct SgdHyper {
   bool nesterov;
 };
 
-template <typename P, Master kM, bool kMomentum>
+// kStochastic: bf16 parameters without masters, rounded with the tensor's key; base: the index
+// of element 0 of this range in the tensor.
+struct Rounding {
+  uint32_t key;
+  int64_t base;
+};
+
+template <typename P, Master kM, bool kStochastic>
+inline void store_param(P* param, float* master, int16_t* rem, int64_t j, float p, const Rounding& r) {
+  if constexpr (kStochastic && kM == Master::kNone && std::is_same_v<P, c10::BFloat16>) {
+    reinterpret_cast<uint16_t*>(param)[j] = stochastic_bf16(p, r.key, r.base + j);
+  } else {
+    store_working<P, kM>(param, master, rem, j, p);
+  }
+}
+
+template <typename P, Master kM, bool kMomentum, bool kStochastic>
 void sgd_range(P* __restrict__ param, float* __restrict__ master, int16_t* __restrict__ rem,
                const float* __restrict__ acc, float* __restrict__ buf, int64_t n, bool first_step,
-               const SgdHyper& h) {
+               const SgdHyper& h, const Rounding& rounding) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     float g = acc[j] * h.scale;
@@ -298,14 +338,15 @@ void sgd_range(P* __restrict__ param, float* __restrict__ master, int16_t* __res
       g = h.nesterov ? g + h.momentum * b : b;
     }
     p -= h.lr * g;
-    store_working<P, kM>(param, master, rem, j, p);
+    store_param<P, kM, kStochastic>(param, master, rem, j, p, rounding);
   }
 }
 
 void sgd_step_cpu(at::TensorList params, at::TensorList accs, at::TensorList momentum_buffers,
                   at::TensorList steps, at::TensorList masters, const at::Tensor& lr,
                   double momentum, double dampening, double weight_decay, bool nesterov,
-                  bool maximize, const at::Tensor& grad_scale, const at::Tensor& found_inf) {
+                  bool maximize, const at::Tensor& grad_scale, const at::Tensor& found_inf,
+                  int64_t rounding_seed) {
   const StepLists lists{params, accs, masters};
   check_step_lists("sgd_step", lists, steps);
   if (!momentum_buffers.empty()) check_state("sgd_step", params, momentum_buffers, "momentum_buffers");
@@ -324,15 +365,19 @@ void sgd_step_cpu(at::TensorList params, at::TensorList accs, at::TensorList mom
     float* master = mode == Master::kFp32 ? masters[t].data_ptr<float>() + b : nullptr;
     int16_t* rem = mode == Master::kCompact ? masters[t].data_ptr<int16_t>() + b : nullptr;
     float* buf = has_momentum ? momentum_buffers[t].data_ptr<float>() + b : nullptr;
-    const bool first_step = *steps[t].const_data_ptr<float>() == 0;
+    const float step = *steps[t].const_data_ptr<float>();
+    const bool first_step = step == 0;
     const float* acc = accs[t].const_data_ptr<float>() + b;
+    const Rounding rounding{rounding_key(rounding_seed, step, t), b};
     dispatch_float_types(params[t].scalar_type(), "params", [&](auto* type_tag) {
       using P = std::remove_pointer_t<decltype(type_tag)>;
       P* param = static_cast<P*>(params[t].data_ptr()) + b;
       with_master_mode(mode, [&](auto m) {
         with_flag(has_momentum, [&](auto mom) {
-          sgd_range<P, decltype(m)::value, decltype(mom)::value>(param, master, rem, acc, buf, n,
-                                                                 first_step, h);
+          with_flag(rounding_seed >= 0, [&](auto sr) {
+            sgd_range<P, decltype(m)::value, decltype(mom)::value, decltype(sr)::value>(
+                param, master, rem, acc, buf, n, first_step, h, rounding);
+          });
         });
       });
     });
@@ -344,11 +389,11 @@ struct AdamHyper {
   float beta2, one_minus_beta1, one_minus_beta2, eps, l2, decay, scale;
 };
 
-template <typename P, Master kM, bool kAmsgrad>
+template <typename P, Master kM, bool kAmsgrad, bool kStochastic>
 void adam_range(P* __restrict__ param, float* __restrict__ master, int16_t* __restrict__ rem,
                 const float* __restrict__ acc, float* __restrict__ m, float* __restrict__ v,
                 float* __restrict__ vmax, int64_t n, float step_size, float bc2_sqrt,
-                const AdamHyper& h) {
+                const AdamHyper& h, const Rounding& rounding) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const float g0 = acc[j] * h.scale;
@@ -364,7 +409,7 @@ void adam_range(P* __restrict__ param, float* __restrict__ master, int16_t* __re
       vmax[j] = second;
     }
     p -= step_size * mj / (std::sqrt(second) / bc2_sqrt + h.eps);
-    store_working<P, kM>(param, master, rem, j, p);
+    store_param<P, kM, kStochastic>(param, master, rem, j, p, rounding);
   }
 }
 
@@ -373,7 +418,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList accs, at::TensorList ex
                    at::TensorList steps, at::TensorList masters, const at::Tensor& lr,
                    double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
                    bool maximize, bool decoupled_weight_decay, const at::Tensor& grad_scale,
-                   const at::Tensor& found_inf) {
+                   const at::Tensor& found_inf, int64_t rounding_seed) {
   const StepLists lists{params, accs, masters};
   check_step_lists("adam_step", lists, steps);
   check_state("adam_step", params, exp_avgs, "exp_avgs");
@@ -410,10 +455,13 @@ void adam_step_cpu(at::TensorList params, at::TensorList accs, at::TensorList ex
       using P = std::remove_pointer_t<decltype(type_tag)>;
       P* param = static_cast<P*>(params[t].data_ptr()) + b;
       const float ss = step_size[t], bc = bc2_sqrt[t];
+      const Rounding rounding{rounding_key(rounding_seed, *steps[t].const_data_ptr<float>(), t), b};
       with_master_mode(mode, [&](auto mm) {
         with_flag(amsgrad, [&](auto ams) {
-          adam_range<P, decltype(mm)::value, decltype(ams)::value>(param, master, rem, acc, m, v,
-                                                                   vmax, n, ss, bc, h);
+          with_flag(rounding_seed >= 0, [&](auto sr) {
+            adam_range<P, decltype(mm)::value, decltype(ams)::value, decltype(sr)::value>(
+                param, master, rem, acc, m, v, vmax, n, ss, bc, h, rounding);
+          });
         });
       });
     });

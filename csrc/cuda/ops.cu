@@ -93,6 +93,7 @@ struct Meta {
   void* ptr[N][kMaxTensors];
   int64_t numel[kMaxTensors];
   int32_t chunk_start[kMaxTensors + 1];
+  int32_t id[kMaxTensors];   // position of the tensor in the op's lists
   uint8_t flags[kMaxTensors];
   int32_t count;
 };
@@ -118,6 +119,7 @@ int32_t fill_meta(Meta<N>& meta, const std::vector<const std::vector<Tensor>*>& 
       if (l < element_lists) all_aligned = all_aligned && aligned(p);
     }
     meta.numel[t] = (*lists[0])[i].numel();
+    meta.id[t] = static_cast<int32_t>(i);
     meta.flags[t] = all_aligned ? kAligned : 0;
     const int64_t chunks = (meta.numel[t] + kChunk - 1) / kChunk;
     meta.chunk_start[t + 1] = meta.chunk_start[t] + static_cast<int32_t>(chunks);
@@ -405,11 +407,42 @@ __device__ __forceinline__ void split(float p, uint16_t& high, int16_t& rem) {
   rem = static_cast<int16_t>(static_cast<uint16_t>(u - (h << 16)));
 }
 
+// Stochastic rounding of bf16 parameters without masters (see reference.py): 16 random bits from
+// a counter-based hash of a per-tensor key (seed, step, position) and the element index.
+__device__ __forceinline__ uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  return x ^ (x >> 16);
+}
+
+__device__ __forceinline__ uint32_t rounding_key(int64_t seed, float step, int32_t id) {
+  const uint64_t s = static_cast<uint64_t>(seed) + 0x9E3779B9ull * static_cast<uint64_t>(step + 1.0f) +
+                     0x85EBCA6Bull * static_cast<uint64_t>(id);
+  return mix32(static_cast<uint32_t>(s));
+}
+
 template <typename P, bool kCompact>
 struct Working {
   P* param;
   float* master;   // fp32 masters, or null
   int16_t* rem;    // compact remainders (kCompact only)
+  bool stochastic; // bf16 parameter without master, rounded stochastically
+  uint32_t key;    // the tensor's rounding key
+  int64_t base;    // index in the tensor of this chunk's element 0
+
+  __device__ __forceinline__ P round(float p, int64_t i) const {
+    if constexpr (std::is_same_v<P, __nv_bfloat16>) {
+      if (stochastic) {
+        const uint32_t u = __float_as_uint(p);
+        const uint32_t r = mix32(key ^ static_cast<uint32_t>(base + i)) & 0xFFFFu;
+        const uint16_t high = p != p ? uint16_t{0x7FC0} : static_cast<uint16_t>(((u + r) >> 16) & 0xFFFFu);
+        return __ushort_as_bfloat16(high);
+      }
+    }
+    return from_f<P>(p);
+  }
 
   __device__ __forceinline__ Vec<float> load(int64_t i) const {
     Vec<float> out;
@@ -439,7 +472,7 @@ struct Working {
     } else {
       Vec<P> out;
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) out.v[k] = from_f<P>(p.v[k]);
+      for (int k = 0; k < kVec; ++k) out.v[k] = round(p.v[k], i + k);
       if (master) store_vec(master + i, p);
       store_vec(param + i, out);
     }
@@ -457,15 +490,19 @@ struct Working {
       reinterpret_cast<uint16_t*>(param)[i] = h;
     } else {
       if (master) master[i] = p;
-      param[i] = from_f<P>(p);
+      param[i] = round(p, i);
     }
   }
 };
 
 template <typename P, bool kCompact, int N>
-__device__ __forceinline__ Working<P, kCompact> working(const Meta<N>& meta, const Chunk& c, int master_list) {
-  return {slice<P>(meta, 0, c), kCompact ? nullptr : slice<float>(meta, master_list, c),
-          kCompact ? slice<int16_t>(meta, master_list, c) : nullptr};
+__device__ __forceinline__ Working<P, kCompact> working(const Meta<N>& meta, const Chunk& c,
+                                                        int master_list, int64_t rounding_seed) {
+  float* master = kCompact ? nullptr : slice<float>(meta, master_list, c);
+  const float step = *static_cast<const float*>(meta.ptr[N - 1][c.t]);
+  return {slice<P>(meta, 0, c), master, kCompact ? slice<int16_t>(meta, master_list, c) : nullptr,
+          rounding_seed >= 0 && master == nullptr && !kCompact,
+          rounding_key(rounding_seed, step, meta.id[c.t]), c.begin};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -480,10 +517,11 @@ struct SgdHyper {
 
 template <typename P, bool kCompact>
 __global__ void __launch_bounds__(kThreads) sgd_kernel(Meta<5> meta, SgdHyper h, const float* lr_ptr,
-                                                      const float* scale_ptr, const float* found_inf) {
+                                                      const float* scale_ptr, const float* found_inf,
+                                                      int64_t rounding_seed) {
   if (*found_inf != 0.0f) return;
   const Chunk c = locate(meta, blockIdx.x);
-  const Working<P, kCompact> w = working<P, kCompact>(meta, c, 3);
+  const Working<P, kCompact> w = working<P, kCompact>(meta, c, 3, rounding_seed);
   const float* acc = slice<const float>(meta, 1, c);
   float* buf = slice<float>(meta, 2, c);
   const bool first_step = *static_cast<const float*>(meta.ptr[4][c.t]) == 0.0f;
@@ -524,10 +562,11 @@ struct AdamHyper {
 
 template <typename P, bool kCompact>
 __global__ void __launch_bounds__(kThreads) adam_kernel(Meta<7> meta, AdamHyper h, const float* lr_ptr,
-                                                       const float* scale_ptr, const float* found_inf) {
+                                                       const float* scale_ptr, const float* found_inf,
+                                                       int64_t rounding_seed) {
   if (*found_inf != 0.0f) return;
   const Chunk c = locate(meta, blockIdx.x);
-  const Working<P, kCompact> w = working<P, kCompact>(meta, c, 5);
+  const Working<P, kCompact> w = working<P, kCompact>(meta, c, 5, rounding_seed);
   const float* acc = slice<const float>(meta, 1, c);
   float* m = slice<float>(meta, 2, c);
   float* v = slice<float>(meta, 3, c);
@@ -633,7 +672,7 @@ void sgd_step_cuda(std::vector<Tensor> params, std::vector<Tensor> accs,
                    std::vector<Tensor> momentum_buffers, std::vector<Tensor> steps,
                    std::vector<Tensor> masters, Tensor lr, double momentum, double dampening,
                    double weight_decay, bool nesterov, bool maximize, Tensor grad_scale,
-                   Tensor found_inf) {
+                   Tensor found_inf, int64_t rounding_seed) {
   if (params.empty()) return;
   check_list(params, params, "sgd_step", "params", false);
   check_list(accs, params, "sgd_step", "accs", true);
@@ -657,7 +696,7 @@ void sgd_step_cuda(std::vector<Tensor> params, std::vector<Tensor> accs,
                     kernel<<<blocks, kThreads, 0, stream>>>(
                         meta, h, static_cast<const float*>(lr.data_ptr()),
                         static_cast<const float*>(grad_scale.data_ptr()),
-                        static_cast<const float*>(found_inf.data_ptr()));
+                        static_cast<const float*>(found_inf.data_ptr()), rounding_seed);
                   });
 }
 
@@ -665,7 +704,8 @@ void adam_step_cuda(std::vector<Tensor> params, std::vector<Tensor> accs, std::v
                     std::vector<Tensor> exp_avg_sqs, std::vector<Tensor> max_exp_avg_sqs,
                     std::vector<Tensor> steps, std::vector<Tensor> masters, Tensor lr, double beta1,
                     double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
-                    bool decoupled_weight_decay, Tensor grad_scale, Tensor found_inf) {
+                    bool decoupled_weight_decay, Tensor grad_scale, Tensor found_inf,
+                    int64_t rounding_seed) {
   if (params.empty()) return;
   check_list(params, params, "adam_step", "params", false);
   check_list(accs, params, "adam_step", "accs", true);
@@ -692,7 +732,7 @@ void adam_step_cuda(std::vector<Tensor> params, std::vector<Tensor> accs, std::v
                     kernel<<<blocks, kThreads, 0, stream>>>(
                         meta, h, static_cast<const float*>(lr.data_ptr()),
                         static_cast<const float*>(grad_scale.data_ptr()),
-                        static_cast<const float*>(found_inf.data_ptr()));
+                        static_cast<const float*>(found_inf.data_ptr()), rounding_seed);
                   });
 }
 

@@ -63,23 +63,24 @@ def norm(accs, sumsq) -> None:
 
 
 def sgd_step(params, accs, momentum_buffers, steps, masters, *, lr, momentum, dampening,
-             weight_decay, nesterov, maximize, grad_scale, found_inf) -> None:
+             weight_decay, nesterov, maximize, grad_scale, found_inf, rounding_seed=-1) -> None:
     if not params:
         return
     params, write_back = _contiguous(params)
     _ops().sgd_step(params, accs, momentum_buffers or [], steps, masters or [],
                     _scalar(lr, accs[0]), momentum, dampening, weight_decay, nesterov, maximize,
-                    _scalar(grad_scale, accs[0]), found_inf)
+                    _scalar(grad_scale, accs[0]), found_inf, rounding_seed)
     _write_back(write_back)
 
 
 def adam_step(params, accs, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, masters, *, lr, beta1,
               beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale,
-              found_inf) -> None:
+              found_inf, rounding_seed=-1) -> None:
     if not params:
         return
     params, write_back = _contiguous(params)
     _ops().adam_step(params, accs, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or [], steps,
                      masters or [], _scalar(lr, accs[0]), beta1, beta2, eps, weight_decay, amsgrad,
-                     maximize, decoupled_weight_decay, _scalar(grad_scale, accs[0]), found_inf)
+                     maximize, decoupled_weight_decay, _scalar(grad_scale, accs[0]), found_inf,
+                     rounding_seed)
     _write_back(write_back)

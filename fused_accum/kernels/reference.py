@@ -75,6 +75,44 @@ def split_master(master: Tensor) -> tuple[Tensor, Tensor]:
     return high.to(torch.int16).view(master.shape), remainder.to(torch.int16).view(master.shape)
 
 
+# Stochastic rounding of an fp32 update into a bf16 parameter (no master): bits = (u + r) >> 16
+# with r uniform in [0, 2^16), so the expected result is the fp32 value.  r comes from a counter-
+# based hash of (seed, the tensor's step count before this step, its position in the call, the
+# element index): different at every step, the same in every backend, no host synchronisation.
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """lowbias32 (C. Wellons) on uint32 values held in int64."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def rounding_bits(seed: int, step: Tensor, tensor_id: int, numel: int) -> Tensor:
+    """The 16 random bits each element of a tensor adds before truncation."""
+    key = _mix32((seed + 0x9E3779B9 * (step.to(torch.int64) + 1) + 0x85EBCA6B * tensor_id) & _M32)
+    index = torch.arange(numel, device=step.device, dtype=torch.int64) & _M32
+    return _mix32(key ^ index) & 0xFFFF
+
+
+def stochastic_round_bf16(value: Tensor, bits16: Tensor) -> Tensor:
+    u = _bits(value).view(-1)
+    high = ((u + bits16) >> 16) & 0xFFFF
+    high = torch.where(torch.isnan(value.view(-1)), 0x7FC0, high)
+    high = torch.where(high >= 2**15, high - 2**16, high)
+    return high.to(torch.int16).view(torch.bfloat16).view(value.shape)
+
+
+def _rounding(param: Tensor, master: Tensor | None, seed: int, step: Tensor,
+              tensor_id: int) -> Tensor | None:
+    if seed < 0 or master is not None or param.dtype != torch.bfloat16:
+        return None
+    return rounding_bits(seed, step, tensor_id, param.numel())
+
+
 def _load_fp32(param: Tensor, master: Tensor | None) -> Tensor:
     if master is None:
         return param.to(torch.float32, copy=True)
@@ -83,10 +121,13 @@ def _load_fp32(param: Tensor, master: Tensor | None) -> Tensor:
     return master.clone()
 
 
-def _store(updated: Tensor, param: Tensor, master: Tensor | None, keep: Tensor) -> None:
-    """Write the fp32 result to the master (if any) and the parameter, unless ``keep`` says skip."""
+def _store(updated: Tensor, param: Tensor, master: Tensor | None, keep: Tensor,
+           rounding: Tensor | None = None) -> None:
+    """Write the fp32 result to the master (if any) and the parameter, unless ``keep`` says skip.
+    ``rounding``: random bits for stochastic rounding of a bf16 parameter without a master."""
     if master is None:
-        param.copy_(torch.where(keep, param, updated.to(param.dtype)))
+        cast = updated.to(param.dtype) if rounding is None else stochastic_round_bf16(updated, rounding)
+        param.copy_(torch.where(keep, param, cast))
     elif master.dtype == torch.int16:
         high, remainder = split_master(torch.where(keep, compact_master(param, master), updated))
         param.view(torch.int16).copy_(high)
@@ -99,13 +140,15 @@ def _store(updated: Tensor, param: Tensor, master: Tensor | None, keep: Tensor) 
 def sgd_step(params: list[Tensor], accs: list[Tensor], momentum_buffers: list[Tensor] | None,
              steps: list[Tensor], masters: list[Tensor] | None, *, lr: Scalar, momentum: float,
              dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
-             grad_scale: Scalar, found_inf: Tensor) -> None:
+             grad_scale: Scalar, found_inf: Tensor, rounding_seed: int = -1) -> None:
     """One SGD step of ``torch.optim.SGD`` on grad = acc * grad_scale (grad_scale = clip / W).
 
     ``steps[i]`` counts the steps taken by parameter i; at 0 the momentum buffer starts as the
     gradient itself, as torch does for a missing buffer.  Computed in fp32 whatever the parameter
-    dtype; ``masters[i]`` (fp32) is the value updated when given, and the parameter is rewritten
-    from it.  Nothing changes where ``found_inf`` is non-zero.
+    dtype; ``masters[i]``, when given, holds the value updated: an fp32 master (the parameter is
+    rewritten from it by a cast), or for bf16 parameters an int16 remainder (compact masters, see
+    ``compact_master``).  Without masters, ``rounding_seed >= 0`` rounds bf16 parameters
+    stochastically (see ``rounding_bits``).  Nothing changes where ``found_inf`` is non-zero.
     """
     keep = found_inf != 0
     for i, (param, acc, step) in enumerate(zip(params, accs, steps)):
@@ -122,7 +165,7 @@ def sgd_step(params: list[Tensor], accs: list[Tensor], momentum_buffers: list[Te
             buf.copy_(torch.where(keep, buf, new_buf))
             grad = grad.add(new_buf, alpha=momentum) if nesterov else new_buf
         p32.sub_(grad * lr)
-        _store(p32, param, master, keep)
+        _store(p32, param, master, keep, _rounding(param, master, rounding_seed, step, i))
         step.add_(torch.where(keep, 0.0, 1.0))
 
 
@@ -130,7 +173,7 @@ def adam_step(params: list[Tensor], accs: list[Tensor], exp_avgs: list[Tensor],
               exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor] | None, steps: list[Tensor],
               masters: list[Tensor] | None, *, lr: Scalar, beta1: float, beta2: float, eps: float,
               weight_decay: float, amsgrad: bool, maximize: bool, decoupled_weight_decay: bool,
-              grad_scale: Scalar, found_inf: Tensor) -> None:
+              grad_scale: Scalar, found_inf: Tensor, rounding_seed: int = -1) -> None:
     """One Adam (``decoupled_weight_decay=False``) or AdamW step of ``torch.optim.Adam``.
 
     grad = acc * grad_scale.  Bias corrections are computed in float64 from the step count so that
@@ -166,5 +209,5 @@ def adam_step(params: list[Tensor], accs: list[Tensor], exp_avgs: list[Tensor],
         p32.sub_(step_size * new_avg / denom)
         exp_avg.copy_(torch.where(keep, exp_avg, new_avg))
         exp_avg_sq.copy_(torch.where(keep, exp_avg_sq, new_avg_sq))
-        _store(p32, param, master, keep)
+        _store(p32, param, master, keep, _rounding(param, master, rounding_seed, step, i))
         step.add_(torch.where(keep, 0.0, 1.0))

@@ -20,12 +20,12 @@ SCHEMAS = {
     "sgd_step": "(Tensor(a!)[] params, Tensor[] accs, Tensor(b!)[] momentum_buffers, "
                 "Tensor(c!)[] steps, Tensor(d!)[] masters, Tensor lr, float momentum, "
                 "float dampening, float weight_decay, bool nesterov, bool maximize, "
-                "Tensor grad_scale, Tensor found_inf) -> ()",
+                "Tensor grad_scale, Tensor found_inf, int rounding_seed=-1) -> ()",
     "adam_step": "(Tensor(a!)[] params, Tensor[] accs, Tensor(b!)[] exp_avgs, "
                  "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, "
                  "Tensor(f!)[] masters, Tensor lr, float beta1, float beta2, float eps, "
                  "float weight_decay, bool amsgrad, bool maximize, bool decoupled_weight_decay, "
-                 "Tensor grad_scale, Tensor found_inf) -> ()",
+                 "Tensor grad_scale, Tensor found_inf, int rounding_seed=-1) -> ()",
 }
 
 _library: torch.library.Library | None = None
@@ -47,13 +47,13 @@ def _fake_norm(accs, sumsq) -> None:
 
 
 def _fake_sgd_step(params, accs, momentum_buffers, steps, masters, lr, momentum, dampening,
-                   weight_decay, nesterov, maximize, grad_scale, found_inf) -> None:
+                   weight_decay, nesterov, maximize, grad_scale, found_inf, rounding_seed=-1) -> None:
     _same_numel("sgd_step", params, accs)
 
 
 def _fake_adam_step(params, accs, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, masters, lr,
                     beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
-                    grad_scale, found_inf) -> None:
+                    grad_scale, found_inf, rounding_seed=-1) -> None:
     _same_numel("adam_step", params, accs)
 
 

@@ -29,7 +29,7 @@ def adam_update(bucket: Bucket, indices: list[int], group: dict[str, Any],
         weight_decay=scalar(group["weight_decay"]), amsgrad=bool(group["amsgrad"]),
         maximize=bool(group["maximize"]),
         decoupled_weight_decay=bool(group["decoupled_weight_decay"]),
-        grad_scale=grad_scale, found_inf=found_inf)
+        grad_scale=grad_scale, found_inf=found_inf, rounding_seed=bucket.rounding_seed)
 
 
 ADAM_ALGORITHM = Algorithm(adam_state_names, adam_update)
@@ -53,7 +53,7 @@ class Adam(AccumulatingOptimizer):
                  fused: bool | None = None, decoupled_weight_decay: bool = False,
                  accumulation_steps: int = 1, max_grad_norm: float | None = None,
                  master_weights: bool | str = True, loss_scale: Any = "auto", nonfinite: str = "skip",
-                 backend: str = "auto") -> None:
+                 stochastic_rounding: bool = False, backend: str = "auto") -> None:
         refuse_differentiable(differentiable)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
@@ -61,7 +61,8 @@ class Adam(AccumulatingOptimizer):
                         decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults, accumulation_steps=accumulation_steps,
                          max_grad_norm=max_grad_norm, master_weights=master_weights,
-                         loss_scale=loss_scale, nonfinite=nonfinite, backend=backend)
+                         loss_scale=loss_scale, nonfinite=nonfinite,
+                         stochastic_rounding=stochastic_rounding, backend=backend)
 
     def validate_group(self, group: dict[str, Any]) -> None:
         check_adam(group)
@@ -84,10 +85,11 @@ class AdamW(Adam):
                  differentiable: bool = False, fused: bool | None = None,
                  accumulation_steps: int = 1, max_grad_norm: float | None = None,
                  master_weights: bool | str = True, loss_scale: Any = "auto", nonfinite: str = "skip",
-                 backend: str = "auto") -> None:
+                 stochastic_rounding: bool = False, backend: str = "auto") -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable, differentiable=differentiable,
                          fused=fused, decoupled_weight_decay=True,
                          accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm,
                          master_weights=master_weights, loss_scale=loss_scale,
-                         nonfinite=nonfinite, backend=backend)
+                         nonfinite=nonfinite, stochastic_rounding=stochastic_rounding,
+                         backend=backend)

@@ -57,6 +57,11 @@ class AccumulatingOptimizer(Optimizer):
       step counts untouched); "skip" (default) counts it in ``skipped_steps`` and warns once,
       "raise" raises at the step naming the parameters (reads the flag on the host).  With dynamic
       loss scaling, skipped windows are overflows: they back the scale off, silently.
+    - ``stochastic_rounding``: with ``master_weights=False``, round each bf16 parameter's fp32
+      update stochastically (unbiased: the expected parameter is the fp32 value), so updates
+      smaller than half a bf16 ulp are not lost.  The random bits come from a seed drawn from
+      torch's generator at construction, the step count and the element's position: no host
+      synchronisation, reproducible under ``torch.manual_seed``.
     - ``backend``: "auto", or a name from ``python -m fused_accum info``.
     """
 
@@ -64,8 +69,17 @@ class AccumulatingOptimizer(Optimizer):
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, accumulation_steps: int = 1,
                  max_grad_norm: float | None = None, master_weights: bool | str = True,
-                 loss_scale: Any = "auto", nonfinite: str = "skip", backend: str = "auto") -> None:
+                 loss_scale: Any = "auto", nonfinite: str = "skip", stochastic_rounding: bool = False,
+                 backend: str = "auto") -> None:
         self.accumulation_steps = check_accumulation_steps(accumulation_steps)
+        if not isinstance(stochastic_rounding, bool):
+            raise TypeError(f"stochastic_rounding must be True or False, got {stochastic_rounding!r}")
+        if stochastic_rounding and master_weights is not False:
+            raise ValueError("stochastic_rounding=True rounds bf16 parameters updated without a "
+                             "master: pass master_weights=False with it")
+        self.stochastic_rounding = stochastic_rounding
+        # Drawn from torch's generator, so torch.manual_seed makes runs repeatable.
+        self._rounding_seed = int(torch.randint(0, 2**31, ())) if stochastic_rounding else -1
         if nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
         self.nonfinite = nonfinite
@@ -136,6 +150,7 @@ class AccumulatingOptimizer(Optimizer):
     def _init_bucket_state(self, bucket: Bucket, group: dict[str, Any]) -> None:
         for name in self.algorithm.state_names(group):
             bucket.ensure_state(name)
+        bucket.rounding_seed = self._rounding_seed if bucket.dtype == torch.bfloat16 else -1
         if self.master_weights == "compact" and bucket.dtype == torch.bfloat16:
             bucket.ensure_state("master_remainder", dtype=torch.int16)   # master = parameter
         elif self.master_weights and bucket.dtype != torch.float32:
@@ -412,6 +427,7 @@ class AccumulatingOptimizer(Optimizer):
             "found_inf": {str(d): f for d, f in self._buffers.found_inf.items()},
             "accumulated_grads": accumulated,
             "skipped_steps": self._skipped,
+            "rounding_seed": self._rounding_seed,
             "loss_scaler": None if self._scaler is None else self._scaler.state_dict(),
         }
         return packed
@@ -491,6 +507,11 @@ class AccumulatingOptimizer(Optimizer):
         return 1 if entry else 0
 
     def _load_window(self, window: dict[str, Any] | None) -> None:
+        if window and window.get("rounding_seed", -1) >= 0 and self.stochastic_rounding:
+            self._rounding_seed = window["rounding_seed"]
+            for bucket in self._buffers.buckets:
+                if bucket.dtype == torch.bfloat16:
+                    bucket.rounding_seed = self._rounding_seed
         if window and window.get("skipped_steps") is not None:
             self._skipped.copy_(window["skipped_steps"])
         if window and window.get("loss_scaler") is not None and self._scaler is not None:

@@ -16,6 +16,8 @@ class SkipMonitor:
         self._pending: list[tuple[Tensor, torch.cuda.Event | None]] = []
 
     def record(self, found_inf: Tensor) -> None:
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return   # a captured window is replayed without Python: nothing to record
         if self.device.type == "cuda":
             host = torch.empty((), dtype=found_inf.dtype, pin_memory=True)
             host.copy_(found_inf, non_blocking=True)

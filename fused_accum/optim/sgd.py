@@ -27,7 +27,8 @@ def sgd_update(bucket: Bucket, indices: list[int], group: dict[str, Any],
         bucket.step_views(indices), masters,
         lr=group["lr"], momentum=momentum, dampening=scalar(group["dampening"]),
         weight_decay=scalar(group["weight_decay"]), nesterov=bool(group["nesterov"]),
-        maximize=bool(group["maximize"]), grad_scale=grad_scale, found_inf=found_inf)
+        maximize=bool(group["maximize"]), grad_scale=grad_scale, found_inf=found_inf,
+        rounding_seed=bucket.rounding_seed)
 
 
 SGD_ALGORITHM = Algorithm(sgd_state_names, sgd_update)
@@ -50,14 +51,15 @@ class SGD(AccumulatingOptimizer):
                  differentiable: bool = False, fused: bool | None = None,
                  accumulation_steps: int = 1, max_grad_norm: float | None = None,
                  master_weights: bool | str = True, loss_scale: Any = "auto", nonfinite: str = "skip",
-                 backend: str = "auto") -> None:
+                 stochastic_rounding: bool = False, backend: str = "auto") -> None:
         refuse_differentiable(differentiable)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach,
                         differentiable=differentiable, fused=fused)
         super().__init__(params, defaults, accumulation_steps=accumulation_steps,
                          max_grad_norm=max_grad_norm, master_weights=master_weights,
-                         loss_scale=loss_scale, nonfinite=nonfinite, backend=backend)
+                         loss_scale=loss_scale, nonfinite=nonfinite,
+                         stochastic_rounding=stochastic_rounding, backend=backend)
 
     def validate_group(self, group: dict[str, Any]) -> None:
         check_common(group)
