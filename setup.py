@@ -37,7 +37,7 @@ def ahead_of_time_extensions():
     # An ahead-of-time build may run elsewhere than where it is built: no -march=native unless
     # FUSED_ACCUM_CPU_ARCH asks for an architecture.
     arch = os.environ.get("FUSED_ACCUM_CPU_ARCH")
-    cpu_flags = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp"] + ([f"-march={arch}"] if arch else [])
+    cpu_flags = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp", "-ffp-contract=off"] + ([f"-march={arch}"] if arch else [])
     modules = [CppExtension("fused_accum._C_cpu", ["csrc/cpu/ops.cpp"],
                             extra_compile_args={"cxx": cpu_flags}, extra_link_args=["-fopenmp"])]
     if torch.version.cuda and CUDA_HOME:

@@ -25,7 +25,7 @@ namespace {
 constexpr int64_t kChunk = 1 << 14;  // elements per task: small enough to split 64K tensors across threads
 
 // Element conversions, branch-free so that loops vectorize; bfloat16 rounding is c10's
-// (round to nearest even, NaN to 0x7FC0), float16 uses the compiler's IEEE conversion.
+// (round to nearest even, NaN to 0x7FC0).
 inline float bf16_to_f32(uint16_t h) {
   const uint32_t u = static_cast<uint32_t>(h) << 16;
   float f;
@@ -39,19 +39,54 @@ inline uint16_t f32_to_bf16(float f) {
   return f != f ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
 }
 
+// IEEE fp16 <-> fp32 in 32-bit integer and float arithmetic (the branch-free algorithms of the
+// FP16 library, also c10's): GCC 12 has no vector type for _Float16 without AVX512-FP16, so a
+// cast would keep fp16 loops scalar.  Exact, with round-to-nearest-even like torch's casts; it
+// relies on separately rounded products, so this file must not be built with -ffp-contract=fast.
+inline float bits_to_f32(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline uint32_t f32_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+inline float f16_to_f32(uint16_t h) {
+  const uint32_t w = static_cast<uint32_t>(h) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float normalized = bits_to_f32((two_w >> 4) + (0xE0u << 23)) * bits_to_f32(0x7800000u);
+  const float denormalized = bits_to_f32((two_w >> 17) | (126u << 23)) - 0.5f;
+  return bits_to_f32(sign | (two_w < (1u << 27) ? f32_to_bits(denormalized) : f32_to_bits(normalized)));
+}
+inline uint16_t f32_to_f16(float f) {
+  float base = (std::fabs(f) * bits_to_f32(0x77800000u)) * bits_to_f32(0x08800000u);
+  const uint32_t w = f32_to_bits(f);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  bias = bias < 0x71000000u ? 0x71000000u : bias;
+  base = bits_to_f32((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = f32_to_bits(base);
+  const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
 inline float load(const float* p, int64_t i) { return p[i]; }
 inline float load(const c10::BFloat16* p, int64_t i) {
   return bf16_to_f32(reinterpret_cast<const uint16_t*>(p)[i]);
 }
 inline float load(const c10::Half* p, int64_t i) {
-  return static_cast<float>(reinterpret_cast<const _Float16*>(p)[i]);
+  return f16_to_f32(reinterpret_cast<const uint16_t*>(p)[i]);
 }
 inline void store(float* p, int64_t i, float v) { p[i] = v; }
 inline void store(c10::BFloat16* p, int64_t i, float v) {
   reinterpret_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
 }
 inline void store(c10::Half* p, int64_t i, float v) {
-  reinterpret_cast<_Float16*>(p)[i] = static_cast<_Float16>(v);
+  reinterpret_cast<uint16_t*>(p)[i] = f32_to_f16(v);
 }
 
 struct Task {
@@ -300,8 +335,8 @@ void check_state(const char* op, at::TensorList params, at::TensorList state, co
 // Complements such as 1 - beta are taken in double and rounded once, as torch does: 1 - 0.999f
 // would carry 0.999f's rounding error (1e-5 relative) into every update.  Options that would
 // branch per element are compile-time flags, or folded into factors that are exact when unused
-// (maximize into the sign of scale, decoupled decay into a factor of 1, L2 decay into 0 * p,
-// both exact for finite values).
+// (maximize into the sign of scale, decoupled decay into a factor of 1; L2 decay stays a
+// loop-invariant condition, since 0 * p is NaN for an infinite p).
 struct SgdHyper {
   float lr, momentum, one_minus_dampening, weight_decay, scale;
   bool nesterov;
@@ -331,7 +366,7 @@ void sgd_range(P* __restrict__ param, float* __restrict__ master, int16_t* __res
   for (int64_t j = 0; j < n; ++j) {
     float g = acc[j] * h.scale;
     float p = load_working<P, kM>(param, master, rem, j);
-    g += h.weight_decay * p;
+    if (h.weight_decay != 0) g += h.weight_decay * p;   // loop-invariant: 0 * inf would be NaN
     if (kMomentum) {
       const float b = first_step ? g : h.momentum * buf[j] + h.one_minus_dampening * g;
       buf[j] = b;
@@ -398,7 +433,7 @@ void adam_range(P* __restrict__ param, float* __restrict__ master, int16_t* __re
   for (int64_t j = 0; j < n; ++j) {
     const float g0 = acc[j] * h.scale;
     float p = load_working<P, kM>(param, master, rem, j) * h.decay;
-    const float g = g0 + h.l2 * p;
+    const float g = h.l2 != 0 ? g0 + h.l2 * p : g0;   // 0 * inf would be NaN
     const float mj = m[j] + h.one_minus_beta1 * (g - m[j]);
     const float vj = h.beta2 * v[j] + h.one_minus_beta2 * g * g;
     m[j] = mj;

@@ -25,13 +25,9 @@ def _config(device: torch.device, quick: bool, name: str):
 
 
 def _build(config, device, pipeline: str, backend: str):
-    from .windows import FusedPipeline, TorchBestPipeline, TorchNaivePipeline, Workload
+    from .windows import Workload, make_pipeline
     work = Workload(config, device, 0)
-    if pipeline == WORKLOAD_ONLY:
-        return work, None
-    if pipeline == "fused_accum":
-        return work, FusedPipeline(config, work, backend)
-    return work, (TorchBestPipeline if pipeline == "torch best" else TorchNaivePipeline)(config, work)
+    return work, (None if pipeline == WORKLOAD_ONLY else make_pipeline(pipeline, config, work, backend))
 
 
 def cuda_peak_bytes(config, device: torch.device, pipeline: str, backend: str) -> int:
@@ -39,10 +35,8 @@ def cuda_peak_bytes(config, device: torch.device, pipeline: str, backend: str) -
     work = _build(config, device, WORKLOAD_ONLY, backend)[0]
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    from .windows import FusedPipeline, TorchBestPipeline, TorchNaivePipeline
-    p = {"fused_accum": lambda: FusedPipeline(config, work, backend),
-         "torch best": lambda: TorchBestPipeline(config, work),
-         "torch naive": lambda: TorchNaivePipeline(config, work)}[pipeline]()
+    from .windows import make_pipeline
+    p = make_pipeline(pipeline, config, work, backend)
     for _ in range(WINDOWS):
         p.window()
     torch.cuda.synchronize(device)

@@ -50,6 +50,8 @@ class Config:
     k: int
     max_grad_norm: float | None
     hyper: dict = field(default_factory=dict)
+    loss_scaling: bool = False   # fp16: dynamic loss scaling on both sides
+    compact: bool = False        # also run fused_accum with master_weights="compact"
 
     @property
     def numel(self) -> int:
@@ -66,7 +68,10 @@ def configs(device: torch.device, quick: bool) -> list[Config]:
         Config("a", "fp32 model, SGD momentum", gpt, torch.float32, "sgd", 4, None,
                dict(lr=1e-2, momentum=0.9)),
         Config("b", "bf16 GPT-like model, AdamW, fp32 masters, clipping", gpt, torch.bfloat16,
-               "adamw", 8, 1.0, dict(lr=1e-4, weight_decay=0.1)),
+               "adamw", 8, 1.0, dict(lr=1e-4, weight_decay=0.1), compact=True),
+        Config("c", "fp16 GPT-like model, AdamW, dynamic loss scaling, fp32 masters, clipping",
+               gpt, torch.float16, "adamw", 8, 1.0, dict(lr=1e-4, weight_decay=0.1),
+               loss_scaling=True),
         Config("d", "several hundred small fp32 tensors, AdamW (launch-bound)",
                small_tensor_shapes(60 if quick else 400), torch.float32, "adamw", 4, 1.0,
                dict(lr=1e-4, weight_decay=0.1)),
@@ -107,18 +112,22 @@ class Workload:
         return _InjectGradients.apply(grads, self.scale, *self.params)
 
 
-class FusedPipeline:
-    name = "fused_accum"
+INIT_SCALE = 2.0**12   # both sides' loss scalers start here; the gradients never overflow it
 
-    def __init__(self, config: Config, work: Workload, backend: str):
+
+class FusedPipeline:
+    def __init__(self, config: Config, work: Workload, backend: str, compact: bool = False):
+        self.name = "fused_accum compact" if compact else "fused_accum"
         cls = fused_accum.SGD if config.optimizer == "sgd" else fused_accum.AdamW
+        scaling = fused_accum.DynamicLossScale(init_scale=INIT_SCALE) if config.loss_scaling else None
         self.opt = cls(work.params, accumulation_steps=config.k, max_grad_norm=config.max_grad_norm,
+                       master_weights="compact" if compact else True, loss_scale=scaling,
                        backend=backend, **config.hyper)
         self.work, self.k = work, config.k
 
     def window(self) -> None:
         for _ in range(self.k):
-            self.work.loss().backward()
+            self.opt.backward(self.work.loss())
             self.opt.step()
             self.opt.zero_grad()
 
@@ -143,12 +152,15 @@ class TorchBestPipeline:
                         if self.low_precision else work.params)
         cls = torch.optim.SGD if config.optimizer == "sgd" else torch.optim.AdamW
         self.opt = cls(self.masters, fused=True, **config.hyper)
+        self.scaler = (torch.amp.GradScaler(work.params[0].device.type, init_scale=INIT_SCALE)
+                       if config.loss_scaling else None)
 
     def window(self) -> None:
         params = self.work.params
         accumulated = None
         for _ in range(self.k):
-            (self.work.loss() / self.k).backward()
+            loss = self.work.loss() / self.k
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
             if self.cast_by_hand:   # torch without grad_dtype: cast and add in two kernels
                 grads = [p.grad.float() for p in params]
                 if accumulated is None:
@@ -160,9 +172,15 @@ class TorchBestPipeline:
         if self.low_precision:
             for m, p, g in zip(self.masters, params, accumulated or [p.grad for p in params]):
                 m.grad = g
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
         if self.config.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.masters, self.config.max_grad_norm, foreach=True)
-        self.opt.step()
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
         if self.low_precision:
             with torch.no_grad():
                 torch._foreach_copy_([p.data for p in params], self.masters)
@@ -196,19 +214,33 @@ class TorchNaivePipeline:
         return self.work.params
 
 
+def pipeline_names(config: Config) -> list[str]:
+    return ["fused_accum"] + (["fused_accum compact"] if config.compact else []) + ["torch best", "torch naive"]
+
+
+def make_pipeline(name: str, config: Config, work: Workload, backend: str):
+    if name.startswith("fused_accum"):
+        return FusedPipeline(config, work, backend, compact=name.endswith("compact"))
+    return (TorchBestPipeline if name == "torch best" else TorchNaivePipeline)(config, work)
+
+
 def bytes_per_parameter(config: Config, pipeline: str) -> int:
     """Optimizer-side bytes moved per parameter per window (DESIGN.md §5)."""
     k, e = config.k, config.dtype.itemsize
     clip = config.max_grad_norm is not None
     step32 = 28 if config.optimizer == "adamw" else 20          # fp32 param, grad, state in/out
-    if pipeline == "fused_accum":
-        step = step32 + (2 * e - 4 if e != 4 else 0)             # master in/out + param write
+    if pipeline.startswith("fused_accum"):
+        if e == 4 or pipeline.endswith("compact"):
+            step = step32          # fp32 param in/out, or bf16 param + int16 remainder in/out
+        else:
+            step = step32 + e      # fp32 master in/out, and the parameter written
         return (e + 4) + (k - 1) * (e + 8) + step
     if pipeline == "torch best":
         first = e + 4 if e != 4 else 0                           # autograd steals an fp32 grad
         later = (e + 4) + 12 if e != 4 else 12                   # cast, then add
         copy_back = 4 + e if e != 4 else 0
-        return first + (k - 1) * later + (12 if clip else 0) + step32 + copy_back
+        unscale = 8 if config.loss_scaling else 0                # GradScaler.unscale_ reads, writes
+        return first + (k - 1) * later + unscale + (12 if clip else 0) + step32 + copy_back
     state = 2 * e if config.optimizer == "adamw" else e          # naive: everything in model dtype
     return (k - 1) * 3 * e + (3 * e if clip else 0) + 2 * e + e + 2 * state
 
@@ -217,9 +249,8 @@ def run(device: torch.device, quick: bool, repeats: int, copy_bw: float, backend
     rows = []
     for config in configs(device, quick):
         progress(f"windows: ({config.name}) {config.describe}, {config.numel / 1e6:.1f}M parameters, k={config.k}")
-        pipelines = [FusedPipeline(config, Workload(config, device, 0), backend),
-                     TorchBestPipeline(config, Workload(config, device, 0)),
-                     TorchNaivePipeline(config, Workload(config, device, 0))]
+        pipelines = [make_pipeline(name, config, Workload(config, device, 0), backend)
+                     for name in pipeline_names(config)]
         timings = time_interleaved({p.name: p.window for p in pipelines}, device, repeats, warmup=1)
         names = [p.name for p in pipelines]
         if device.type == "cuda":
@@ -227,7 +258,7 @@ def run(device: torch.device, quick: bool, repeats: int, copy_bw: float, backend
         else:
             progress(f"windows: ({config.name}) peak memory, one process per pipeline")
             peaks = memory.cpu_peak_bytes(config.name, names, quick, backend)
-        reference = pipelines[1].parameters()
+        reference = next(p for p in pipelines if p.name == "torch best").parameters()
         base = timings["torch best"].median
         for p in pipelines:
             t = timings[p.name]

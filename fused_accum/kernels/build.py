@@ -36,9 +36,10 @@ def cpu_flags() -> list[str]:
     # -fopenmp: at::parallel_for is inline over `omp parallel` in torch's OpenMP builds, so
     # without it the kernels run on one thread (libgomp.so.1 resolves to the copy torch loaded);
     # it also honours the kernels' `omp simd` loops.  -fno-math-errno: sqrt needs no errno
-    # branch, so the Adam loop vectorizes; results are the same.  Never -ffast-math: it would
-    # break the non-finite checks and torch's rounding.
-    flags = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp"]
+    # branch, so the Adam loop vectorizes; results are the same.  -ffp-contract=off: the fp16
+    # conversions rely on separately rounded products.  Never -ffast-math: it would break the
+    # non-finite checks and torch's rounding.
+    flags = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp", "-ffp-contract=off"]
     arch = os.environ.get("FUSED_ACCUM_CPU_ARCH", "native")   # "" for the compiler's default
     if arch:
         flags.append(f"-march={arch}")

@@ -160,3 +160,27 @@ def test_torch_compile_traces_a_window_through_the_ops(other):
     for a, b in zip(compiled, eager):
         assert torch.equal(a, b)
     assert eager[6].item() == 4.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_conversions_are_torch_casts_bit_for_bit(other, dtype):
+    # low precision -> fp32: every bit pattern, through accumulate (first touch, weight 1)
+    every = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    acc = torch.full((every.numel(),), 7.0)
+    other.accumulate([every], [acc], [True], torch.tensor(1.0), torch.tensor(0.0), None)
+    expected = every.float()
+    same = acc.view(torch.int32) == expected.view(torch.int32)
+    assert (same | (torch.isnan(acc) & torch.isnan(expected))).all()   # NaN payloads may differ
+    # fp32 -> low precision: a step with lr 0 writes the parameter from its fp32 master
+    g = torch.Generator().manual_seed(6)
+    master = torch.randn(1_000_000, generator=g) * 10.0 ** torch.randint(-12, 8, (1_000_000,), generator=g)
+    master = torch.cat([master, torch.tensor([0.0, -0.0, 65504.0, 65520.0, 1e6, -1e6, 6e-8, 3e-8,
+                                              float("inf"), float("nan")])])
+    param = torch.zeros(master.numel(), dtype=dtype)
+    other.sgd_step([param], [torch.zeros_like(master)], None, [torch.tensor(1.0)], [master.clone()],
+                   lr=0.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                   maximize=False, grad_scale=1.0, found_inf=torch.tensor(0.0))
+    expected = master.to(dtype)
+    same = param.view(torch.int16) == expected.view(torch.int16)
+    both_nan = torch.isnan(param) & torch.isnan(expected)
+    assert (same | both_nan).all()
