@@ -30,11 +30,14 @@ def test_quick_bench_writes_the_documented_json(tmp_path):
     contenders = {r["contender"] for r in data["ops"]}
     cpu_backends = {n for n in kernels.backend_names() if kernels.availability(n, "cpu")[0]}
     assert contenders == {"torch"} | {f"fused_accum:{n}" for n in cpu_backends}
-    assert {r["pipeline"] for r in data["windows"]} == {"fused_accum", "torch best", "torch naive"}
+    assert {r["pipeline"] for r in data["windows"]} == {"fused_accum", "fused_accum compact",
+                                                        "torch best", "torch naive"}
+    assert {r["config"] for r in data["windows"]} == {"a", "b", "c", "d"}
     for r in data["ops"] + data["windows"]:
         assert r["time_s"] > 0 and r["bytes"] > 0
     # fused_accum and the best plain pipeline end every window with the same parameters.
     for r in data["windows"]:
-        if r["pipeline"] == "fused_accum":
-            assert r["max_rel_diff_vs_torch_best"] < (1e-2 if r["dtype"] == "bfloat16" else 1e-5)
+        if r["pipeline"].startswith("fused_accum"):
+            low_precision = r["dtype"] in ("bfloat16", "float16")   # parameter rounding may flip
+            assert r["max_rel_diff_vs_torch_best"] < (1e-2 if low_precision else 1e-5)
     assert "| (b) bf16 GPT-like model" in tables(data)
