@@ -26,23 +26,6 @@ constexpr int64_t kChunk = 1 << 14;  // elements per task: small enough to split
 
 // Element conversions, branch-free so that loops vectorize; bfloat16 rounding is c10's
 // (round to nearest even, NaN to 0x7FC0).
-inline float bf16_to_f32(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-inline uint16_t f32_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return f != f ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
-}
-
-// IEEE fp16 <-> fp32 in 32-bit integer and float arithmetic (the branch-free algorithms of the
-// FP16 library, also c10's): GCC 12 has no vector type for _Float16 without AVX512-FP16, so a
-// cast would keep fp16 loops scalar.  Exact, with round-to-nearest-even like torch's casts; it
-// relies on separately rounded products, so this file must not be built with -ffp-contract=fast.
 inline float bits_to_f32(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof f);
@@ -53,6 +36,18 @@ inline uint32_t f32_to_bits(float f) {
   std::memcpy(&u, &f, sizeof u);
   return u;
 }
+
+inline float bf16_to_f32(uint16_t h) { return bits_to_f32(static_cast<uint32_t>(h) << 16); }
+inline uint16_t f32_to_bf16(float f) {
+  const uint32_t u = f32_to_bits(f);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return f != f ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
+}
+
+// IEEE fp16 <-> fp32 in 32-bit integer and float arithmetic (the branch-free algorithms of the
+// FP16 library, also c10's): GCC 12 has no vector type for _Float16 without AVX512-FP16, so a
+// cast would keep fp16 loops scalar.  Exact, with round-to-nearest-even like torch's casts; it
+// relies on separately rounded products, so this file must not be built with -ffp-contract=fast.
 inline float f16_to_f32(uint16_t h) {
   const uint32_t w = static_cast<uint32_t>(h) << 16;
   const uint32_t sign = w & 0x80000000u;
@@ -280,10 +275,7 @@ inline float load_working(const P* param, const float* master, const int16_t* re
     return master[j];
   } else if constexpr (kM == Master::kCompact) {
     const uint32_t high = reinterpret_cast<const uint16_t*>(param)[j];
-    const uint32_t u = (high << 16) + static_cast<uint32_t>(static_cast<int32_t>(rem[j]));
-    float f;
-    std::memcpy(&f, &u, sizeof f);
-    return f;
+    return bits_to_f32((high << 16) + static_cast<uint32_t>(static_cast<int32_t>(rem[j])));
   } else {
     return load(param, j);
   }
@@ -306,8 +298,7 @@ uint32_t rounding_key(int64_t seed, float step, int64_t tensor_id) {
 }
 
 inline uint16_t stochastic_bf16(float p, uint32_t key, int64_t index) {
-  uint32_t u;
-  std::memcpy(&u, &p, sizeof u);
+  const uint32_t u = f32_to_bits(p);
   const uint32_t r = mix32(key ^ static_cast<uint32_t>(index)) & 0xFFFFu;
   const uint32_t high = ((u + r) >> 16) & 0xFFFFu;
   return p != p ? uint16_t{0x7FC0} : static_cast<uint16_t>(high);
@@ -316,8 +307,7 @@ inline uint16_t stochastic_bf16(float p, uint32_t key, int64_t index) {
 template <typename P, Master kM>
 inline void store_working(P* param, float* master, int16_t* rem, int64_t j, float p) {
   if constexpr (kM == Master::kCompact) {
-    uint32_t u;
-    std::memcpy(&u, &p, sizeof u);
+    const uint32_t u = f32_to_bits(p);
     const uint32_t high = ((u + 0x8000u) >> 16) & 0xFFFFu;
     rem[j] = static_cast<int16_t>(static_cast<uint16_t>(u - (high << 16)));
     reinterpret_cast<uint16_t*>(param)[j] = static_cast<uint16_t>(high);
