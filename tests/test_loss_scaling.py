@@ -1,4 +1,5 @@
 """fp16 loss scaling, the non-finite policy, and memory accounting."""
+import contextlib
 import io
 import warnings
 
@@ -14,8 +15,12 @@ def _poisoned(loss, poison):
     return loss * float("inf") if poison else loss
 
 
-def test_dynamic_loss_scaling_follows_grad_scaler_with_an_overflow_mid_window(backend):
-    k, windows = 3, [make_batches(s, 3, 2) for s in range(100, 107)]
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast-fp16"])
+def test_dynamic_loss_scaling_follows_grad_scaler_with_an_overflow_mid_window(backend, autocast):
+    # With autocast, torch's fp16 recipe itself: fp16 forward, fp32 parameters, GradScaler.
+    # k = 4: dividing the loss by k (GradScaler's side) is exact in fp16, as scaling by 2^n is.
+    k, windows = 4, [make_batches(s, 4, 2) for s in range(100, 107)]
+    context = (lambda: torch.autocast("cpu", dtype=torch.float16)) if autocast else contextlib.nullcontext
     poison = {(2, 1), (5, 0)}     # (window, micro-batch) whose loss is made infinite
     rule = dict(init_scale=2.0**10, growth_interval=2)
     base = make_model(seed=100)
@@ -27,8 +32,11 @@ def test_dynamic_loss_scaling_follows_grad_scaler_with_an_overflow_mid_window(ba
     scales = []
     for w, window in enumerate(windows):
         for m, batch in enumerate(window):
-            scaler.scale(_poisoned(lm_loss(ref_model, *batch), (w, m) in poison) / k).backward()
-            opt.backward(_poisoned(lm_loss(model, *batch), (w, m) in poison))
+            with context():
+                ref_loss = _poisoned(lm_loss(ref_model, *batch), (w, m) in poison)
+                loss = _poisoned(lm_loss(model, *batch), (w, m) in poison)
+            scaler.scale(ref_loss / k).backward()
+            opt.backward(loss)
             opt.step()
         scaler.step(ref)
         scaler.update()
