@@ -35,7 +35,7 @@ class FusedAccumulator(AccumulatingOptimizer):
     def __init__(self, optimizer: Optimizer, accumulation_steps: int = 1,
                  max_grad_norm: float | None = None, master_weights: bool | None = None,
                  loss_scale: Any = "auto", nonfinite: str = "skip", stochastic_rounding: bool = False,
-                 backend: str = "auto") -> None:
+                 process_group: Any = None, backend: str = "auto") -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
                             f"{type(optimizer).__name__}")
@@ -55,7 +55,8 @@ class FusedAccumulator(AccumulatingOptimizer):
                          accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm,
                          master_weights=self.fused if master_weights is None else master_weights,
                          loss_scale=loss_scale, nonfinite=nonfinite,
-                         stochastic_rounding=stochastic_rounding, backend=backend)
+                         stochastic_rounding=stochastic_rounding, process_group=process_group,
+                         backend=backend)
         self.param_groups = optimizer.param_groups   # shared: schedulers on either object agree
         if self.fused and optimizer.state:
             self.load_state_dict(optimizer.state_dict())

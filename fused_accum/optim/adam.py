@@ -53,7 +53,8 @@ class Adam(AccumulatingOptimizer):
                  fused: bool | None = None, decoupled_weight_decay: bool = False,
                  accumulation_steps: int = 1, max_grad_norm: float | None = None,
                  master_weights: bool | str = True, loss_scale: Any = "auto", nonfinite: str = "skip",
-                 stochastic_rounding: bool = False, backend: str = "auto") -> None:
+                 stochastic_rounding: bool = False, process_group: Any = None,
+                 backend: str = "auto") -> None:
         refuse_differentiable(differentiable)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
@@ -62,7 +63,8 @@ class Adam(AccumulatingOptimizer):
         super().__init__(params, defaults, accumulation_steps=accumulation_steps,
                          max_grad_norm=max_grad_norm, master_weights=master_weights,
                          loss_scale=loss_scale, nonfinite=nonfinite,
-                         stochastic_rounding=stochastic_rounding, backend=backend)
+                         stochastic_rounding=stochastic_rounding, process_group=process_group,
+                         backend=backend)
 
     def validate_group(self, group: dict[str, Any]) -> None:
         check_adam(group)
@@ -85,11 +87,12 @@ class AdamW(Adam):
                  differentiable: bool = False, fused: bool | None = None,
                  accumulation_steps: int = 1, max_grad_norm: float | None = None,
                  master_weights: bool | str = True, loss_scale: Any = "auto", nonfinite: str = "skip",
-                 stochastic_rounding: bool = False, backend: str = "auto") -> None:
+                 stochastic_rounding: bool = False, process_group: Any = None,
+                 backend: str = "auto") -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable, differentiable=differentiable,
                          fused=fused, decoupled_weight_decay=True,
                          accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm,
                          master_weights=master_weights, loss_scale=loss_scale,
                          nonfinite=nonfinite, stochastic_rounding=stochastic_rounding,
-                         backend=backend)
+                         process_group=process_group, backend=backend)

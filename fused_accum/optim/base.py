@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 from .. import kernels, scaling
 from ..kernels import reference
 from ..buffers import Bucket, GradBuffers, param_label
+from .distributed import WindowReducer
 from .nonfinite import SkipMonitor
 from ._args import check_accumulation_steps, check_max_grad_norm
 
@@ -62,6 +63,9 @@ class AccumulatingOptimizer(Optimizer):
       smaller than half a bf16 ulp are not lost.  The random bits come from a seed drawn from
       torch's generator at construction, the step count and the element's position: no host
       synchronisation, reproducible under ``torch.manual_seed``.
+    - ``process_group``: a torch.distributed process group (True: the default group) to
+      average each window over all its ranks, with one reduction per window (see
+      :mod:`fused_accum.optim.distributed`); None: no communication.
     - ``backend``: "auto", or a name from ``python -m fused_accum info``.
     """
 
@@ -70,7 +74,7 @@ class AccumulatingOptimizer(Optimizer):
     def __init__(self, params: Any, defaults: dict[str, Any], *, accumulation_steps: int = 1,
                  max_grad_norm: float | None = None, master_weights: bool | str = True,
                  loss_scale: Any = "auto", nonfinite: str = "skip", stochastic_rounding: bool = False,
-                 backend: str = "auto") -> None:
+                 process_group: Any = None, backend: str = "auto") -> None:
         self.accumulation_steps = check_accumulation_steps(accumulation_steps)
         if not isinstance(stochastic_rounding, bool):
             raise TypeError(f"stochastic_rounding must be True or False, got {stochastic_rounding!r}")
@@ -101,6 +105,12 @@ class AccumulatingOptimizer(Optimizer):
         self._skipped = torch.zeros((), device=main)   # windows skipped for non-finite gradients
         self._skip_monitor = SkipMonitor(main)
         self._warned = set()
+        self._global_weight: Tensor | None = None   # W of all ranks, while a window ends
+        self._reducer = None if process_group is None else WindowReducer(process_group)
+        if self._reducer is not None:
+            self._reducer.broadcast_parameters(_index_params(self.param_groups))
+            for bucket in self._buffers.buckets:   # masters were taken before the broadcast
+                self._init_masters(bucket)
 
     # -- parameters --------------------------------------------------------------------------
 
@@ -151,11 +161,15 @@ class AccumulatingOptimizer(Optimizer):
         for name in self.algorithm.state_names(group):
             bucket.ensure_state(name)
         bucket.rounding_seed = self._rounding_seed if bucket.dtype == torch.bfloat16 else -1
-        if self.master_weights == "compact" and bucket.dtype == torch.bfloat16:
-            bucket.ensure_state("master_remainder", dtype=torch.int16)   # master = parameter
-        elif self.master_weights and bucket.dtype != torch.float32:
-            bucket.ensure_state("master_param", bucket.flat_params())
+        self._init_masters(bucket)
         self._publish_state(bucket)
+
+    def _init_masters(self, bucket: Bucket) -> None:
+        """Masters equal to the parameters (allocated on first use)."""
+        if self.master_weights == "compact" and bucket.dtype == torch.bfloat16:
+            bucket.ensure_state("master_remainder", dtype=torch.int16).zero_()   # master = param
+        elif self.master_weights and bucket.dtype != torch.float32:
+            bucket.ensure_state("master_param", bucket.flat_params()).copy_(bucket.flat_params())
 
     def _publish_state(self, bucket: Bucket) -> None:
         """Point ``self.state[p]`` at live views of the bucket's flat buffers."""
@@ -289,13 +303,22 @@ class AccumulatingOptimizer(Optimizer):
     # -- window end ----------------------------------------------------------------------------
 
     def _inverse_weight(self, device: torch.device) -> float | Tensor:
+        if self._global_weight is not None:
+            return self._global_weight.to(device).reciprocal()
         if self._mode == "items":
             return self._weight_sum[device].reciprocal()
         return 1.0 / self._micro
 
     def _end_window(self) -> None:
-        buckets = [b for b in self._buffers.buckets if any(b.touched)]
         try:
+            if self._reducer is not None:   # every rank, touched or not, joins the collectives
+                main = self._skipped.device
+                items = self._weight_sum if self._mode == "items" else None
+                self._global_weight = self._reducer.reduce(self._buffers, self._micro, items, main)
+                if self._mode == "items":
+                    for device, total in self._weight_sum.items():
+                        total.copy_(self._global_weight.to(device))
+            buckets = [b for b in self._buffers.buckets if any(b.touched)]
             if buckets:
                 scales, found = self._window_scales(buckets)
                 if self.nonfinite == "raise" and not (self._scaler and self._scaler.dynamic):
@@ -304,6 +327,7 @@ class AccumulatingOptimizer(Optimizer):
                 self.stepped = True
                 self._after_apply(found)
         finally:
+            self._global_weight = None
             self._reset_window()
 
     def _after_apply(self, found: dict[torch.device, Tensor]) -> None:

@@ -51,7 +51,8 @@ class SGD(AccumulatingOptimizer):
                  differentiable: bool = False, fused: bool | None = None,
                  accumulation_steps: int = 1, max_grad_norm: float | None = None,
                  master_weights: bool | str = True, loss_scale: Any = "auto", nonfinite: str = "skip",
-                 stochastic_rounding: bool = False, backend: str = "auto") -> None:
+                 stochastic_rounding: bool = False, process_group: Any = None,
+                 backend: str = "auto") -> None:
         refuse_differentiable(differentiable)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach,
@@ -59,7 +60,8 @@ class SGD(AccumulatingOptimizer):
         super().__init__(params, defaults, accumulation_steps=accumulation_steps,
                          max_grad_norm=max_grad_norm, master_weights=master_weights,
                          loss_scale=loss_scale, nonfinite=nonfinite,
-                         stochastic_rounding=stochastic_rounding, backend=backend)
+                         stochastic_rounding=stochastic_rounding, process_group=process_group,
+                         backend=backend)
 
     def validate_group(self, group: dict[str, Any]) -> None:
         check_common(group)
