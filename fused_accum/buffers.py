@@ -139,6 +139,7 @@ class GradBuffers:
         self._ones: dict[torch.device, Tensor] = {}
         self.micro_weight: dict[torch.device, Tensor] | None = None
         self.micro_kind: str | None = None          # set by opt.backward: "plain" or "items"
+        self.on_arrival: Callable[[Tensor, int], None] | None = None   # (param, backward task)
         self.fold_norm = False
         self.arrived = False                        # a gradient came since the last step()
         self._pending: dict[int, list[tuple[Tensor, Tensor]]] = {}   # graph task id -> grads
@@ -230,6 +231,18 @@ class GradBuffers:
                 del self._pending[task]   # drop this whole backward pass, keep the window intact
                 raise
             self._pending[task].append((param, grad))
+        if self.on_arrival is not None:   # data parallel, last micro-batch: reduce what is ready
+            self.on_arrival(param, task)
+
+    def accumulate_now(self, task: int, params: set) -> None:
+        """Accumulate the pending gradients of ``params`` from backward pass ``task`` now, before
+        the pass ends (data parallel: their reduction can then start during the backward)."""
+        with self._lock:
+            entries = self._pending.get(task, [])
+            now = [e for e in entries if e[0] in params]
+            self._pending[task] = [e for e in entries if e[0] not in params]
+        if now:
+            self._accumulate(now)
 
     def take_stray_grads(self) -> None:
         """Accumulate gradients that bypassed the hooks (params unfrozen after construction, or

@@ -25,6 +25,7 @@ def _windows(uneven: bool):
 
 def _worker(rank: int, scenario: str, init_file: str, out_dir: str, backend: str) -> None:
     result = {}
+    os.environ["FUSED_ACCUM_REDUCE_CHUNK_MB"] = "0.002"   # ~2 KB chunks: many, most launched early
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
                                 timeout=datetime.timedelta(seconds=15))
@@ -64,6 +65,12 @@ def _worker(rank: int, scenario: str, init_file: str, out_dir: str, backend: str
                 if scenario == "overflow" and rank == 1 and w == 1 and m == 0:
                     loss = loss * float("inf")
                 items = (targets != IGNORE).sum() if scenario == "uneven" else None
+                if scenario == "double backward" and m == 1:   # two passes in the last micro-batch
+                    half = lm_loss(model, tokens, targets)
+                    opt.backward(half)
+                    opt.backward(half.detach() * 0 + lm_loss(model, tokens, targets))
+                    opt.step()
+                    continue
                 opt.backward(loss, num_items=items)
                 opt.step()
             result.setdefault("stepped", []).append(opt.stepped)
@@ -71,11 +78,16 @@ def _worker(rank: int, scenario: str, init_file: str, out_dir: str, backend: str
                 result.setdefault("scales", []).append(opt.loss_scale)
         result["params"] = [p.detach().clone() for p in model.parameters()] + [extra.detach().clone()]
         result["skipped"] = opt.skipped_steps
+        result["overlapped"] = opt._reducer.launched_during_backward
+        result["chunks"] = len(opt._reducer.chunks)
     except BaseException as exc:   # the parent reads the outcome; never leave the peer hanging
         result["error"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
     finally:
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
         if dist.is_initialized():
+            if "error" in result:
+                os._exit(0)   # a process group broken by a failed peer cannot be torn down cleanly
+            dist.barrier()    # neither rank tears the group down while the other still uses it
             dist.destroy_process_group()
 
 
@@ -138,6 +150,15 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(scenario, tmp_path):
         torch.testing.assert_close(rank_result["params"][-1], extra.detach(), rtol=1e-5, atol=1e-6)
     if scenario == "partial":
         assert not torch.equal(results[0]["params"][-1], _extra()[0])   # it trained
+    for r in results:   # chunk reductions started while the last backward pass still ran
+        assert r["chunks"] > 1 and r["overlapped"] >= r["chunks"], (r["chunks"], r["overlapped"])
+        if scenario == "even":   # every chunk of every window
+            assert r["overlapped"] == WINDOWS * r["chunks"]
+
+
+def test_two_backward_passes_in_the_last_micro_batch_are_refused(tmp_path):
+    results = _run("double backward", tmp_path, "auto")
+    assert "single backward pass" in results[0]["error"] + results[1]["error"]
 
 
 def test_an_overflow_on_one_rank_skips_the_step_on_both(tmp_path):

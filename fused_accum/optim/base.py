@@ -111,6 +111,8 @@ class AccumulatingOptimizer(Optimizer):
             self._reducer.broadcast_parameters(_index_params(self.param_groups))
             for bucket in self._buffers.buckets:   # masters were taken before the broadcast
                 self._init_masters(bucket)
+            self._reducer.attach(self._buffers)
+        self._arm_reducer()
 
     # -- parameters --------------------------------------------------------------------------
 
@@ -137,6 +139,8 @@ class AccumulatingOptimizer(Optimizer):
         for bucket in buckets:
             self._init_bucket_state(bucket, group)
             self._weight_sum.setdefault(bucket.device, torch.zeros((), device=bucket.device))
+        if getattr(self, "_reducer", None) is not None:   # a group added after construction
+            self._reducer.attach(self._buffers)
 
     def _check_new_params(self, params: Any, group_index: int) -> None:
         if not isinstance(params, list):
@@ -265,7 +269,13 @@ class AccumulatingOptimizer(Optimizer):
         if self._micro >= self.accumulation_steps:
             self._end_window()
         self._buffers.fold_norm = self._micro == self.accumulation_steps - 1
+        self._arm_reducer()
         return loss
+
+    def _arm_reducer(self) -> None:
+        """Data parallel: in the last micro-batch of a window, reduce chunks as they complete."""
+        last = self._buffers.fold_norm
+        self._buffers.on_arrival = self._reducer.on_arrival if self._reducer and last else None
 
     @torch.no_grad()
     def flush(self) -> bool:
@@ -282,6 +292,7 @@ class AccumulatingOptimizer(Optimizer):
         if self._micro > 0:
             self._end_window()
         self._buffers.fold_norm = self.accumulation_steps == 1
+        self._arm_reducer()
         return self.stepped
 
     def remove_hooks(self) -> None:
@@ -549,3 +560,4 @@ class AccumulatingOptimizer(Optimizer):
         self._buffers.discard_pending()
         self._buffers.arrived = False
         self._buffers.fold_norm = self._micro == self.accumulation_steps - 1
+        self._arm_reducer()

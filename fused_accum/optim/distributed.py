@@ -1,24 +1,56 @@
 """Data parallelism: one reduction of the fp32 buffers per window, through torch.distributed.
 
-At the end of a window every rank runs the same two collectives: a small all-reduce of (which
-parameters got a gradient, the window weight W, the non-finite flag) and one all-reduce of each
-bucket's accumulator, in which a rank contributes zeros for the parameters it did not touch.
+Each bucket's accumulator is cut into contiguous chunks (about ``FUSED_ACCUM_REDUCE_CHUNK_MB``,
+25 MB by default), ordered as the backward pass delivers them (last parameters first).  During
+the last micro-batch of a window, a chunk whose parameters have all delivered their gradient is
+accumulated at once and its all-reduce starts, overlapping the rest of the backward pass.  Chunks
+are launched in the same order on every rank, so the collectives always match; a chunk that is
+not complete (a parameter unused on this rank) waits for the end of the window, where the
+remaining chunks are reduced, a rank contributing zeros for the parameters it did not touch.
+A small all-reduce then gives every rank (which parameters got a gradient anywhere, the window
+weight W, the non-finite flag).
 Every rank then steps with the same global mean, W being the total micro-batch or item count of
 all ranks, so the update is the exact (item-weighted) mean of the whole distributed window.
 Nothing is communicated during the other micro-batches.  Reading which parameters were touched
 anywhere costs one host synchronisation per window.
 
 Every rank must end its windows together (the same ``accumulation_steps``, ``flush()`` on all
-ranks) and use ``opt.backward(num_items=)`` alike.  A rank that fails makes the others' collective
+ranks) and use ``opt.backward(num_items=)`` alike; the last micro-batch of a window must be a
+single backward pass (as with DistributedDataParallel).  A rank that fails makes the others' collective
 fail after the process group's timeout (``init_process_group(timeout=...)``): they raise.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..buffers import GradBuffers
+from ..buffers import Bucket, GradBuffers
+
+
+class Chunk:
+    """Parameters [first, last] of a bucket, reduced as one contiguous region of its buffer."""
+
+    def __init__(self, bucket: Bucket, first: int, last: int):
+        self.bucket, self.first, self.last = bucket, first, last
+        self.region = bucket.acc[bucket.offsets[first]:bucket.offsets[last] + bucket.numels[last]]
+        self.params = set(bucket.params[first:last + 1])
+
+
+def make_chunks(buckets: list[Bucket], chunk_bytes: int) -> list[Chunk]:
+    """Chunks in launch order: buckets in reverse, parameters from last to first."""
+    chunks = []
+    for bucket in reversed(buckets):
+        last = len(bucket.params) - 1
+        size = 0
+        for i in range(last, -1, -1):
+            size += bucket.numels[i] * 4
+            if size >= chunk_bytes or i == 0:
+                chunks.append(Chunk(bucket, i, last))
+                last, size = i - 1, 0
+    return chunks
 
 
 class WindowReducer:
@@ -29,6 +61,44 @@ class WindowReducer:
         self.group = None if process_group is True else process_group
         self.rank = dist.get_rank(self.group)
         self.source = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        self.chunk_bytes = int(float(os.environ.get("FUSED_ACCUM_REDUCE_CHUNK_MB", "25")) * 2**20)
+        self.buffers: GradBuffers | None = None
+        self.chunks: list[Chunk] = []
+        self.launched_during_backward = 0   # chunks whose reduction overlapped a backward pass
+        self._reset()
+
+    def attach(self, buffers: GradBuffers) -> None:
+        """(Re)plan the chunks over the buffers' buckets (after param groups change)."""
+        self.buffers = buffers
+        self.chunks = make_chunks(buffers.buckets, self.chunk_bytes)
+        self._chunk_of = {p: c for c in self.chunks for p in c.params}
+        self._reset()
+
+    def _reset(self) -> None:
+        self._arrived: set = set()
+        self._next = 0            # index of the next chunk to launch
+        self._works: list = []
+
+    def on_arrival(self, param: Tensor, task: int) -> None:
+        """A gradient arrived during the last micro-batch: launch every chunk now complete."""
+        chunk = self._chunk_of[param]
+        if self.chunks.index(chunk) < self._next:
+            raise RuntimeError(
+                "fused_accum: a gradient arrived for a parameter whose window was already being "
+                "reduced across ranks; with process_group=, the last micro-batch of a window must "
+                "be a single backward pass")
+        self._arrived.add(param)
+        hooked = lambda c: [p for p in c.params if p.requires_grad]
+        while self._next < len(self.chunks) and all(p in self._arrived for p in hooked(self.chunks[self._next])):
+            ready = self.chunks[self._next]
+            self.buffers.accumulate_now(task, ready.params)
+            self._launch(ready)
+            self.launched_during_backward += 1
+
+    def _launch(self, chunk: Chunk) -> None:
+        self._works.append(self._collective("all-reduce of the accumulators", dist.all_reduce,
+                                            chunk.region, async_op=True))
+        self._next += 1
 
     def _collective(self, what: str, fn, *args, **kwargs):
         try:
@@ -52,6 +122,16 @@ class WindowReducer:
         """
         buckets = buffers.buckets
         touched = [float(t) for b in buckets for t in b.touched]
+        for chunk in self.chunks[self._next:]:   # what the last backward pass did not launch
+            bucket = chunk.bucket
+            untouched = [i for i in range(chunk.first, chunk.last + 1) if not bucket.touched[i]]
+            if untouched:   # contribute zeros, not stale values, for what this rank did not touch
+                torch._foreach_zero_(bucket.views(bucket.acc, untouched))
+            self._launch(chunk)
+        works, self._works = self._works, []
+        self._reset()
+        for work in works:
+            self._collective("all-reduce of the accumulators", lambda group: work.wait())
         weight = items[main] if items is not None else torch.tensor(float(micro_batches), device=main)
         found = torch.stack([f.to(main) for f in buffers.found_inf.values()]).amax()
         summary = torch.cat([torch.tensor(touched, device=main), weight.reshape(1).float(),
@@ -60,16 +140,9 @@ class WindowReducer:
         anywhere = (summary[:len(touched)] > 0).tolist()   # the window's one host synchronisation
         start = 0
         for bucket in buckets:
-            untouched = [i for i, t in enumerate(bucket.touched) if not t]
-            if untouched:   # contribute zeros, not stale values, for what this rank did not touch
-                torch._foreach_zero_(bucket.views(bucket.acc, untouched))
             bucket.touched = anywhere[start:start + len(bucket.touched)]
             bucket.norm_valid = False   # the folded sum of squares was this rank's alone
             start += len(bucket.touched)
-        works = [self._collective("all-reduce of the accumulators", dist.all_reduce, b.acc,
-                                  async_op=True) for b in buckets if any(b.touched)]
-        for work in works:
-            work.wait()
         global_found = (summary[-1] > 0).float()
         for device, flag in buffers.found_inf.items():
             flag.copy_(global_found.to(device))
