@@ -45,6 +45,12 @@ def _worker(rank: int, scenario: str, init_file: str, out_dir: str, backend: str
             opt.add_param_group({"params": [extra]})
         result["start"] = [p.detach().clone() for p in model.parameters()]
         for w, window in enumerate(_windows(scenario == "uneven")):
+            if scenario == "flush" and w == WINDOWS - 1:   # a short last window: one micro-batch each
+                opt.backward(lm_loss(model, *window[rank]))
+                opt.step()
+                assert not opt.stepped and opt.flush()
+                result.setdefault("stepped", []).append(opt.stepped)
+                continue
             for m, (tokens, targets) in enumerate(window[rank::2]):
                 if scenario == "rank fails" and rank == 1 and w == 1:
                     raise SystemExit("rank 1 stops mid-window")
@@ -123,6 +129,8 @@ def _large_batch(scenario: str):
         if scenario == "partial":   # unused in a window: no gradient at all, as on the ranks
             sum(lm_loss(model, *batch) + ((extra * directions[w]).sum() if _touches_extra(w, i) else 0)
                 for i, batch in enumerate(window)).div(len(window)).backward()
+        elif scenario == "flush" and w == WINDOWS - 1:   # the micro-batches the ranks ran
+            lm_loss(model, *concat(window[:2])).backward()
         else:
             lm_loss(model, *concat(window)).backward()
         if clip is not None:
@@ -132,7 +140,7 @@ def _large_batch(scenario: str):
     return model, extra
 
 
-@pytest.mark.parametrize("scenario", ["even", "uneven", "clip", "partial", "resume"])
+@pytest.mark.parametrize("scenario", ["even", "uneven", "clip", "partial", "resume", "flush"])
 def test_two_ranks_equal_one_process_with_the_whole_batch(scenario, tmp_path):
     results = _run(scenario, tmp_path, "auto")
     for r in results:
