@@ -254,6 +254,17 @@ Master master_mode(at::TensorList masters) {
   return masters[0].scalar_type() == at::kShort ? Master::kCompact : Master::kFp32;
 }
 
+// Tensor t's masters from element ``begin``: fp32 masters, or compact remainders, or neither.
+struct MasterSlice {
+  float* fp32;
+  int16_t* rem;
+};
+
+MasterSlice master_slice(at::TensorList masters, Master mode, int64_t t, int64_t begin) {
+  return {mode == Master::kFp32 ? masters[t].data_ptr<float>() + begin : nullptr,
+          mode == Master::kCompact ? masters[t].data_ptr<int16_t>() + begin : nullptr};
+}
+
 template <typename F>
 void with_master_mode(Master mode, const F& f) {
   switch (mode) {
@@ -387,8 +398,7 @@ void sgd_step_cpu(at::TensorList params, at::TensorList accs, at::TensorList mom
   const auto tasks = make_tasks(params);
   for_each_task(tasks, [&](int64_t, const Task& task) {
     const int64_t t = task.tensor, b = task.begin, n = task.end - task.begin;
-    float* master = mode == Master::kFp32 ? masters[t].data_ptr<float>() + b : nullptr;
-    int16_t* rem = mode == Master::kCompact ? masters[t].data_ptr<int16_t>() + b : nullptr;
+    const MasterSlice ms = master_slice(masters, mode, t, b);
     float* buf = has_momentum ? momentum_buffers[t].data_ptr<float>() + b : nullptr;
     const float step = *steps[t].const_data_ptr<float>();
     const bool first_step = step == 0;
@@ -401,7 +411,7 @@ void sgd_step_cpu(at::TensorList params, at::TensorList accs, at::TensorList mom
         with_flag(has_momentum, [&](auto mom) {
           with_flag(rounding_seed >= 0, [&](auto sr) {
             sgd_range<P, decltype(m)::value, decltype(mom)::value, decltype(sr)::value>(
-                param, master, rem, acc, buf, n, first_step, h, rounding);
+                param, ms.fp32, ms.rem, acc, buf, n, first_step, h, rounding);
           });
         });
       });
@@ -470,8 +480,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList accs, at::TensorList ex
   const auto tasks = make_tasks(params);
   for_each_task(tasks, [&](int64_t, const Task& task) {
     const int64_t t = task.tensor, b = task.begin, n = task.end - task.begin;
-    float* master = mode == Master::kFp32 ? masters[t].data_ptr<float>() + b : nullptr;
-    int16_t* rem = mode == Master::kCompact ? masters[t].data_ptr<int16_t>() + b : nullptr;
+    const MasterSlice ms = master_slice(masters, mode, t, b);
     float* vmax = amsgrad ? max_exp_avg_sqs[t].data_ptr<float>() + b : nullptr;
     const float* acc = accs[t].const_data_ptr<float>() + b;
     float* m = exp_avgs[t].data_ptr<float>() + b;
@@ -485,7 +494,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList accs, at::TensorList ex
         with_flag(amsgrad, [&](auto ams) {
           with_flag(rounding_seed >= 0, [&](auto sr) {
             adam_range<P, decltype(mm)::value, decltype(ams)::value, decltype(sr)::value>(
-                param, master, rem, acc, m, v, vmax, n, ss, bc, h, rounding);
+                param, ms.fp32, ms.rem, acc, m, v, vmax, n, ss, bc, h, rounding);
           });
         });
       });

@@ -668,20 +668,27 @@ void check_steps(const std::vector<Tensor>& steps, const std::vector<Tensor>& pa
   for (const auto& s : steps) check_scalar(s, op, "steps[i]");
 }
 
+// The arguments every step op takes; returns whether the masters are compact.
+bool check_step_args(const char* op, const std::vector<Tensor>& params, const std::vector<Tensor>& accs,
+                     const std::vector<Tensor>& masters, const std::vector<Tensor>& steps,
+                     const Tensor& lr, const Tensor& grad_scale, const Tensor& found_inf) {
+  check_list(params, params, op, "params", false);
+  check_list(accs, params, op, "accs", true);
+  check_steps(steps, params, op);
+  for (const Tensor* t : {&lr, &grad_scale, &found_inf}) check_scalar(*t, op, "a scalar argument");
+  return check_masters(masters, params, op);
+}
+
 void sgd_step_cuda(std::vector<Tensor> params, std::vector<Tensor> accs,
                    std::vector<Tensor> momentum_buffers, std::vector<Tensor> steps,
                    std::vector<Tensor> masters, Tensor lr, double momentum, double dampening,
                    double weight_decay, bool nesterov, bool maximize, Tensor grad_scale,
                    Tensor found_inf, int64_t rounding_seed) {
   if (params.empty()) return;
-  check_list(params, params, "sgd_step", "params", false);
-  check_list(accs, params, "sgd_step", "accs", true);
+  const bool compact = check_step_args("sgd_step", params, accs, masters, steps, lr, grad_scale, found_inf);
   STD_TORCH_CHECK(momentum == 0 || !momentum_buffers.empty(),
                   "fused_accum.sgd_step: momentum != 0 needs momentum_buffers");
   if (momentum != 0) check_list(momentum_buffers, params, "sgd_step", "momentum_buffers", true);
-  const bool compact = check_masters(masters, params, "sgd_step");
-  check_steps(steps, params, "sgd_step");
-  for (const Tensor* t : {&lr, &grad_scale, &found_inf}) check_scalar(*t, "sgd_step", "a scalar argument");
   const SgdHyper h{static_cast<float>(momentum), static_cast<float>(1.0 - dampening),
                    static_cast<float>(weight_decay), nesterov, maximize};
   const std::vector<Tensor> no_buffers;
@@ -707,15 +714,11 @@ void adam_step_cuda(std::vector<Tensor> params, std::vector<Tensor> accs, std::v
                     bool decoupled_weight_decay, Tensor grad_scale, Tensor found_inf,
                     int64_t rounding_seed) {
   if (params.empty()) return;
-  check_list(params, params, "adam_step", "params", false);
-  check_list(accs, params, "adam_step", "accs", true);
+  const bool compact = check_step_args("adam_step", params, accs, masters, steps, lr, grad_scale, found_inf);
   check_list(exp_avgs, params, "adam_step", "exp_avgs", true);
   check_list(exp_avg_sqs, params, "adam_step", "exp_avg_sqs", true);
   STD_TORCH_CHECK(!amsgrad || !max_exp_avg_sqs.empty(), "fused_accum.adam_step: amsgrad needs max_exp_avg_sqs");
   if (amsgrad) check_list(max_exp_avg_sqs, params, "adam_step", "max_exp_avg_sqs", true);
-  const bool compact = check_masters(masters, params, "adam_step");
-  check_steps(steps, params, "adam_step");
-  for (const Tensor* t : {&lr, &grad_scale, &found_inf}) check_scalar(*t, "adam_step", "a scalar argument");
   const AdamHyper h{static_cast<float>(beta2), static_cast<float>(1.0 - beta1),
                     static_cast<float>(1.0 - beta2), static_cast<float>(eps),
                     static_cast<float>(weight_decay), beta1, beta2, amsgrad, maximize,

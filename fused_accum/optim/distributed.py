@@ -33,8 +33,8 @@ from ..buffers import Bucket, GradBuffers
 class Chunk:
     """Parameters [first, last] of a bucket, reduced as one contiguous region of its buffer."""
 
-    def __init__(self, bucket: Bucket, first: int, last: int):
-        self.bucket, self.first, self.last = bucket, first, last
+    def __init__(self, bucket: Bucket, first: int, last: int, position: int):
+        self.bucket, self.first, self.last, self.position = bucket, first, last, position
         self.region = bucket.acc[bucket.offsets[first]:bucket.offsets[last] + bucket.numels[last]]
         self.params = set(bucket.params[first:last + 1])
 
@@ -48,7 +48,7 @@ def make_chunks(buckets: list[Bucket], chunk_bytes: int) -> list[Chunk]:
         for i in range(last, -1, -1):
             size += bucket.numels[i] * 4
             if size >= chunk_bytes or i == 0:
-                chunks.append(Chunk(bucket, i, last))
+                chunks.append(Chunk(bucket, i, last, len(chunks)))
                 last, size = i - 1, 0
     return chunks
 
@@ -75,21 +75,25 @@ class WindowReducer:
         self._reset()
 
     def _reset(self) -> None:
+        self._missing: list[int] | None = None   # per chunk: parameters still to arrive
         self._arrived: set = set()
-        self._next = 0            # index of the next chunk to launch
+        self._next = 0            # position of the next chunk to launch
         self._works: list = []
 
     def on_arrival(self, param: Tensor, task: int) -> None:
         """A gradient arrived during the last micro-batch: launch every chunk now complete."""
         chunk = self._chunk_of[param]
-        if self.chunks.index(chunk) < self._next:
+        if chunk.position < self._next:
             raise RuntimeError(
                 "fused_accum: a gradient arrived for a parameter whose window was already being "
                 "reduced across ranks; with process_group=, the last micro-batch of a window must "
                 "be a single backward pass")
-        self._arrived.add(param)
-        hooked = lambda c: [p for p in c.params if p.requires_grad]
-        while self._next < len(self.chunks) and all(p in self._arrived for p in hooked(self.chunks[self._next])):
+        if self._missing is None:   # first arrival of the pass: what each chunk waits for
+            self._missing = [sum(p.requires_grad for p in c.params) for c in self.chunks]
+        if param not in self._arrived:   # a second pass may deliver a parameter again
+            self._arrived.add(param)
+            self._missing[chunk.position] -= 1
+        while self._next < len(self.chunks) and self._missing[self._next] <= 0:
             ready = self.chunks[self._next]
             self.buffers.accumulate_now(task, ready.params)
             self._launch(ready)
