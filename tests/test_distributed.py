@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fused_accum
-from helpers import IGNORE, assert_same_params, clone, concat, lm_loss, make_batches, make_model
+from helpers import IGNORE, assert_same_params, concat, lm_loss, make_batches, make_model
 
 WINDOWS = 3
 

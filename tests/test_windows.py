@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import fused_accum
-from helpers import (IGNORE, assert_same_params, clone, concat, lm_loss, make_batches, make_model,
+from helpers import (IGNORE, assert_same_params, clone, lm_loss, make_batches, make_model,
                      max_rel_error, train_accumulated, train_large_batch)
 
 

@@ -17,7 +17,6 @@ clipping, optimizer step, zeroing), which is what the pipelines do differently. 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
