@@ -102,7 +102,8 @@ CASES = [
 
 
 def backends_for(device: torch.device) -> list[str]:
-    return [n for n in kernels.backend_names() if kernels.availability(n, device)[0]]
+    return [n for n in kernels.backend_names()
+            if kernels.availability(n, device)[0] and not kernels.interpreted(n)]
 
 
 def run(device: torch.device, sizes_mb: list[int], repeats: int, copy_bw: float,

@@ -5,7 +5,7 @@ import torch
 import oracle
 from fused_accum import kernels
 
-SIZES = [1, 3, 4097, 2**20 + 5]
+SIZES = oracle.SIZES
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -21,7 +21,7 @@ def _grads(sizes, dtype, seed):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("size", SIZES)
 def test_accumulate_first_touch_overwrites_every_element(backend, dtype, size):
-    ops = _ops(backend)
+    ops, size = _ops(backend), oracle.size_for(backend, size)
     grads = _grads([size], dtype, seed=size)
     acc = torch.full((size,), float("nan"))           # poison: every element must be written
     weight, found, sumsq = torch.tensor(0.37), torch.tensor(0.0), torch.tensor(1.5)
@@ -82,7 +82,7 @@ def test_accumulate_keeps_a_set_flag(backend):
 
 @pytest.mark.parametrize("size", SIZES)
 def test_norm_adds_the_sum_of_squares(backend, size):
-    ops = _ops(backend)
+    ops, size = _ops(backend), oracle.size_for(backend, size)
     accs = [torch.randn(size), torch.randn(17)]
     sumsq = torch.tensor(2.0)
     ops.norm(accs, sumsq)

@@ -1,0 +1,216 @@
+"""The ``triton`` backend: the op set as Triton kernels (see ``accumulate_kernels.py`` and ``step_kernels.py``).
+
+Same contract as :mod:`fused_accum.kernels.reference`.  Each op launches once per group of
+tensors sharing a dtype and alignment (see ``launch.py``), with every value that may change
+between calls read on the device.  On CPU tensors the kernels run only under Triton's interpreter
+(``TRITON_INTERPRET=1`` when Triton is first imported); that is how CI tests them.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from torch import Tensor
+
+from .._adapt import contiguous, scalar, write_back
+from . import configs, launch
+from .accumulate_kernels import accumulate_kernel, add_partials_kernel, norm_kernel
+from .common import COMPACT_MASTER, FP32_MASTER, NO_MASTER, TL_DTYPES
+from .step_kernels import adam_kernel, increment_steps_kernel, sgd_kernel
+
+name = "triton"
+
+
+def interpreted() -> bool:
+    """Whether the kernels were built for Triton's interpreter (TRITON_INTERPRET=1 at import)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(accumulate_kernel, InterpretedFunction)
+
+
+def available(device: torch.device) -> tuple[bool, str]:
+    device = torch.device(device)
+    if interpreted():
+        return True, f"Triton {triton.__version__} interpreter (TRITON_INTERPRET=1): for tests, slow"
+    if device.type != "cuda":
+        return False, (f"Triton compiles for GPUs; on {device.type} tensors it runs only under its "
+                       "interpreter (TRITON_INTERPRET=1, set before Triton is imported)")
+    if not torch.cuda.is_available():
+        return False, "torch sees no CUDA device"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return False, f"needs compute capability 8.0 or newer (bfloat16); the device has {major}.{minor}"
+    tuned = "measured block sizes" if configs.measured(device) else "untuned block sizes"
+    return True, f"Triton {triton.__version__} kernels, {tuned}"
+
+
+def _launch(kernel, programs: int, config: configs.Config, *args, **constexprs) -> None:
+    # No fused multiply-adds: the kernels round every product as the reference does.
+    kernel[(programs,)](*args, BLOCK=config.block, num_warps=config.num_warps,
+                        enable_fp_fusion=False, **constexprs)
+
+
+_FINISH = configs.Config(block=1024, num_warps=4)
+_STEPS = configs.Config(block=128, num_warps=4)
+
+
+def _check_lists(op: str, first: list[Tensor], **lists: list[Tensor] | None) -> None:
+    for what, lst in lists.items():
+        if lst is None:
+            continue
+        if len(lst) != len(first):
+            raise ValueError(f"fused_accum.{op}: {what} has {len(lst)} tensors, expected {len(first)}")
+        for i, (t, ref) in enumerate(zip(lst, first)):
+            if t.numel() != ref.numel() or t.device != ref.device:
+                raise ValueError(f"fused_accum.{op}: {what}[{i}] has {t.numel()} elements on "
+                                 f"{t.device}, expected {ref.numel()} on {ref.device}")
+            if not t.is_contiguous():
+                raise ValueError(f"fused_accum.{op}: {what}[{i}] must be contiguous")
+
+
+def _check_dtypes(op: str, what: str, tensors: list[Tensor], allowed) -> None:
+    for i, t in enumerate(tensors):
+        if t.dtype not in allowed:
+            raise TypeError(f"fused_accum.{op}: {what}[{i}] is {t.dtype}; expected one of "
+                            f"{sorted(str(d) for d in allowed)}")
+
+
+_FP32 = (torch.float32,)
+
+
+def _plans(op: str, element_lists: list[list[Tensor] | None], dtype_of: list[Tensor],
+           numels: list[int], device: torch.device) -> list[tuple]:
+    """(group, config, program map, number of programs) for each launch of ``op``."""
+    plans = []
+    for group in launch.groups(element_lists, dtype_of):
+        config = configs.lookup(op, group.dtype, device)
+        pmap, programs = launch.program_map([numels[i] for i in group.indices], config.block, device)
+        plans.append((group, config, pmap, programs))
+    return plans
+
+
+def accumulate(grads, accs, first, weight, found_inf, sumsq=None) -> None:
+    if not accs:
+        return
+    grads = [g.contiguous() for g in grads]
+    _check_lists("accumulate", accs, grads=grads)
+    _check_dtypes("accumulate", "grads", grads, TL_DTYPES)
+    _check_dtypes("accumulate", "accs", accs, _FP32)
+    if len(first) != len(accs):
+        raise ValueError("fused_accum.accumulate: one first flag per tensor")
+    device = accs[0].device
+    weight = scalar(weight, accs[0])
+    numels = [a.numel() for a in accs]
+    plans = [p for p in _plans("accumulate", [grads, accs], grads, numels, device) if p[3]]
+    partial = torch.empty(sum(p[3] for p in plans) if sumsq is not None else 1,
+                          dtype=torch.float32, device=device)
+    base = 0
+    for group, config, pmap, programs in plans:
+        ptrs = launch.pointer_table([grads, accs], group, [numels, [bool(f) for f in first]])
+        _launch(accumulate_kernel, programs, config, ptrs, pmap, len(group.indices), weight,
+                found_inf, partial[base:] if sumsq is not None else partial,
+                G=TL_DTYPES[group.dtype], ALIGNED=group.aligned, SUMSQ=sumsq is not None)
+        base += programs if sumsq is not None else 0
+    if sumsq is not None and base:
+        _launch(add_partials_kernel, 1, _FINISH, partial, base, sumsq)
+
+
+def norm(accs, sumsq) -> None:
+    if not accs:
+        return
+    _check_lists("norm", accs)
+    _check_dtypes("norm", "accs", accs, _FP32)
+    device = accs[0].device
+    numels = [a.numel() for a in accs]
+    plans = [p for p in _plans("norm", [accs], accs, numels, device) if p[3]]
+    partial = torch.empty(max(1, sum(p[3] for p in plans)), dtype=torch.float32, device=device)
+    base = 0
+    for group, config, pmap, programs in plans:
+        ptrs = launch.pointer_table([accs], group, [numels])
+        _launch(norm_kernel, programs, config, ptrs, pmap, len(group.indices), partial[base:],
+                ALIGNED=group.aligned)
+        base += programs
+    if base:
+        _launch(add_partials_kernel, 1, _FINISH, partial, base, sumsq)
+
+
+def _master_kind(params: list[Tensor], masters: list[Tensor] | None, op: str) -> int:
+    if not masters:
+        return NO_MASTER
+    if all(m.dtype == torch.float32 for m in masters):
+        return FP32_MASTER
+    if all(m.dtype == torch.int16 and p.dtype == torch.bfloat16 for p, m in zip(params, masters)):
+        return COMPACT_MASTER
+    raise TypeError(f"fused_accum.{op}: masters must all be float32, or all int16 remainders of "
+                    "bfloat16 parameters (compact masters)")
+
+
+def _steps(op: str, kernel, element_lists: dict[str, list[Tensor] | None], steps, masters,
+           rounding_seed: int, found_inf: Tensor, scalars: tuple, **constexprs) -> None:
+    """Launches ``kernel`` per (dtype, alignment) group of the parameters, then increments the
+    groups' step counts.  ``element_lists`` maps names to the lists of the kernel's table, in
+    order, starting with params and accs; masters and steps follow them."""
+    params = element_lists["params"]
+    _check_dtypes(op, "params", params, TL_DTYPES)
+    _check_lists(op, params, **element_lists, masters=masters)
+    if len(steps) != len(params):
+        raise ValueError(f"fused_accum.{op}: one step count per tensor")
+    _check_dtypes(op, "steps", steps, _FP32)
+    master = _master_kind(params, masters, op)
+    device = params[0].device
+    elements = list(element_lists.values()) + [masters]
+    numels = [p.numel() for p in params]
+    positions = list(range(len(params)))
+    scalars = tuple(float(s) if isinstance(s, (int, float)) else s for s in scalars)
+    for group, config, pmap, programs in _plans(op, elements, params, numels, device):
+        ptrs = launch.pointer_table(elements + [steps], group, [numels, positions])
+        stochastic = rounding_seed >= 0 and master == NO_MASTER and group.dtype == torch.bfloat16
+        if programs:
+            _launch(kernel, programs, config, ptrs, pmap, len(group.indices), *scalars,
+                    rounding_seed & 0xFFFFFFFF, P=TL_DTYPES[group.dtype], MASTER=master,
+                    STOCHASTIC=stochastic, ALIGNED=group.aligned, **constexprs)
+        count = len(group.indices)
+        _launch(increment_steps_kernel, triton.cdiv(count, _STEPS.block), _STEPS, ptrs,
+                len(elements), count, found_inf)
+
+
+def sgd_step(params, accs, momentum_buffers, steps, masters, *, lr, momentum, dampening,
+             weight_decay, nesterov, maximize, grad_scale, found_inf, rounding_seed=-1) -> None:
+    if not params:
+        return
+    if momentum != 0 and not momentum_buffers:
+        raise ValueError("fused_accum.sgd_step: momentum != 0 needs momentum_buffers")
+    params, pending = contiguous(params)
+    buffers = momentum_buffers if momentum != 0 else None
+    _steps("sgd_step", sgd_kernel,
+           dict(params=params, accs=accs, momentum_buffers=buffers), steps, masters, rounding_seed,
+           found_inf, (scalar(lr, accs[0]), scalar(grad_scale, accs[0]), found_inf, momentum,
+                       1.0 - dampening, weight_decay),
+           HAS_BUF=buffers is not None, NESTEROV=nesterov, MAXIMIZE=maximize,
+           DECAY=weight_decay != 0)
+    write_back(pending)
+
+
+def _split(value: float) -> tuple[float, float]:
+    """A float64 as the sum of two fp32 values (about 48 significant bits)."""
+    hi = float(torch.tensor(value, dtype=torch.float32))
+    return hi, value - hi
+
+
+def adam_step(params, accs, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, masters, *, lr, beta1,
+              beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale,
+              found_inf, rounding_seed=-1) -> None:
+    if not params:
+        return
+    if amsgrad and not max_exp_avg_sqs:
+        raise ValueError("fused_accum.adam_step: amsgrad needs max_exp_avg_sqs")
+    params, pending = contiguous(params)
+    vmax = max_exp_avg_sqs if amsgrad else None
+    beta1_hi, beta1_lo = _split(beta1)
+    beta2_hi, beta2_lo = _split(beta2)
+    _steps("adam_step", adam_kernel,
+           dict(params=params, accs=accs, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                max_exp_avg_sqs=vmax), steps, masters, rounding_seed, found_inf,
+           (scalar(lr, accs[0]), scalar(grad_scale, accs[0]), found_inf, 1.0 - beta1, beta2,
+            1.0 - beta2, beta1_hi, beta1_lo, beta2_hi, beta2_lo, eps, weight_decay),
+           AMSGRAD=amsgrad, MAXIMIZE=maximize, DECAY=weight_decay != 0,
+           DECOUPLED=decoupled_weight_decay)
+    write_back(pending)
