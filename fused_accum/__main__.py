@@ -1,10 +1,10 @@
-"""``python -m fused_accum {bench,check,info}``."""
+"""``python -m fused_accum {bench,check,info,tune}``."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .cli import bench, check, info
+from .cli import bench, check, info, tune
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,8 +15,11 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("info", help="versions, devices and which backends can run")
     bench.add_arguments(commands.add_parser(
         "bench", help="fused_accum against plain PyTorch: ops and whole windows"))
+    tune.add_arguments(commands.add_parser(
+        "tune", help="measure the Triton kernels' block sizes on this GPU (writes tuned.json)"))
     args = parser.parse_args(argv)
-    return {"check": check.run, "info": info.run, "bench": bench.run}[args.command](args)
+    return {"check": check.run, "info": info.run, "bench": bench.run,
+            "tune": tune.run}[args.command](args)
 
 
 if __name__ == "__main__":
