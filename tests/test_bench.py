@@ -13,6 +13,9 @@ WINDOW_KEYS = {"config", "describe", "parameters", "tensors", "dtype", "k", "pip
                "time_p10_s", "time_p90_s", "time_vs_torch_best", "bytes_per_parameter", "bytes",
                "gb_per_s", "fraction_of_copy", "peak_memory_bytes", "peak_memory_vs_torch_best",
                "max_rel_diff_vs_torch_best"}
+COMM_KEYS = {"model_dtype", "pipeline", "k", "ranks", "accumulates_in", "parameters",
+             "bytes_per_window", "bytes_per_parameter", "collectives_per_window", "time_s",
+             "bytes_vs_fused_accum", "time_vs_fused_accum"}
 
 
 def test_quick_bench_writes_the_documented_json(tmp_path):
@@ -28,7 +31,8 @@ def test_quick_bench_writes_the_documented_json(tmp_path):
     assert data["ops"] and all(set(r) == OPS_KEYS for r in data["ops"])
     assert data["windows"] and all(set(r) == WINDOW_KEYS for r in data["windows"])
     contenders = {r["contender"] for r in data["ops"]}
-    cpu_backends = {n for n in kernels.backend_names() if kernels.availability(n, "cpu")[0]}
+    cpu_backends = {n for n in kernels.backend_names()
+                    if kernels.availability(n, "cpu")[0] and not kernels.interpreted(n)}
     assert contenders == {"torch"} | {f"fused_accum:{n}" for n in cpu_backends}
     assert {r["pipeline"] for r in data["windows"]} == {"fused_accum", "fused_accum compact",
                                                         "torch best", "torch naive"}
@@ -41,3 +45,12 @@ def test_quick_bench_writes_the_documented_json(tmp_path):
             low_precision = r["dtype"] in ("bfloat16", "float16")   # parameter rounding may flip
             assert r["max_rel_diff_vs_torch_best"] < (1e-2 if low_precision else 1e-5)
     assert "| (b) bf16 GPT-like model" in tables(data)
+    # Communication, as counted at each all-reduce: fused_accum sends its fp32 buffers once per
+    # window (plus a few summary floats), DDP the model-dtype gradients every micro-batch, or once
+    # under no_sync.
+    assert data["comm"] and all(set(r) == COMM_KEYS for r in data["comm"])
+    for r in data["comm"]:
+        itemsize = {"bfloat16": 2, "float32": 4}[r["model_dtype"]]
+        expected = {"fused_accum": 4, "DDP": r["k"] * itemsize, "DDP no_sync": itemsize}[r["pipeline"]]
+        assert expected <= r["bytes_per_parameter"] < expected + 0.01, r
+    assert "Data parallel, communication per window:" in result.stdout

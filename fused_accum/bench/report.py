@@ -40,12 +40,27 @@ def windows_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def comm_table(rows: list[dict]) -> str:
+    lines = ["| model | pipeline | k | ranks | accumulates in | bytes/param per window | "
+             "all-reduces per window | bytes vs fused_accum | ms per window | time vs fused_accum |",
+             "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['model_dtype']}, {r['parameters'] / 1e6:.2f}M | {r['pipeline']} | "
+                     f"{r['k']} | {r['ranks']} | {r['accumulates_in']} | "
+                     f"{r['bytes_per_parameter']:.2f} | {r['collectives_per_window']:.0f} | "
+                     f"{r['bytes_vs_fused_accum']:.2f}x | {r['time_s'] * 1e3:.1f} | "
+                     f"{r['time_vs_fused_accum']:.2f}x |")
+    return "\n".join(lines)
+
+
 def tables(result: dict) -> str:
     parts = [f"Measured on {_machine_line(result)}."]
     if result["windows"]:
         parts += ["", "Windows:", "", windows_table(result["windows"])]
     if result["ops"]:
         parts += ["", "Ops:", "", ops_table(result["ops"])]
+    if result.get("comm"):
+        parts += ["", "Data parallel, communication per window:", "", comm_table(result["comm"])]
     return "\n".join(parts)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..bench import harness, ops, windows
+from ..bench import comm, harness, ops, windows
 from ..bench.report import plot, tables
 
 SCHEMA = "fused_accum.bench/1"
@@ -21,7 +21,8 @@ SCHEMA = "fused_accum.bench/1"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--quick", action="store_true", help="small sizes, few repetitions (under a minute)")
-    parser.add_argument("--level", choices=["ops", "windows", "all"], default="all")
+    parser.add_argument("--level", choices=["ops", "windows", "comm", "all"], default="all",
+                        help="comm: bytes communicated per window by two ranks, against DDP")
     parser.add_argument("--backend", default="auto", help="backend of the window runs")
     parser.add_argument("--repeats", type=int, default=None, help="repetitions per measurement")
     parser.add_argument("--json", type=Path, default=None, help="write every figure to this file")
@@ -37,11 +38,13 @@ def measure(device: torch.device, quick: bool, level: str, backend: str, repeats
     harness.progress(f"copy bandwidth on {device}")
     copy_bw = harness.copy_bandwidth(device, max(sizes) * 2**20, repeats)
     result = {"schema": SCHEMA, "machine": harness.machine(device), "quick": quick,
-              "copy_bandwidth_gb_per_s": copy_bw / 1e9, "ops": [], "windows": []}
+              "copy_bandwidth_gb_per_s": copy_bw / 1e9, "ops": [], "windows": [], "comm": []}
     if level in ("ops", "all"):
         result["ops"] = ops.run(device, sizes, repeats, copy_bw)
     if level in ("windows", "all"):
         result["windows"] = windows.run(device, quick, repeats, copy_bw, backend)
+    if level in ("comm", "all"):
+        result["comm"] = comm.run(device, quick)
     return result
 
 

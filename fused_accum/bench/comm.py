@@ -1,0 +1,159 @@
+"""Data parallel: bytes communicated per accumulation window, fused_accum against DDP.
+
+Two ranks (gloo on CPU, NCCL on GPUs) train the same model for a few windows of k micro-batches
+in three pipelines: fused_accum with ``process_group=True`` (one reduction of the fp32 buffers
+per window), DDP reducing in every micro-batch, and DDP under ``no_sync()`` for all but the last
+micro-batch.  Every all-reduce's payload is counted where it is issued, by a wrapper around
+``torch.distributed.all_reduce`` (DDP reduces through it with its ``allreduce_hook``, documented as
+equivalent to its built-in reduction), so the bytes are measured, not computed; the time per window is the median over the timed windows.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+PIPELINES = ("fused_accum", "DDP", "DDP no_sync")
+
+
+def _model(dtype: torch.dtype, width: int, depth: int, device: torch.device) -> nn.Module:
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.GELU()]
+    return nn.Sequential(*layers).to(device=device, dtype=dtype)
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.calls = 0
+
+    def add(self, tensor: torch.Tensor) -> None:
+        self.bytes += tensor.numel() * tensor.element_size()
+        self.calls += 1
+
+
+@contextlib.contextmanager
+def _counting_all_reduce(counter: _Counter):
+    original = dist.all_reduce
+
+    def all_reduce(tensor, *args, **kwargs):
+        counter.add(tensor)
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = all_reduce
+    try:
+        yield
+    finally:
+        dist.all_reduce = original
+
+
+def _worker(rank: int, pipeline: str, cfg: dict, init_file: str, out: dict) -> None:
+    import fused_accum
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))   # two ranks share the cores
+    device = torch.device(cfg["device"])
+    if device.type == "cuda":
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        dtype = getattr(torch, cfg["dtype"])
+        model = _model(dtype, cfg["width"], cfg["depth"], device)
+        counter = _Counter()
+        k = cfg["k"]
+        if pipeline == "fused_accum":
+            opt = fused_accum.AdamW(model.parameters(), lr=1e-4, accumulation_steps=k,
+                                    process_group=True)
+            net = model
+        else:
+            net = DDP(model, device_ids=[rank] if device.type == "cuda" else None)
+            # DDP's documented equivalent of its built-in reduction, through dist.all_reduce
+            net.register_comm_hook(None, allreduce_hook)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        gen = torch.Generator(device="cpu").manual_seed(100 + rank)
+        batches = [torch.randn(cfg["batch"], cfg["width"], generator=gen).to(device, dtype)
+                   for _ in range(k)]
+        times, window_bytes, window_calls = [], [], []
+        with _counting_all_reduce(counter):
+            for window in range(cfg["windows"] + 1):     # the first window warms up
+                before_bytes, before_calls = counter.bytes, counter.calls
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                dist.barrier()
+                t0 = time.perf_counter()
+                for m, x in enumerate(batches):
+                    last = m == k - 1
+                    sync = contextlib.nullcontext() if (pipeline != "DDP no_sync" or last) \
+                        else net.no_sync()
+                    with sync:
+                        loss = net(x).float().square().mean()
+                        loss.backward()
+                    if pipeline == "fused_accum":
+                        opt.step()
+                if pipeline != "fused_accum":
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                elapsed = time.perf_counter() - t0
+                if window > 0:
+                    times.append(elapsed)
+                    window_bytes.append(counter.bytes - before_bytes)
+                    window_calls.append(counter.calls - before_calls)
+        if rank == 0:
+            params = sum(p.numel() for p in model.parameters())
+            out[pipeline] = dict(bytes=statistics.median(window_bytes),
+                                 calls=statistics.median(window_calls),
+                                 time_s=statistics.median(times), parameters=params)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_pipeline(pipeline: str, cfg: dict) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        manager = mp.Manager()
+        out = manager.dict()
+        mp.spawn(_worker, args=(pipeline, cfg, os.path.join(tmp, "init"), out), nprocs=2)
+        return dict(out)[pipeline]
+
+
+def run(device: torch.device, quick: bool, k: int = 8) -> list[dict]:
+    """One row per (model dtype, pipeline): bytes and collectives per window per rank."""
+    from .harness import progress
+    if device.type == "cuda" and torch.cuda.device_count() < 2:
+        progress("comm: skipped, needs two GPUs (or run on CPU: gloo)")
+        return []
+    rows = []
+    width, depth = (256, 2) if quick else (1024, 4)
+    for dtype in ("bfloat16", "float32"):
+        cfg = dict(device=str(device), dtype=dtype, width=width, depth=depth, k=k, batch=16,
+                   windows=2 if quick else 5)
+        results = {}
+        for pipeline in PIPELINES:
+            progress(f"comm: {pipeline}, {dtype} model, k={k}, 2 ranks")
+            results[pipeline] = _run_pipeline(pipeline, cfg)
+        ours = results["fused_accum"]
+        for pipeline, r in results.items():
+            accumulates_in = "float32" if pipeline == "fused_accum" else dtype
+            rows.append(dict(model_dtype=dtype, pipeline=pipeline, k=k, ranks=2,
+                             accumulates_in=accumulates_in,
+                             parameters=r["parameters"], bytes_per_window=r["bytes"],
+                             bytes_per_parameter=r["bytes"] / r["parameters"],
+                             collectives_per_window=r["calls"], time_s=r["time_s"],
+                             bytes_vs_fused_accum=r["bytes"] / ours["bytes"],
+                             time_vs_fused_accum=r["time_s"] / ours["time_s"]))
+    return rows
