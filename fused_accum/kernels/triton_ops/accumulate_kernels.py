@@ -64,7 +64,9 @@ def norm_kernel(ptrs, pmap, n, partial, ALIGNED: tl.constexpr, BLOCK: tl.constex
 def add_partials_kernel(partial, count, sumsq_ptr, BLOCK: tl.constexpr):
     """sumsq += the ``count`` partial sums, added in order in float64 (one program)."""
     total = tl.zeros([BLOCK], dtype=tl.float64)
-    for begin in range(0, count, BLOCK):
+    begin = 0
+    while begin < count:    # not range(0, count, BLOCK): Triton 3.6's interpreter cannot take it
         offs = begin + tl.arange(0, BLOCK)
         total += tl.load(partial + offs, mask=offs < count, other=0.0).to(tl.float64)
+        begin += BLOCK
     tl.store(sumsq_ptr, tl.load(sumsq_ptr) + tl.sum(total, axis=0).to(tl.float32))
