@@ -88,3 +88,25 @@ def test_norm_adds_the_sum_of_squares(backend, size):
     ops.norm(accs, sumsq)
     expected = 2.0 + sum(a.double().square().sum() for a in accs)
     assert oracle.rel_err(sumsq, expected) < 1e-5
+
+
+def test_accumulate_mixes_gradient_dtypes_and_alignments_in_one_call(backend):
+    # Backends that launch per dtype and alignment split this call into several launches whose
+    # partial sums of squares must all reach sumsq.
+    ops = _ops(backend)
+    g = torch.Generator().manual_seed(11)
+    sizes = [4099, 16, 7, 2050, 33, 1]
+    grads = [(torch.randn(n, generator=g) * 2).to(dtype)
+             for n, dtype in zip(sizes, DTYPES * 2)]
+    flat = torch.randn(sum(sizes) + 1, generator=g)
+    accs = list(flat[1:].split(sizes))          # offset by one element: most are unaligned
+    accs[0] = torch.randn(sizes[0], generator=g)  # a fresh, aligned one among them
+    before = [a.clone() for a in accs]
+    first = [False, True, False, True, False, False]
+    weight, found, sumsq = torch.tensor(0.5), torch.tensor(0.0), torch.tensor(0.0)
+    ops.accumulate(grads, accs, first, weight, found, sumsq)
+    expected = [oracle.accumulate(b, gr, f, 0.5) for b, gr, f in zip(before, grads, first)]
+    for a, e in zip(accs, expected):
+        assert oracle.rel_err(a, e) < 1e-6
+    assert oracle.rel_err(sumsq, sum(e.square().sum() for e in expected)) < 1e-5
+    assert found.item() == 0

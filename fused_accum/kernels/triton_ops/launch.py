@@ -70,9 +70,6 @@ class _TableCache:
                 self._entries.popitem(last=False)
         return entry[1]
 
-    def clear(self) -> None:
-        self._entries.clear()
-
 
 def _upload(values, device: torch.device) -> tuple[Tensor, Tensor]:
     if device.type != "cuda":
