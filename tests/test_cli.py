@@ -33,3 +33,38 @@ def test_info_lists_every_backend():
     assert "torch" in result.stdout and "device cpu" in result.stdout
     for name in kernels.backend_names():
         assert name in result.stdout
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(*launcher_args, optimizer="adamw"):
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *launcher_args,
+                             "-m", "fused_accum", "check", "--windows", "3",
+                             "--optimizer", optimizer],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _check_output(process) -> str:
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, out[-4000:]
+    return out
+
+
+def test_check_under_torchrun_two_ranks_equal_one_process_with_the_whole_batch():
+    out = _check_output(_torchrun("--nproc_per_node=2", f"--master_port={_free_port()}"))
+    assert "on each of 2 ranks" in out and "one batch of 32" in out and "OK" in out
+
+
+def test_check_under_torchrun_on_two_nodes():
+    # Two launcher agents rendezvous over TCP as two machines would (here both on localhost).
+    port = _free_port()
+    nodes = [_torchrun("--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=1",
+                       "--master_addr=127.0.0.1", f"--master_port={port}", optimizer="sgd")
+             for rank in (0, 1)]
+    outputs = [_check_output(node) for node in nodes]
+    assert "on each of 2 ranks" in outputs[0] and "OK" in outputs[0]
