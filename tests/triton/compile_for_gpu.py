@@ -8,8 +8,11 @@ Usage: python compile_for_gpu.py [ARCH]    (ARCH: 90 for H100/H200, the default;
 """
 import itertools
 import json
+import os
 import re
+import subprocess
 import sys
+import tempfile
 
 import triton
 import triton.language as tl
@@ -54,6 +57,19 @@ def _cases():
                     STOCHASTIC=stochastic, ALIGNED=aligned, BLOCK=block))
 
 
+def _resources(cubin: bytes) -> dict:
+    """Registers, stack and local memory per thread, as Triton's bundled cuobjdump reports them."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        report = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True,
+                                check=True).stdout
+    registers, stack, local = re.search(r"REG:(\d+).*STACK:(\d+).*LOCAL:(\d+)", report).groups()
+    return {"registers": int(registers), "stack_bytes": int(stack), "local_bytes": int(local)}
+
+
 def main(arch: int) -> None:
     target = GPUTarget("cuda", arch, 32)
     for kernel, signature, constexprs in _cases():
@@ -65,7 +81,8 @@ def main(arch: int) -> None:
         widths = [int(w) for w in re.findall(r"ld\.global(?:\.\w+)*\.v(\d)", compiled.asm["ptx"])]
         print(json.dumps({"kernel": kernel.__name__,
                           "constexprs": {k: str(v) for k, v in constexprs.items()},
-                          "max_vector_load": max(widths, default=1)}), flush=True)
+                          "max_vector_load": max(widths, default=1),
+                          **_resources(compiled.asm["cubin"])}), flush=True)
 
 
 if __name__ == "__main__":
