@@ -119,6 +119,9 @@ def _worker(rank: int, pipeline: str, cfg: dict, init_file: str, out: dict) -> N
             out[pipeline] = dict(bytes=statistics.median(window_bytes),
                                  calls=statistics.median(window_calls),
                                  time_s=statistics.median(times), parameters=params)
+        # Both ranks done before either tears down: gloo aborts a rank whose peer closed the
+        # connection under it ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -105,12 +105,15 @@ def _distributed(device: torch.device) -> tuple[int, int, torch.device]:
 
 def run(args: argparse.Namespace) -> int:
     world, rank, device = _distributed(torch.device(args.device))
-    try:
+    if world == 1:
         return _run(args, world, rank, device)
+    import torch.distributed as dist
+    try:
+        status = _run(args, world, rank, device)
+        dist.barrier()   # no rank tears down while another still talks to it (gloo aborts)
+        return status
     finally:
-        if world > 1:
-            import torch.distributed as dist
-            dist.destroy_process_group()
+        dist.destroy_process_group()
 
 
 def _run(args: argparse.Namespace, world: int, rank: int, device: torch.device) -> int:
