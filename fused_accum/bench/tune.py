@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -82,8 +83,8 @@ def tune(device: torch.device, size_mb: float, repeats: int,
 
         result = time_interleaved({c: timed(c) for c in candidates}, device, repeats)
         best = min(result, key=lambda c: result[c].median)
-        chosen.setdefault(op, {})[configs.dtype_key(dtype)] = configs.as_dict(best)
-        timings += [dict(op=op, dtype=configs.dtype_key(dtype), **configs.as_dict(c),
+        chosen.setdefault(op, {})[configs.dtype_key(dtype)] = asdict(best)
+        timings += [dict(op=op, dtype=configs.dtype_key(dtype), **asdict(c),
                          time_s=t.median, best=c == best) for c, t in result.items()]
     return {"configs": chosen, "bucket_mb": size_mb, "machine": machine(device), "timings": timings}
 

@@ -22,7 +22,7 @@ def test_groups_split_by_dtype_and_by_alignment_of_every_list():
     shifted = flat[1:9]                                  # 4 bytes past an aligned address
     grads = [aligned[0], shifted, aligned[1].half(), torch.randn(8)]
     accs = [torch.randn(8), torch.randn(8), torch.randn(8), flat[3:11]]
-    groups = {(g.dtype, g.aligned): g.indices for g in launch.groups([grads, accs, None], grads)}
+    groups = {(g.dtype, g.aligned): g.indices for g in launch.groups(launch.addresses([grads, accs, None]), grads)}
     assert groups == {(torch.float32, True): (0,), (torch.float32, False): (1, 3),
                       (torch.float16, True): (2,)}
 
@@ -40,10 +40,12 @@ def test_pointer_table_rows_and_cache():
     launch = _launch()
     a, b = [torch.randn(4), torch.randn(6)], [torch.randn(4), torch.randn(6)]
     group = launch.Group((1, 0), torch.float32, True)
-    table = launch.pointer_table([a, None, b], group, [[4, 6], [7, 9]])
+    rows = launch.addresses([a, None, b])
+    table = launch.pointer_table(rows, group, CPU, [[4, 6], [7, 9]])
     assert table.tolist() == [a[1].data_ptr(), a[0].data_ptr(), 0, 0, b[1].data_ptr(),
                               b[0].data_ptr(), 6, 4, 9, 7]
     # The same contents again: the cached device table, no new upload.
-    assert launch.pointer_table([a, None, b], group, [[4, 6], [7, 9]]) is table
-    other = launch.pointer_table([b, None, a], group, [[4, 6], [7, 9]])
+    assert launch.pointer_table(launch.addresses([a, None, b]), group, CPU,
+                                [[4, 6], [7, 9]]) is table
+    other = launch.pointer_table(launch.addresses([b, None, a]), group, CPU, [[4, 6], [7, 9]])
     assert other is not table and other.tolist()[0] == b[1].data_ptr()

@@ -76,11 +76,11 @@ def _check_dtypes(op: str, what: str, tensors: list[Tensor], allowed) -> None:
 _FP32 = (torch.float32,)
 
 
-def _plans(op: str, element_lists: list[list[Tensor] | None], dtype_of: list[Tensor],
+def _plans(op: str, addresses: list[list[int] | None], dtype_of: list[Tensor],
            numels: list[int], device: torch.device) -> list[tuple]:
     """(group, config, program map, number of programs) for each launch of ``op``."""
     plans = []
-    for group in launch.groups(element_lists, dtype_of):
+    for group in launch.groups(addresses, dtype_of):
         config = configs.lookup(op, group.dtype, device)
         pmap, programs = launch.program_map([numels[i] for i in group.indices], config.block, device)
         plans.append((group, config, pmap, programs))
@@ -99,12 +99,14 @@ def accumulate(grads, accs, first, weight, found_inf, sumsq=None) -> None:
     device = accs[0].device
     weight = scalar(weight, accs[0])
     numels = [a.numel() for a in accs]
-    plans = [p for p in _plans("accumulate", [grads, accs], grads, numels, device) if p[3]]
+    first = [bool(f) for f in first]
+    addresses = launch.addresses([grads, accs])
+    plans = [p for p in _plans("accumulate", addresses, grads, numels, device) if p[3]]
     partial = torch.empty(sum(p[3] for p in plans) if sumsq is not None else 1,
                           dtype=torch.float32, device=device)
     base = 0
     for group, config, pmap, programs in plans:
-        ptrs = launch.pointer_table([grads, accs], group, [numels, [bool(f) for f in first]])
+        ptrs = launch.pointer_table(addresses, group, device, [numels, first])
         _launch(accumulate_kernel, programs, config, ptrs, pmap, len(group.indices), weight,
                 found_inf, partial[base:] if sumsq is not None else partial,
                 G=TL_DTYPES[group.dtype], ALIGNED=group.aligned, SUMSQ=sumsq is not None)
@@ -120,11 +122,12 @@ def norm(accs, sumsq) -> None:
     _check_dtypes("norm", "accs", accs, _FP32)
     device = accs[0].device
     numels = [a.numel() for a in accs]
-    plans = [p for p in _plans("norm", [accs], accs, numels, device) if p[3]]
+    addresses = launch.addresses([accs])
+    plans = [p for p in _plans("norm", addresses, accs, numels, device) if p[3]]
     partial = torch.empty(max(1, sum(p[3] for p in plans)), dtype=torch.float32, device=device)
     base = 0
     for group, config, pmap, programs in plans:
-        ptrs = launch.pointer_table([accs], group, [numels])
+        ptrs = launch.pointer_table(addresses, group, device, [numels])
         _launch(norm_kernel, programs, config, ptrs, pmap, len(group.indices), partial[base:],
                 ALIGNED=group.aligned)
         base += programs
@@ -156,12 +159,13 @@ def _steps(op: str, kernel, element_lists: dict[str, list[Tensor] | None], steps
     _check_dtypes(op, "steps", steps, _FP32)
     master = _master_kind(params, masters, op)
     device = params[0].device
-    elements = list(element_lists.values()) + [masters]
+    elements = launch.addresses(list(element_lists.values()) + [masters])
+    step_addresses = launch.addresses([steps])
     numels = [p.numel() for p in params]
     positions = list(range(len(params)))
     scalars = tuple(float(s) if isinstance(s, (int, float)) else s for s in scalars)
     for group, config, pmap, programs in _plans(op, elements, params, numels, device):
-        ptrs = launch.pointer_table(elements + [steps], group, [numels, positions])
+        ptrs = launch.pointer_table(elements + step_addresses, group, device, [numels, positions])
         stochastic = rounding_seed >= 0 and master == NO_MASTER and group.dtype == torch.bfloat16
         if programs:
             _launch(kernel, programs, config, ptrs, pmap, len(group.indices), *scalars,

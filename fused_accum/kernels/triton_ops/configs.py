@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -83,7 +83,3 @@ def _lookup(op: str, dtype: torch.dtype, device: torch.device) -> Config:
         return INTERPRETER
     entry = (measured(device) or {}).get(op, {}).get(dtype_key(dtype))
     return Config(**entry) if entry else UNTUNED
-
-
-def as_dict(config: Config) -> dict:
-    return asdict(config)

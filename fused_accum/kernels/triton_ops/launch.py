@@ -35,13 +35,19 @@ class Group:
     aligned: bool
 
 
-def groups(lists: list[list[Tensor] | None], dtype_of: list[Tensor]) -> list[Group]:
-    """Indices grouped by ``dtype_of[i].dtype`` and by whether every tensor of ``lists`` at i is
+def addresses(lists: list[list[Tensor] | None]) -> list[list[int] | None]:
+    """Each list's tensor addresses (None for an absent list), read once per call for both the
+    grouping and the tables."""
+    return [[t.data_ptr() for t in lst] if lst else None for lst in lists]
+
+
+def groups(addresses: list[list[int] | None], dtype_of: list[Tensor]) -> list[Group]:
+    """Indices grouped by ``dtype_of[i].dtype`` and by whether every list's address at i is
     16-byte aligned (the kernels' vector loads need both to be uniform within a launch)."""
-    present = [lst for lst in lists if lst]
+    present = [a for a in addresses if a]
     keyed: dict[tuple[torch.dtype, bool], list[int]] = {}
     for i, t in enumerate(dtype_of):
-        aligned = all(lst[i].data_ptr() % ALIGNMENT == 0 for lst in present)
+        aligned = all(a[i] % ALIGNMENT == 0 for a in present)
         keyed.setdefault((t.dtype, aligned), []).append(i)
     return [Group(tuple(ix), dtype, aligned) for (dtype, aligned), ix in keyed.items()]
 
@@ -82,16 +88,16 @@ def _upload(values, device: torch.device) -> tuple[Tensor, Tensor]:
 _cache = _TableCache(_CACHE_SIZE)
 
 
-def pointer_table(lists: list[list[Tensor] | None], group: Group,
+def pointer_table(addresses: list[list[int] | None], group: Group, device: torch.device,
                   int_rows: list[list[int]] = ()) -> Tensor:
-    """The ``ptrs`` table of ``group``: a row of addresses per list, then ``int_rows`` (each a
-    full-length per-tensor list of the call, indexed by the group's indices)."""
+    """The ``ptrs`` table of ``group``: a row of addresses per list (zeros for an absent one),
+    then ``int_rows`` (each a full-length per-tensor list of the call, indexed by the group's
+    indices)."""
     values: list[int] = []
-    for lst in lists:
-        values += [lst[i].data_ptr() for i in group.indices] if lst else [0] * len(group.indices)
+    for row in addresses:
+        values += [row[i] for i in group.indices] if row else [0] * len(group.indices)
     for row in int_rows:
         values += [int(row[i]) for i in group.indices]
-    device = next(lst for lst in lists if lst)[group.indices[0]].device
     return _cache.get(tuple(values), device)
 
 
