@@ -112,3 +112,20 @@ def assert_same_params(actual: nn.Module, expected: nn.Module, rtol: float = 1e-
 
 def clone(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
+
+
+class InjectedFailure(RuntimeError):
+    pass
+
+
+class FailsInBackward(torch.autograd.Function):
+    """Identity forward; its backward raises, to fail a backward pass where it is placed
+    (autograd runs the nodes built later first: one built before the loss's graph runs last)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise InjectedFailure("this backward pass fails here")

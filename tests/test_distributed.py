@@ -10,7 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fused_accum
-from helpers import IGNORE, assert_same_params, concat, lm_loss, make_batches, make_model
+from helpers import (IGNORE, FailsInBackward, InjectedFailure, assert_same_params, concat, lm_loss,
+                     make_batches, make_model)
 
 WINDOWS = 3
 
@@ -38,7 +39,8 @@ def _worker(rank: int, scenario: str, init_file: str, out_dir: str, backend: str
                                     process_group=True, backend=backend,
                                     loss_scale=fused_accum.DynamicLossScale(init_scale=2.0**8))
         else:   # SGD without clipping is sensitive to the scale of the mean (W); "clip" to the norm
-            opt = fused_accum.SGD(model.parameters(), **_sgd(scenario), accumulation_steps=2,
+            opt = fused_accum.SGD(model.parameters(), **_sgd(scenario),
+                                  accumulation_steps=1 if scenario == "driven" else 2,
                                   process_group=True, backend=backend)
         extra, directions = _extra()
         if scenario == "partial":
@@ -71,6 +73,20 @@ def _worker(rank: int, scenario: str, init_file: str, out_dir: str, backend: str
                 if scenario == "overflow" and rank == 1 and w == 1 and m == 0:
                     loss = loss * float("inf")
                 items = (targets != IGNORE).sum() if scenario == "uneven" else None
+                if scenario == "driven":   # the window is driven from outside, as frameworks do
+                    opt.final_micro_batch = m == 1
+                    (loss / 2).backward()
+                    if m == 1:
+                        opt.step()
+                    continue
+                if scenario == "fails midway" and w == 1 and m == 1 and rank == 1:
+                    tail = FailsInBackward.apply(extra).sum()   # before the model's graph: runs last
+                    try:   # the last micro-batch's pass raises after its chunks were launched
+                        (lm_loss(model, tokens, targets) + tail).backward()
+                    except InjectedFailure:
+                        pass
+                    opt.step()
+                    continue
                 if scenario == "double backward" and m == 1:   # two passes in the last micro-batch
                     half = lm_loss(model, tokens, targets)
                     opt.backward(half)
@@ -131,6 +147,8 @@ def _large_batch(scenario: str):
                 for i, batch in enumerate(window)).div(len(window)).backward()
         elif scenario == "flush" and w == WINDOWS - 1:   # the micro-batches the ranks ran
             lm_loss(model, *concat(window[:2])).backward()
+        elif scenario == "fails midway" and w == 1:   # rank 1's failure discards the window
+            continue
         else:
             lm_loss(model, *concat(window)).backward()
         if clip is not None:
@@ -140,12 +158,14 @@ def _large_batch(scenario: str):
     return model, extra
 
 
-@pytest.mark.parametrize("scenario", ["even", "uneven", "clip", "partial", "resume", "flush"])
+@pytest.mark.parametrize("scenario", ["even", "uneven", "clip", "partial", "resume", "flush",
+                                      "driven", "fails midway"])
 def test_two_ranks_equal_one_process_with_the_whole_batch(scenario, tmp_path):
     results = _run(scenario, tmp_path, "auto")
     for r in results:
         assert "error" not in r, r.get("error")
         assert r["stepped"] == [True] * WINDOWS
+        assert r["skipped"] == (1 if scenario == "fails midway" else 0)
     for a, b in zip(results[0]["start"], results[1]["start"]):
         assert torch.equal(a, b)   # rank 1 took rank 0's parameters
     expected, extra = _large_batch(scenario)

@@ -80,7 +80,7 @@ class FusedAccumulator(AccumulatingOptimizer):
         for bucket in buckets:
             for i in bucket.touched_indices():
                 p = bucket.params[i]
-                p.grad = (bucket.view(bucket.acc, i) * scales[bucket.device]).to(p.dtype)
+                p.grad = (bucket.acc_view(i) * scales[bucket.device]).to(p.dtype)
                 handed.append(p)
         try:
             self.optimizer.step()

@@ -22,7 +22,7 @@ def adam_update(bucket: Bucket, indices: list[int], group: dict[str, Any],
     masters = bucket.master_views(indices)
     beta1, beta2 = group["betas"]
     bucket.backend.adam_step(
-        [bucket.params[i] for i in indices], bucket.views(bucket.acc, indices),
+        [bucket.params[i] for i in indices], bucket.acc_views(indices),
         views["exp_avg"], views["exp_avg_sq"], views.get("max_exp_avg_sq"),
         bucket.step_views(indices), masters,
         lr=group["lr"], beta1=scalar(beta1), beta2=scalar(beta2), eps=scalar(group["eps"]),

@@ -17,7 +17,8 @@ from torch.optim import Optimizer
 
 from .. import kernels, scaling
 from ..kernels import reference
-from ..buffers import Bucket, GradBuffers, param_label
+from ..buffers import Bucket, param_label
+from ..gradients import GradBuffers
 from .distributed import WindowReducer
 from .nonfinite import SkipMonitor
 from ._args import check_accumulation_steps, check_max_grad_norm
@@ -92,14 +93,16 @@ class AccumulatingOptimizer(Optimizer):
             raise TypeError(f"master_weights must be True, False or 'compact', got {master_weights!r}")
         self.master_weights = master_weights
         self.backend = kernels.validate_name(backend)
-        self._buffers = GradBuffers(self.backend, self._on_backward_start)
+        # Data parallelism reduces flat accumulators; alone, fp32 buckets adopt their gradients.
+        self._buffers = GradBuffers(self.backend, self._on_backward_start,
+                                    flat_fp32=process_group is not None)
         self._micro = 0                              # micro-batches ended in this window
+        self._final_hint: bool | None = None         # see final_micro_batch
         self._mode: str | None = None                # "plain" or "items" once the window knows
         self._weight_sum: dict[torch.device, Tensor] = {}   # items seen in the window
         self._grad_norm: Tensor | None = None
         self.stepped = False
         super().__init__(params, defaults)
-        self._buffers.fold_norm = self.accumulation_steps == 1
         main = self._buffers.buckets[0].device
         self._scaler = scaling.resolve(loss_scale, _index_params(self.param_groups), main)
         self._skipped = torch.zeros((), device=main)   # windows skipped for non-finite gradients
@@ -112,7 +115,7 @@ class AccumulatingOptimizer(Optimizer):
             for bucket in self._buffers.buckets:   # masters were taken before the broadcast
                 self._init_masters(bucket)
             self._reducer.attach(self._buffers)
-        self._arm_reducer()
+        self._arm()
 
     # -- parameters --------------------------------------------------------------------------
 
@@ -211,28 +214,27 @@ class AccumulatingOptimizer(Optimizer):
                 "num_items: this window already has micro-batches from a plain backward(); call "
                 "opt.backward(loss, num_items=...) for every micro-batch of a window or for none")
         items = None if num_items is None else self._items(num_items)
-        if items is None and self._scaler is None:
-            self._buffers.micro_kind = "plain"
-            try:
-                loss.backward(**backward_kwargs)
-            finally:
-                self._buffers.micro_kind = None
-            return
-        weights = {}
-        for device in self._weight_sum:
-            weight = None if items is None else items.to(device, torch.float32, non_blocking=True)
-            if self._scaler is not None:   # the accumulate weight carries 1 / scale
-                inverse = self._scaler.inverse(device)
-                weight = inverse if weight is None else weight * inverse
-            weights[device] = weight
-        if self._scaler is not None:
-            loss = loss * self._scaler.scale.to(loss.device, non_blocking=True)
+        weights = None
+        if items is not None and self._scaler is None and not self._has_fp16():
+            # fp32 and bf16 gradients have fp32's range, so the item weight rides on the loss: the
+            # accumulate weight stays 1, and fp32 first gradients are adopted without a copy.
+            loss = loss * items.to(loss.device, torch.float32, non_blocking=True)
+        elif items is not None or self._scaler is not None:
+            weights = {}
+            for device in self._weight_sum:
+                weight = None if items is None else items.to(device, torch.float32, non_blocking=True)
+                if self._scaler is not None:   # the accumulate weight carries 1 / scale
+                    inverse = self._scaler.inverse(device)
+                    weight = inverse if weight is None else weight * inverse
+                weights[device] = weight
+            if self._scaler is not None:
+                loss = loss * self._scaler.scale.to(loss.device, non_blocking=True)
         self._buffers.micro_weight = weights
         self._buffers.micro_kind = "plain" if items is None else "items"
         try:
             loss.backward(**backward_kwargs)
         except BaseException:
-            self._buffers.discard_pending()
+            self._buffers.settle_unfinished()   # undo the failed pass, or discard the window
             raise
         finally:
             self._buffers.micro_weight = None
@@ -241,6 +243,9 @@ class AccumulatingOptimizer(Optimizer):
             self._mode = "items"
             for device, total in self._weight_sum.items():
                 total.add_(items.to(device, torch.float32, non_blocking=True))
+
+    def _has_fp16(self) -> bool:
+        return any(b.dtype == torch.float16 for b in self._buffers.buckets)
 
     @staticmethod
     def _items(num_items: int | float | Tensor) -> Tensor:
@@ -263,19 +268,39 @@ class AccumulatingOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._buffers.take_stray_grads()
-        self._buffers.discard_pending()   # only backward passes that raised are left here
+        self._buffers.settle_unfinished()   # only backward passes that raised are left here
         self._micro += 1
         self._buffers.arrived = False
         self.stepped = False
         if self._micro >= self.accumulation_steps:
             self._end_window()
-        self._buffers.fold_norm = self._micro == self.accumulation_steps - 1
-        self._arm_reducer()
+        self._arm()
         return loss
 
-    def _arm_reducer(self) -> None:
-        """Data parallel: in the last micro-batch of a window, reduce chunks as they complete."""
-        last = self._buffers.fold_norm
+    @property
+    def final_micro_batch(self) -> bool | None:
+        """Whether the coming backward pass is the last of its window.  None (the default): the
+        optimizer counts, the ``accumulation_steps``-th micro-batch is the last.  Code that drives
+        windows itself (one ``step()`` per window, ``accumulation_steps=1``, as the framework
+        integrations do) sets True before a window's last backward pass and False before the
+        others; it applies until the window ends.  The last pass folds the clipping norm into its
+        accumulate and, with data parallelism, starts the reduction of what is complete."""
+        return self._final_hint
+
+    @final_micro_batch.setter
+    def final_micro_batch(self, value: bool | None) -> None:
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"final_micro_batch must be True, False or None, got {value!r}")
+        self._final_hint = value
+        self._arm()
+
+    def _arm(self) -> None:
+        """Prepare the gradient path for the coming micro-batch: in a window's last one, fold the
+        norm into its accumulate and (data parallel) reduce chunks as they complete."""
+        last = self._final_hint
+        if last is None:
+            last = self._micro == self.accumulation_steps - 1
+        self._buffers.fold_norm = last
         self._buffers.on_arrival = self._reducer.on_arrival if self._reducer and last else None
 
     @torch.no_grad()
@@ -285,15 +310,14 @@ class AccumulatingOptimizer(Optimizer):
         gradients arrived but whose ``step()`` was not called yet counts as seen.  Returns
         whether the parameters were updated."""
         self._buffers.take_stray_grads()
-        self._buffers.discard_pending()
+        self._buffers.settle_unfinished()
         if self._buffers.arrived:
             self._micro += 1
             self._buffers.arrived = False
         self.stepped = False
         if self._micro > 0:
             self._end_window()
-        self._buffers.fold_norm = self.accumulation_steps == 1
-        self._arm_reducer()
+        self._arm()
         return self.stepped
 
     def remove_hooks(self) -> None:
@@ -335,17 +359,20 @@ class AccumulatingOptimizer(Optimizer):
                 scales, found = self._window_scales(buckets)
                 if self.nonfinite == "raise" and not (self._scaler and self._scaler.dynamic):
                     self._raise_if_not_finite(buckets, found)
-                self._apply(buckets, scales, found)
+                skip = found
+                if self._buffers.discarded:   # a failed backward pass spoilt the sums (warned)
+                    skip = {d: torch.ones_like(f) for d, f in found.items()}
+                self._apply(buckets, scales, skip)
                 self.stepped = True
-                self._after_apply(found)
+                self._after_apply(found, skip)
         finally:
             self._global_weight = None
             self._reset_window()
 
-    def _after_apply(self, found: dict[torch.device, Tensor]) -> None:
-        """Count a skipped window, update the loss scale, and warn once about skips."""
+    def _after_apply(self, found: dict[torch.device, Tensor], skip: dict[torch.device, Tensor]) -> None:
+        """Count a skipped window, update the loss scale, and warn once about non-finite skips."""
         main = self._skipped.device
-        self._skipped.add_(found[main])
+        self._skipped.add_(skip[main])
         if self._scaler is not None:
             self._scaler.update(found[self._scaler.scale.device])
         if self._scaler is None or not self._scaler.dynamic:   # dynamic scaling expects skips
@@ -360,7 +387,7 @@ class AccumulatingOptimizer(Optimizer):
         if not any(flag.item() != 0 for flag in found.values()):
             return
         names = [bucket.labels[i] for bucket in buckets for i in bucket.touched_indices()
-                 if not torch.isfinite(bucket.view(bucket.acc, i)).all()]
+                 if not torch.isfinite(bucket.acc_view(i)).all()]
         raise FloatingPointError(
             "fused_accum: non-finite gradients in this window, in "
             + (", ".join(names) if names else "no single parameter (zero items in the window)")
@@ -368,6 +395,7 @@ class AccumulatingOptimizer(Optimizer):
 
     def _reset_window(self) -> None:
         self._micro = 0
+        self._final_hint = None
         self._mode = None
         for w in self._weight_sum.values():
             w.zero_()
@@ -393,7 +421,7 @@ class AccumulatingOptimizer(Optimizer):
         masters as "master_param"), step counts, and the parameters themselves."""
         held: dict[str, int] = {"accumulators": 0, "parameters": 0, "step": 0}
         for bucket in self._buffers.buckets:
-            held["accumulators"] += bucket.acc.nbytes
+            held["accumulators"] += bucket.accumulator_bytes()
             held["step"] += bucket.steps.nbytes
             held["parameters"] += sum(p.nbytes for p in bucket.params)
             for name, flat in bucket.state.items():
@@ -408,10 +436,13 @@ class AccumulatingOptimizer(Optimizer):
         sumsqs = [self._buffers.window_sumsq(b) for b in buckets]
         total = torch.stack([s.to(main) for s in sumsqs]).sum()
         self._grad_norm = total.sqrt() * self._inverse_weight(main)
+        # The norm covers what no accumulate kernel has checked (adopted first gradients): a
+        # non-finite norm (non-finite elements, or a sum of squares beyond fp32) skips the window.
+        norm_flag = (~torch.isfinite(total)).to(torch.float32)
         clip = None
         if self.max_grad_norm is not None:
             clip = (self.max_grad_norm / (self._grad_norm + 1e-6)).clamp(max=1.0)
-        found = dict(self._buffers.found_inf)
+        found = {d: torch.maximum(f, norm_flag.to(d)) for d, f in self._buffers.found_inf.items()}
         if self._mode == "items":   # a window of zero items has no mean: skip it like an inf
             found = {d: torch.maximum(f, (self._weight_sum[d] == 0).to(f.dtype)) for d, f in found.items()}
         if len(found) > 1:   # a non-finite gradient anywhere skips the step everywhere
@@ -453,7 +484,7 @@ class AccumulatingOptimizer(Optimizer):
                     entry.update({n: bucket.view(f, i) for n, f in bucket.state.items()})
                     state[index[p]] = entry
                 if bucket.touched[i]:
-                    accumulated[index[p]] = bucket.view(bucket.acc, i)
+                    accumulated[index[p]] = bucket.acc_view(i)
         packed["state"] = state
         packed["fused_accum"] = {
             "accumulation_steps": self.accumulation_steps,
@@ -465,6 +496,7 @@ class AccumulatingOptimizer(Optimizer):
             "skipped_steps": self._skipped,
             "rounding_seed": self._rounding_seed,
             "loss_scaler": None if self._scaler is None else self._scaler.state_dict(),
+            "discarded": self._buffers.discarded,
         }
         return packed
 
@@ -507,15 +539,13 @@ class AccumulatingOptimizer(Optimizer):
             group = self.param_groups[bucket.group_index]
             for name in self.algorithm.state_names(group):
                 bucket.ensure_state(name)
+            bucket.reset_window()
             for i, p in enumerate(bucket.params):
                 entry, sid = by_param[p]
                 self._load_param_state(bucket, i, entry)
                 if sid in accumulated:
-                    bucket.view(bucket.acc, i).copy_(accumulated[sid])
+                    bucket.load_accumulator(i, accumulated[sid])
             bucket.touched = [by_param[p][1] in accumulated for p in bucket.params]
-            bucket.norm_counted = [False] * len(bucket.params)
-            bucket.norm_valid = True
-            bucket.sumsq.zero_()
             self._publish_state(bucket)
         self._load_window(window)
 
@@ -558,7 +588,7 @@ class AccumulatingOptimizer(Optimizer):
                              (self._buffers.found_inf, window and window["found_inf"])):
             for device, value in table.items():
                 value.copy_(saved[str(device)]) if saved and str(device) in saved else value.zero_()
-        self._buffers.discard_pending()
+        self._buffers.passes.clear()   # a pass that raised before the load belongs to no window
+        self._buffers.discarded = bool(window and window.get("discarded", False))
         self._buffers.arrived = False
-        self._buffers.fold_norm = self._micro == self.accumulation_steps - 1
-        self._arm_reducer()
+        self._arm()

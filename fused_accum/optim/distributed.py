@@ -27,13 +27,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..buffers import Bucket, GradBuffers
+from ..buffers import Bucket
+from ..gradients import BackwardPass, GradBuffers
 
 
 class Chunk:
     """Parameters [first, last] of a bucket, reduced as one contiguous region of its buffer."""
 
     def __init__(self, bucket: Bucket, first: int, last: int, position: int):
+        assert bucket.flat, "data parallelism reduces flat accumulators"
         self.bucket, self.first, self.last, self.position = bucket, first, last, position
         self.region = bucket.acc[bucket.offsets[first]:bucket.offsets[last] + bucket.numels[last]]
         self.params = set(bucket.params[first:last + 1])
@@ -80,7 +82,7 @@ class WindowReducer:
         self._next = 0            # position of the next chunk to launch
         self._works: list = []
 
-    def on_arrival(self, param: Tensor, task: int) -> None:
+    def on_arrival(self, param: Tensor, record: BackwardPass) -> None:
         """A gradient arrived during the last micro-batch: launch every chunk now complete."""
         chunk = self._chunk_of[param]
         if chunk.position < self._next:
@@ -95,8 +97,9 @@ class WindowReducer:
             self._missing[chunk.position] -= 1
         while self._next < len(self.chunks) and self._missing[self._next] <= 0:
             ready = self.chunks[self._next]
-            self.buffers.accumulate_now(task, ready.params)
+            self.buffers.drain_all()
             self._launch(ready)
+            record.added = True   # its contribution is on the wire: a failure can't undo it
             self.launched_during_backward += 1
 
     def _launch(self, chunk: Chunk) -> None:
@@ -138,10 +141,11 @@ class WindowReducer:
             self._collective("all-reduce of the accumulators", lambda group: work.wait())
         weight = items[main] if items is not None else torch.tensor(float(micro_batches), device=main)
         found = torch.stack([f.to(main) for f in buffers.found_inf.values()]).amax()
-        summary = torch.cat([torch.tensor(touched, device=main), weight.reshape(1).float(),
-                             found.reshape(1)])
+        summary = torch.cat([torch.tensor(touched + [float(buffers.discarded)], device=main),
+                             weight.reshape(1).float(), found.reshape(1)])
         self._collective("all-reduce of the window's summary", dist.all_reduce, summary)
-        anywhere = (summary[:len(touched)] > 0).tolist()   # the window's one host synchronisation
+        anywhere = (summary[:len(touched) + 1] > 0).tolist()   # the window's one host synchronisation
+        buffers.discarded = anywhere.pop()   # a failed pass on any rank discards the window on all
         start = 0
         for bucket in buckets:
             bucket.touched = anywhere[start:start + len(bucket.touched)]

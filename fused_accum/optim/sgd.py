@@ -23,7 +23,7 @@ def sgd_update(bucket: Bucket, indices: list[int], group: dict[str, Any],
         buffers = bucket.views(bucket.ensure_state("momentum_buffer"), indices)
     masters = bucket.master_views(indices)
     bucket.backend.sgd_step(
-        [bucket.params[i] for i in indices], bucket.views(bucket.acc, indices), buffers,
+        [bucket.params[i] for i in indices], bucket.acc_views(indices), buffers,
         bucket.step_views(indices), masters,
         lr=group["lr"], momentum=momentum, dampening=scalar(group["dampening"]),
         weight_decay=scalar(group["weight_decay"]), nesterov=bool(group["nesterov"]),

@@ -1,0 +1,336 @@
+"""Gradients accumulated as they arrive: during the backward pass, grouped up to a byte bound,
+fp32 first gradients adopted without a copy, and backward passes that fail midway undone or their
+window discarded, never left half-counted."""
+import weakref
+
+import pytest
+import torch
+
+import fused_accum
+from helpers import (FailsInBackward, InjectedFailure, assert_same_params, clone, concat, lm_loss,
+                     make_batches, make_model)
+
+
+def _failing_loss(model, batch):
+    """The micro-batch's loss, whose backward raises after the head's gradients have arrived and
+    before any other layer's (autograd runs the later-built nodes first)."""
+    handle = model.head.register_forward_pre_hook(lambda m, args: (FailsInBackward.apply(args[0]),))
+    try:
+        return lm_loss(model, *batch)
+    finally:
+        handle.remove()
+
+
+class _Spy:
+    """A backend that records each accumulate call, then runs the real one."""
+
+    def __init__(self, backend):
+        self.backend, self.calls, self.norms = backend, [], 0
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def accumulate(self, grads, accs, first, *args, **kwargs):
+        self.calls.append(dict(task=torch._C._current_graph_task_id(), first=list(first),
+                               nbytes=sum(g.nbytes for g in grads)))
+        return self.backend.accumulate(grads, accs, first, *args, **kwargs)
+
+
+    def norm(self, accs, sumsq):
+        self.norms += 1
+        return self.backend.norm(accs, sumsq)
+
+
+def _spy_on(opt) -> _Spy:
+    spies = {}
+    for bucket in opt._buffers.buckets:
+        spies.setdefault(id(bucket.backend), _Spy(bucket.backend))
+        bucket.backend = spies[id(bucket.backend)]
+    assert len(spies) == 1
+    return next(iter(spies.values()))
+
+
+def _backward(opt, loss, through_optimizer):
+    if through_optimizer:
+        opt.backward(loss)
+    else:
+        loss.backward()
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+# -- arrival -----------------------------------------------------------------------------------
+
+
+def test_each_gradient_is_accumulated_and_freed_before_the_next_layer_delivers(monkeypatch, backend):
+    monkeypatch.setenv("FUSED_ACCUM_GROUP_MB", "0")   # no grouping: each gradient at once
+    model = make_model(seed=1, dtype=torch.bfloat16)
+    opt = fused_accum.AdamW(model.parameters(), accumulation_steps=2, backend=backend)
+    spy = _spy_on(opt)
+    arrived = []   # weak references to the gradients delivered so far, in order
+    alive_at_arrival = []
+
+    def record(grad):
+        alive_at_arrival.append(sum(r() is not None for r in arrived))
+        arrived.append(weakref.ref(grad))
+
+    for p in model.parameters():
+        p.register_hook(record)
+    batches = make_batches(1, 2, 3)
+    for batch in batches:
+        lm_loss(model, *batch).backward()
+        opt.step()
+    params = list(model.parameters())
+    assert len(spy.calls) == 2 * len(params)
+    assert all(call["task"] >= 0 for call in spy.calls)   # inside the backward pass
+    assert spy.calls[0]["first"] == [True] and spy.calls[-1]["first"] == [False]
+    assert max(alive_at_arrival) == 0   # every earlier gradient was freed already
+    assert all(r() is None for r in arrived)
+
+
+def test_small_gradients_are_grouped_up_to_the_byte_bound(monkeypatch, backend):
+    model = make_model(seed=2, dtype=torch.bfloat16)
+    grad_bytes = [p.numel() * 2 for p in model.parameters()]
+    bound = sum(grad_bytes) // 3
+    monkeypatch.setenv("FUSED_ACCUM_GROUP_MB", str(bound / 2**20))
+    batches = make_batches(2, 3, 2)
+    opt = fused_accum.SGD(model.parameters(), lr=0.1, momentum=0.9, accumulation_steps=3,
+                          backend=backend)
+    spy = _spy_on(opt)
+    ungrouped = clone(model)
+    monkeypatch.setenv("FUSED_ACCUM_GROUP_MB", "1000")
+    opt_ungrouped = fused_accum.SGD(ungrouped.parameters(), lr=0.1, momentum=0.9,
+                                    accumulation_steps=3, backend=backend)
+    for batch in batches:
+        lm_loss(model, *batch).backward()
+        opt.step()
+        lm_loss(ungrouped, *batch).backward()
+        opt_ungrouped.step()
+    per_pass = len(spy.calls) / len(batches)
+    assert 2 <= per_pass < len(grad_bytes)   # several groups per pass, not one call per gradient
+    assert all(call["nbytes"] < bound + max(grad_bytes) for call in spy.calls)
+    for a, b in zip(model.parameters(), ungrouped.parameters()):
+        assert torch.equal(a, b)   # grouping changes no bit
+
+
+def test_an_fp32_first_gradient_is_adopted_without_a_copy(backend):
+    model = make_model(seed=3)
+    opt = fused_accum.AdamW(model.parameters(), accumulation_steps=3, max_grad_norm=1.0,
+                            backend=backend)
+    spy = _spy_on(opt)
+    for i, batch in enumerate(make_batches(3, 3, 2)):
+        lm_loss(model, *batch).backward()
+        opt.step()
+        if i == 0:   # the first micro-batch moved no gradient bytes
+            assert spy.calls == []
+            assert opt.memory_bytes()["accumulators"] == sum(p.nbytes for p in model.parameters())
+    assert spy.calls and all(not any(call["first"]) for call in spy.calls)
+    assert opt.memory_bytes()["accumulators"] == 0   # nothing held between windows
+
+
+@pytest.mark.parametrize("loss_scale", [None, 1024.0])
+def test_item_weighted_fp32_windows(loss_scale, backend):
+    """num_items rides on the loss (first gradients still adopted); under loss scaling the weight
+    carries 1/scale into the accumulate kernel, which then writes the first touches."""
+    batches = make_batches(4, 3, 2, pad_fraction=0.3)
+    base = make_model(seed=4)
+    expected = clone(base)
+    torch_opt = torch.optim.SGD(expected.parameters(), lr=0.1)
+    lm_loss(expected, *concat(batches)).backward()
+    torch_opt.step()
+    model = clone(base)
+    opt = fused_accum.SGD(model.parameters(), lr=0.1, accumulation_steps=3, loss_scale=loss_scale,
+                          backend=backend)
+    spy = _spy_on(opt)
+    for batch in batches:
+        opt.backward(lm_loss(model, *batch), num_items=(batch[1] != -100).sum())
+        opt.step()
+    first_touches = [f for call in spy.calls for f in call["first"] if f]
+    assert len(first_touches) == (0 if loss_scale is None else len(list(model.parameters())))
+    assert_same_params(model, expected)
+
+
+def test_poisoned_flat_accumulators_are_overwritten_by_the_first_touch(backend):
+    batches = make_batches(5, 4, 2)
+    model = make_model(seed=5, dtype=torch.bfloat16)
+    twin = clone(model)
+    opts = [fused_accum.AdamW(m.parameters(), accumulation_steps=2, backend=backend)
+            for m in (model, twin)]
+    for w in range(2):
+        opts[0]._buffers.buckets[0].acc.fill_(float("nan"))   # before every window
+        for batch in batches[2 * w:2 * w + 2]:
+            for m, opt in zip((model, twin), opts):
+                lm_loss(m, *batch).backward()
+                opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_non_finite_gradient_no_kernel_read_still_skips_the_window(k, backend):
+    model = make_model(seed=6)
+    extra = torch.nn.Parameter(torch.randn(5))
+    opt = fused_accum.SGD([*model.parameters(), extra], lr=0.1, accumulation_steps=k,
+                          backend=backend)
+    start = _params(model)
+    for i, batch in enumerate(make_batches(6, k, 2)):
+        loss = lm_loss(model, *batch)
+        if i == k - 1:   # extra's only gradient of the window, adopted, is infinite
+            loss = loss + (extra * float("inf")).sum()
+        loss.backward()
+        with pytest.warns(RuntimeWarning, match="non-finite") if i == k - 1 else _no_warning():
+            opt.step()
+    assert opt.skipped_steps == 1
+    for a, b in zip(model.parameters(), start):
+        assert torch.equal(a, b)
+
+
+class _no_warning:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# -- backward passes that fail -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("through_optimizer", [False, True])
+def test_a_failed_pass_that_only_touched_first_is_undone_exactly(dtype, through_optimizer,
+                                                                monkeypatch, backend):
+    monkeypatch.setenv("FUSED_ACCUM_GROUP_MB", "0")   # the head's gradient is accumulated at once
+    batches = make_batches(7, 3, 2)
+    model = make_model(seed=7, dtype=dtype)
+    twin = clone(model)
+    opt = fused_accum.AdamW(model.parameters(), accumulation_steps=3, max_grad_norm=1.0,
+                            backend=backend)
+    opt_twin = fused_accum.AdamW(twin.parameters(), accumulation_steps=3, max_grad_norm=1.0,
+                                 backend=backend)
+    with pytest.raises(InjectedFailure):
+        _backward(opt, _failing_loss(model, batches[0]), through_optimizer)
+    assert opt._buffers.passes == {}
+    for batch in batches:   # the user retries the micro-batch, then goes on
+        _backward(opt, lm_loss(model, *batch), through_optimizer)
+        opt.step()
+        _backward(opt_twin, lm_loss(twin, *batch), through_optimizer)
+        opt_twin.step()
+    assert opt.stepped and opt.skipped_steps == 0
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("through_optimizer", [False, True])
+def test_a_failed_pass_that_added_into_the_sums_discards_its_window(dtype, through_optimizer,
+                                                                    monkeypatch, backend):
+    monkeypatch.setenv("FUSED_ACCUM_GROUP_MB", "0")
+    windows = [make_batches(8 + w, 2, 2) for w in range(3)]
+    model = make_model(seed=8, dtype=dtype)
+    twin = clone(model)   # trains on windows 0 and 2 only
+    opt = fused_accum.AdamW(model.parameters(), accumulation_steps=2, backend=backend)
+    opt_twin = fused_accum.AdamW(twin.parameters(), accumulation_steps=2, backend=backend)
+    for w, window in enumerate(windows):
+        if w == 1:
+            before = _params(model)
+            _backward(opt, lm_loss(model, *window[0]), through_optimizer)
+            opt.step()
+            with pytest.warns(RuntimeWarning, match="window is discarded"):
+                with pytest.raises(InjectedFailure):
+                    _backward(opt, _failing_loss(model, window[1]), through_optimizer)
+                opt.step()
+            assert opt.stepped and opt.skipped_steps == 1
+            for a, b in zip(model.parameters(), before):
+                assert torch.equal(a, b)   # the window's step changed nothing
+            continue
+        for batch in window:
+            _backward(opt, lm_loss(model, *batch), through_optimizer)
+            opt.step()
+            _backward(opt_twin, lm_loss(twin, *batch), through_optimizer)
+            opt_twin.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)   # the discarded window left no trace
+
+
+def test_a_discarded_window_survives_a_mid_window_checkpoint(monkeypatch, backend):
+    monkeypatch.setenv("FUSED_ACCUM_GROUP_MB", "0")
+    batches = make_batches(9, 3, 2)
+    model = make_model(seed=9)
+    opt = fused_accum.SGD(model.parameters(), lr=0.1, accumulation_steps=3, backend=backend)
+    lm_loss(model, *batches[0]).backward()
+    opt.step()
+    with pytest.warns(RuntimeWarning, match="discarded"), pytest.raises(InjectedFailure):
+        _failing_loss(model, batches[1]).backward()
+    state = opt.state_dict()
+    before = _params(model)
+    resumed = fused_accum.SGD(model.parameters(), lr=0.1, accumulation_steps=3, backend=backend)
+    resumed.load_state_dict(state)
+    for batch in batches[1:]:
+        lm_loss(model, *batch).backward()
+        resumed.step()
+    assert resumed.stepped and resumed.skipped_steps == 1
+    for a, b in zip(model.parameters(), before):
+        assert torch.equal(a, b)
+
+
+def test_many_small_tensors_match_the_large_batch(monkeypatch, backend):
+    monkeypatch.setenv("FUSED_ACCUM_GROUP_MB", str(8 * 1024 / 2**20))   # a few tensors a group
+    g = torch.Generator().manual_seed(10)
+    params = [torch.nn.Parameter(torch.randn(int(n), generator=g))
+              for n in torch.randint(3, 300, (150,), generator=g)]
+    data = [[torch.randn(p.shape, generator=g) for p in params] for _ in range(4)]
+    loss = lambda ps, d: sum(((p - x) ** 2).mean() + p.sin().sum() * 1e-2 for p, x in zip(ps, d))
+    expected = [p.detach().clone().requires_grad_() for p in params]
+    torch_opt = torch.optim.AdamW(expected, lr=1e-2)
+    (sum(loss(expected, d) for d in data) / 4).backward()
+    torch.nn.utils.clip_grad_norm_(expected, 0.5)
+    torch_opt.step()
+    opt = fused_accum.AdamW(params, lr=1e-2, accumulation_steps=4, max_grad_norm=0.5,
+                            backend=backend)
+    for d in data:
+        loss(params, d).backward()
+        opt.step()
+    for p, e in zip(params, expected):   # relative to each tensor's scale, as assert_same_params
+        scale = e.detach().abs().max().item()
+        torch.testing.assert_close(p.detach(), e.detach(), rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hinted", [True, False])
+def test_a_window_driven_from_outside(dtype, hinted, backend):
+    """One step() per window, as frameworks call it: told which pass is the window's last, the
+    optimizer folds the clipping norm into it; untold, it is still exact."""
+    batches = make_batches(11, 3, 2)
+    base = make_model(seed=11, dtype=dtype)
+    expected = clone(base)
+    counted = fused_accum.SGD(expected.parameters(), lr=0.5, accumulation_steps=3,
+                              max_grad_norm=0.1, backend=backend)   # SGD: no sign flips of
+    model = clone(base)                                               # near-zero gradients
+    opt = fused_accum.SGD(model.parameters(), lr=0.5, max_grad_norm=0.1, backend=backend)
+    spy = _spy_on(opt)
+    for m, batch in enumerate(batches):
+        if hinted:
+            opt.final_micro_batch = m == len(batches) - 1
+        (lm_loss(model, *batch) / len(batches)).backward()
+        lm_loss(expected, *batch).backward()
+        counted.step()
+    opt.step()
+    assert opt.stepped and opt.final_micro_batch is None
+    assert spy.norms == (0 if hinted else 1)   # hinted: folded into the last pass's accumulate
+    assert_same_params(model, expected, rtol=1e-5 if dtype == torch.float32 else 1e-2)
+    with pytest.raises(TypeError, match="final_micro_batch"):
+        opt.final_micro_batch = 1
+
+
+def test_a_folded_norm_needs_no_norm_pass(backend):
+    model = make_model(seed=12, dtype=torch.bfloat16)
+    opt = fused_accum.AdamW(model.parameters(), accumulation_steps=2, max_grad_norm=1.0,
+                            backend=backend)
+    spy = _spy_on(opt)
+    for batch in make_batches(12, 4, 2):
+        lm_loss(model, *batch).backward()
+        opt.step()
+    assert spy.norms == 0 and opt.grad_norm is not None
