@@ -36,7 +36,7 @@ def test_quick_bench_writes_the_documented_json(tmp_path):
     assert contenders == {"torch"} | {f"fused_accum:{n}" for n in cpu_backends}
     assert {r["pipeline"] for r in data["windows"]} == {"fused_accum", "fused_accum compact",
                                                         "torch best", "torch naive"}
-    assert {r["config"] for r in data["windows"]} == {"a", "b", "c", "d"}
+    assert {r["config"] for r in data["windows"]} == {"a1", "a2", "b", "c", "d", "e", "f"}
     for r in data["ops"] + data["windows"]:
         assert r["time_s"] > 0 and r["bytes"] > 0
     # fused_accum and the best plain pipeline end every window with the same parameters.

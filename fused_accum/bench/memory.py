@@ -1,14 +1,19 @@
 """Peak memory of a window, per pipeline.
 
-CUDA: ``max_memory_allocated`` over a few windows, less what the workload (parameters and the
-gradients the backward hands out) holds before the pipeline is built.  CPU: a process's peak
+CUDA: ``max_memory_allocated`` over a few windows, less what the workload (the model and its
+micro-batches) holds before the pipeline is built.  CPU: a process's peak
 resident size cannot be reset, so each pipeline runs in a fresh process
 (``python -m fused_accum.bench.memory CONFIG PIPELINE``) and the peak of one that only builds
-the workload is subtracted.
+the workload is subtracted.  The children allocate every block above 128 KB with mmap
+(``MALLOC_MMAP_THRESHOLD_``), so memory a pipeline frees goes back to the system at once and the
+peak is what was live: glibc's adaptive threshold would otherwise keep freed blocks resident
+in its heap, by amounts that depend on the order of frees (tens of MB either way), not on what
+the pipeline holds.
 """
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -70,7 +75,8 @@ def cpu_peak_bytes(config_name: str, pipelines: list[str], quick: bool, backend:
     for pipeline in [WORKLOAD_ONLY, *pipelines]:
         out = subprocess.run([sys.executable, "-m", "fused_accum.bench.memory", config_name, pipeline,
                               "--quick" if quick else "--full", backend],
-                             capture_output=True, text=True, timeout=600, check=True)
+                             capture_output=True, text=True, timeout=600, check=True,
+                             env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)})
         peaks[pipeline] = json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
     return {p: peaks[p] - peaks[WORKLOAD_ONLY] for p in pipelines}
 

@@ -1,49 +1,38 @@
-"""Window level: whole accumulation windows, fused_accum against plain PyTorch.
+"""Window level: whole accumulation windows of real models, fused_accum against plain PyTorch.
 
-Each configuration runs three pipelines over the same parameters and the same gradients:
+Each configuration trains one real model (a forward and a backward pass per micro-batch, through
+real layers) in three pipelines, each on its own copy of the same model and the same
+micro-batches:
 
 - ``fused_accum``: the one-line change (``fused_accum.<Opt>(..., accumulation_steps=k)``);
-- ``torch best``: the strongest plain-PyTorch pipeline for the job: fp32 gradient accumulation
-  (``param.grad_dtype = float32`` where torch has it), fp32 master copies for low-precision
-  models, foreach ``clip_grad_norm_``, fused optimizers, ``zero_grad(set_to_none=True)``;
+- ``torch best``: the strongest plain-PyTorch pipeline for the job: ``(loss / k).backward()``,
+  fp32 gradient accumulation (``param.grad_dtype = float32`` where torch has it) and fp32 master
+  copies for low-precision models, foreach ``clip_grad_norm_``, fused optimizers,
+  ``zero_grad(set_to_none=True)``;
 - ``torch naive``: the hand-written loop most people write: ``(loss / k).backward()`` into
   model-dtype ``.grad``, the default optimizer on the model's own parameters.
 
-A micro-batch's backward hands each parameter a precomputed gradient (one of three
-random sets, in rotation) through an autograd Function: the backward costs what any backward must
-(writing each gradient once) and the window time is the gradient pipeline's (accumulation,
-clipping, optimizer step, zeroing), which is what the pipelines do differently.  Parameter shapes are those of the named model.
+The window time is therefore what a user sees: forward, backward, accumulation, clipping, the
+optimizer step and zeroing.  Peak memory is measured in a fresh process per pipeline.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
 import fused_accum
-from . import memory
+from . import memory, models
 from .harness import progress, time_interleaved
-
-
-def gpt_shapes(layers: int, dim: int, vocab: int) -> list[tuple[int, ...]]:
-    shapes: list[tuple[int, ...]] = [(vocab, dim), (1024, dim)]
-    for _ in range(layers):
-        shapes += [(dim,), (dim,), (3 * dim, dim), (3 * dim,), (dim, dim), (dim,),
-                   (dim,), (dim,), (4 * dim, dim), (4 * dim,), (dim, 4 * dim), (dim,)]
-    return shapes + [(dim,), (dim,)]
-
-
-def small_tensor_shapes(count: int) -> list[tuple[int, ...]]:
-    g = torch.Generator().manual_seed(0)
-    return [(int(n),) for n in torch.randint(256, 4096, (count,), generator=g)]
 
 
 @dataclass
 class Config:
     name: str
     describe: str
-    shapes: list[tuple[int, ...]]
+    model: str                  # a kind of fused_accum.bench.models
+    size: dict                  # the model's constructor arguments
+    shape: dict                 # a micro-batch's shape
     dtype: torch.dtype
     optimizer: str              # "sgd" or "adamw"
     k: int
@@ -54,64 +43,68 @@ class Config:
 
     @property
     def numel(self) -> int:
-        return sum(math.prod(s) for s in self.shapes)
+        return models.numel(self.model, self.size)
+
+    @property
+    def tensors(self) -> int:
+        return models.tensors(self.model, self.size)
 
 
 def configs(device: torch.device, quick: bool) -> list[Config]:
-    scale = 1 if device.type == "cpu" else 4
+    gpu = device.type == "cuda"
     if quick:
-        gpt = gpt_shapes(2, 128, 2048)
+        conv = dict(channels=16, width=128, depth=2, classes=10)
+        gpt = gpt16 = dict(vocab=512, dim=64, layers=2, heads=4, context=16)
+        small, wide = dict(width=32, depth=15), dict(width=256, depth=4)
+    elif gpu:
+        conv = dict(channels=256, width=4096, depth=8, classes=1000)
+        gpt = gpt16 = dict(vocab=32768, dim=1024, layers=8, heads=16, context=512)
+        small, wide = dict(width=64, depth=100), dict(width=4096, depth=16)
     else:
-        gpt = gpt_shapes(4 * scale, 384 * scale, 8192)
+        conv = dict(channels=64, width=1024, depth=6, classes=10)
+        gpt = dict(vocab=8192, dim=384, layers=4, heads=6, context=32)
+        gpt16 = dict(vocab=4096, dim=256, layers=2, heads=4, context=16)   # fp16 CPU GEMMs are slow
+        small, wide = dict(width=48, depth=100), dict(width=2048, depth=16)
+    rows = dict(batch=16 if gpu else 4, length=16)
+    adamw = dict(lr=1e-4, weight_decay=0.1)
     return [
-        Config("a", "fp32 model, SGD momentum", gpt, torch.float32, "sgd", 4, None,
-               dict(lr=1e-2, momentum=0.9)),
-        Config("b", "bf16 GPT-like model, AdamW, fp32 masters, clipping", gpt, torch.bfloat16,
-               "adamw", 8, 1.0, dict(lr=1e-4, weight_decay=0.1), compact=True),
+        Config("a1", "fp32 conv + MLP model, AdamW, clipping", "convmlp", conv, rows, torch.float32,
+               "adamw", 4, 1.0, adamw),
+        Config("a2", "fp32 conv + MLP model, SGD momentum", "convmlp", conv, rows, torch.float32,
+               "sgd", 4, None, dict(lr=1e-2, momentum=0.9)),
+        Config("b", "bf16 GPT-like model, AdamW, fp32 masters, clipping", "gpt", gpt,
+               dict(batch=8 if gpu else 2), torch.bfloat16, "adamw", 8, 1.0, adamw, compact=True),
         Config("c", "fp16 GPT-like model, AdamW, dynamic loss scaling, fp32 masters, clipping",
-               gpt, torch.float16, "adamw", 8, 1.0, dict(lr=1e-4, weight_decay=0.1),
+               "gpt", gpt16, dict(batch=8 if gpu else 2), torch.float16, "adamw", 8, 1.0, adamw,
                loss_scaling=True),
-        Config("d", "several hundred small fp32 tensors, AdamW (launch-bound)",
-               small_tensor_shapes(60 if quick else 400), torch.float32, "adamw", 4, 1.0,
-               dict(lr=1e-4, weight_decay=0.1)),
+        Config("d", "several hundred small fp32 tensors, AdamW, clipping", "small", small,
+               dict(batch=64), torch.float32, "adamw", 4, 1.0, adamw),
+        Config("e", "parameter-dominated fp32 model (wide Linear stack), AdamW", "wide", wide,
+               dict(batch=4), torch.float32, "adamw", 4, None, adamw),
+        Config("f", "parameter-dominated bf16 model (wide Linear stack), AdamW, fp32 masters",
+               "wide", wide, dict(batch=4), torch.bfloat16, "adamw", 4, None, adamw, compact=True),
     ]
 
 
-class _InjectGradients(torch.autograd.Function):
-    """loss = 0 * scale; its backward gives parameter i ``grads[i] * grad_output``."""
-
-    @staticmethod
-    def forward(ctx, grads, scale, *params):
-        ctx.grads = grads
-        return scale * 0
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        # Fresh tensors scaled by the incoming gradient (a loss divided by k gives gradients
-        # divided by k), written once as a real backward writes them; handing out the stored
-        # tensors would also let autograd steal them as .grad and add into them in place.
-        return (None, None, *[g * grad_output for g in ctx.grads])
-
-
 class Workload:
-    """Parameters of a configuration and the gradients each micro-batch's backward delivers."""
+    """One pipeline's copy of the model and the micro-batches it cycles through (the same for
+    every pipeline of a configuration)."""
 
     def __init__(self, config: Config, device: torch.device, seed: int):
-        g = torch.Generator(device=device).manual_seed(seed)
-        make = lambda scale: [(torch.randn(s, generator=g, device=device) * scale).to(config.dtype)
-                              for s in config.shapes]
-        self.params = [torch.nn.Parameter(t) for t in make(0.02)]
-        self.gradient_sets = [make(1e-3) for _ in range(3)]
-        self.scale = torch.ones((), device=device, requires_grad=True)
+        self.config = config
+        self.model = models.build(config.model, config.size, config.dtype, device, seed)
+        self.params = list(self.model.parameters())
+        self.batches = models.batches(config.model, config.size, config.shape, config.dtype,
+                                      device, seed, 2 * config.k)
         self.step = 0
 
     def loss(self) -> torch.Tensor:
-        grads = self.gradient_sets[self.step % len(self.gradient_sets)]
+        batch = self.batches[self.step % len(self.batches)]
         self.step += 1
-        return _InjectGradients.apply(grads, self.scale, *self.params)
+        return models.loss(self.config.model, self.model, batch)
 
 
-INIT_SCALE = 2.0**12   # both sides' loss scalers start here; the gradients never overflow it
+INIT_SCALE = 2.0**12   # both sides' loss scalers start here
 
 
 class FusedPipeline:
@@ -122,11 +115,14 @@ class FusedPipeline:
         self.opt = cls(work.params, accumulation_steps=config.k, max_grad_norm=config.max_grad_norm,
                        master_weights="compact" if compact else True, loss_scale=scaling,
                        backend=backend, **config.hyper)
-        self.work, self.k = work, config.k
+        self.work, self.k, self.scaled = work, config.k, config.loss_scaling
 
     def window(self) -> None:
         for _ in range(self.k):
-            self.opt.backward(self.work.loss())
+            if self.scaled:
+                self.opt.backward(self.work.loss())   # applies the loss scale
+            else:
+                self.work.loss().backward()
             self.opt.step()
             self.opt.zero_grad()
 
@@ -229,10 +225,11 @@ def bytes_per_parameter(config: Config, pipeline: str) -> int:
     clip = config.max_grad_norm is not None
     step32 = 28 if config.optimizer == "adamw" else 20          # fp32 param, grad, state in/out
     if pipeline.startswith("fused_accum"):
-        if e == 4 or pipeline.endswith("compact"):
-            step = step32          # fp32 param in/out, or bf16 param + int16 remainder in/out
-        else:
-            step = step32 + e      # fp32 master in/out, and the parameter written
+        if e == 4:   # the first gradient is adopted, later ones added; the norm is folded in
+            return (k - 1) * 12 + step32
+        # bf16/fp16: fp32 master in/out and the parameter written, or (compact) the bf16
+        # parameter and int16 remainder in/out
+        step = step32 if pipeline.endswith("compact") else step32 + e
         return (e + 4) + (k - 1) * (e + 8) + step
     if pipeline == "torch best":
         first = e + 4 if e != 4 else 0                           # autograd steals an fp32 grad
@@ -266,7 +263,7 @@ def run(device: torch.device, quick: bool, repeats: int, copy_bw: float, backend
                        for a, b in zip(p.parameters(), reference))
             rows.append(dict(
                 config=config.name, describe=config.describe, parameters=config.numel,
-                tensors=len(config.shapes), dtype=str(config.dtype).replace("torch.", ""),
+                tensors=config.tensors, dtype=str(config.dtype).replace("torch.", ""),
                 k=config.k, pipeline=p.name, time_s=t.median, time_p10_s=t.p10, time_p90_s=t.p90,
                 time_vs_torch_best=t.median / base,
                 bytes_per_parameter=bytes_per_parameter(config, p.name), bytes=nbytes,
