@@ -33,10 +33,13 @@ from torch import Tensor
 
 from .buffers import Bucket, param_label
 
-# The GradBuffers that currently owns a parameter.  The newest optimizer built over a parameter
-# owns it; hooks of older (or dead) optimizers leave its gradient alone.
+# (owner, hook handle) of the GradBuffers that owns a parameter: the newest optimizer built over
+# a parameter takes it over and removes the previous owner's hook.
 _OWNER_ATTR = "_fused_accum_owner"
 GROUP_ENV = "FUSED_ACCUM_GROUP_MB"
+# Looked up once: the hook runs for every gradient of every backward pass.
+_task_id = torch._C._current_graph_task_id
+_STRIDED, _FP32 = torch.strided, torch.float32
 
 
 def group_bytes() -> int:
@@ -46,11 +49,14 @@ def group_bytes() -> int:
 class BackwardPass:
     """What one backward pass (an autograd graph task) has delivered so far."""
 
-    __slots__ = ("task", "serial", "queue", "queued_bytes", "firsts", "added", "found_before")
+    __slots__ = ("task", "serial", "queue", "queued_bytes", "firsts", "added", "found_before",
+                 "arrived_before")
 
-    def __init__(self, task: int, serial: int, found_before: dict[torch.device, Tensor]):
+    def __init__(self, task: int, serial: int, found_before: dict[torch.device, Tensor],
+                 arrived_before: bool):
         self.task = task
         self.serial = serial
+        self.arrived_before = arrived_before   # whether gradients had come since the last step()
         self.queue: list[tuple[Bucket, int, Tensor]] = []   # not yet accumulated
         self.queued_bytes = 0
         self.firsts: list[tuple[Bucket, int]] = []   # slots this pass touched first in the window
@@ -135,11 +141,18 @@ class GradBuffers:
         return new
 
     def _hook(self, param: Tensor) -> None:
-        setattr(param, _OWNER_ATTR, self._self_ref)
+        previous = getattr(param, _OWNER_ATTR, None)
+        if previous is not None and previous[1] is not None:
+            previous[1].remove()   # an older optimizer over this parameter stops taking its grads
+        setattr(param, _OWNER_ATTR, (self._self_ref, None))
         if param.requires_grad:
             self._register_hook(param)
         else:
             self.unhooked.append(param)
+
+    def _owns(self, param: Tensor) -> bool:
+        owner = getattr(param, _OWNER_ATTR, None)
+        return owner is not None and owner[0] is self._self_ref
 
     def _register_hook(self, param: Tensor) -> None:
         self_ref = self._self_ref
@@ -147,9 +160,11 @@ class GradBuffers:
 
         def hook(p: Tensor) -> None:
             owner = self_ref()
-            if owner is not None and getattr(p, _OWNER_ATTR, None) is self_ref:
+            if owner is not None:   # a dead optimizer leaves the gradient to plain autograd
                 owner._on_grad(p, bucket, i)
-        self._handles.append(param.register_post_accumulate_grad_hook(hook))
+        handle = param.register_post_accumulate_grad_hook(hook)
+        self._handles.append(handle)
+        setattr(param, _OWNER_ATTR, (self_ref, handle))
 
     def remove_hooks(self) -> None:
         """Stop taking gradients: parameters get plain ``.grad`` accumulation again."""
@@ -157,7 +172,7 @@ class GradBuffers:
             handle.remove()
         self._handles.clear()
         for p in self.slots:
-            if getattr(p, _OWNER_ATTR, None) is self._self_ref:
+            if self._owns(p):
                 delattr(p, _OWNER_ATTR)
         self.unhooked.clear()
 
@@ -173,18 +188,16 @@ class GradBuffers:
             return
         param.grad = None
         with self._lock:
-            task = torch._C._current_graph_task_id()
-            record = self.passes.get(task)
+            record = self.passes.get(_task_id())
             if record is None:
-                record = self._start_pass(task)   # may refuse the pass: then nothing is taken
-            if grad.layout != torch.strided:
+                record = self._start_pass(_task_id())   # may refuse the pass: nothing is taken
+            if grad.layout is not _STRIDED:
                 grad = grad.to_dense()   # e.g. nn.Embedding(sparse=True): accumulated densely
             if (not bucket.flat and not bucket.touched[i] and self.micro_weight is None
-                    and grad.dtype == torch.float32 and grad.is_contiguous()):
+                    and grad.dtype is _FP32 and grad.is_contiguous()):
                 bucket.adopted[i] = grad          # autograd's fresh fp32 gradient: no copy
                 bucket.touched[i] = True
                 record.firsts.append((bucket, i))
-                self.arrived = True
             else:
                 record.queue.append((bucket, i, grad))
                 record.queued_bytes += grad.nbytes
@@ -197,8 +210,10 @@ class GradBuffers:
         # May raise, e.g. for a window mixing plain backward() with opt.backward(num_items=).
         self._on_backward_start()(self.micro_kind or "plain", self.micro_kind is not None)
         self._serial += 1
-        record = BackwardPass(task, self._serial, {d: f.clone() for d, f in self.found_inf.items()})
+        record = BackwardPass(task, self._serial, {d: f.clone() for d, f in self.found_inf.items()},
+                              self.arrived)
         self.passes[task] = record
+        self.arrived = True
         torch.autograd.Variable._execution_engine.queue_callback(_PassEnd(self._self_ref, task))
         return record
 
@@ -251,11 +266,15 @@ class GradBuffers:
             bucket.untouch(i)
         for device, flag in record.found_before.items():
             self.found_inf[device].copy_(flag)
+        self.arrived = record.arrived_before
 
     def take_stray_grads(self) -> None:
         """Accumulate gradients that bypassed the hooks (params unfrozen after construction, or
         ``.grad`` assigned by hand), and hook params that now require grad."""
         for p in list(self.unhooked):
+            if not self._owns(p):   # taken over by a newer optimizer
+                self.unhooked.remove(p)
+                continue
             if p.requires_grad:
                 self.unhooked.remove(p)
                 self._register_hook(p)
