@@ -89,3 +89,24 @@ def test_generic_state_dict_resumes_mid_window(backend):
     opt.flush()
     for a, b in zip(resumed.parameters(), straight.parameters()):
         assert torch.equal(a, b)
+
+
+def test_param_groups_stay_shared_after_loading_a_state_dict(backend):
+    model = make_model(seed=96)
+    inner = torch.optim.Adagrad(model.parameters(), lr=0.1)
+    opt = fused_accum.FusedAccumulator(inner, backend=backend)
+    opt.load_state_dict(opt.state_dict())   # accelerate's prepare() does this round trip
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.25)
+    assert inner.param_groups is opt.param_groups and inner.param_groups[0]["lr"] == 0.025
+    before = [p.detach().clone() for p in model.parameters()]
+    lm_loss(model, *make_batches(96, 1, 2)[0]).backward()
+    opt.step()
+    scheduler.step()
+    reference = torch.optim.Adagrad([b.requires_grad_() for b in before], lr=0.025)
+    clone_model = make_model(seed=96)
+    lm_loss(clone_model, *make_batches(96, 1, 2)[0]).backward()
+    for b, p in zip(before, clone_model.parameters()):
+        b.grad = p.grad
+    reference.step()
+    for a, b in zip(model.parameters(), before):
+        torch.testing.assert_close(a.detach(), b.detach())

@@ -107,10 +107,12 @@ def _worker(rank: int, scenario: str, init_file: str, out_dir: str, backend: str
     finally:
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
         if dist.is_initialized():
-            if "error" in result:
-                os._exit(0)   # a process group broken by a failed peer cannot be torn down cleanly
-            dist.barrier()    # neither rank tears the group down while the other still uses it
-            dist.destroy_process_group()
+            if "error" not in result:
+                dist.barrier()   # neither rank leaves while the other still uses the group
+            # Leave without tearing gloo down: a group broken by a failed peer cannot be, and
+            # gloo's threads destroyed at teardown abort a process now and then ("terminate
+            # called without an active exception"), with the result already saved.
+            os._exit(0)
 
 
 def _run(scenario: str, tmp_path, backend: str) -> list[dict]:

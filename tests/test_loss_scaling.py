@@ -190,3 +190,18 @@ def test_bad_loss_scaling_arguments(kwargs, match):
 def test_bad_dynamic_loss_scale(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DynamicLossScale(**kwargs)
+
+
+def test_torch_grad_scaler_is_refused_with_the_remedy(backend):
+    model = make_model(seed=40)
+    opt = fused_accum.AdamW(model.parameters(), accumulation_steps=2, backend=backend)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    batches = make_batches(40, 4, 2)
+    scaler.scale(lm_loss(model, *batches[0])).backward()
+    with pytest.raises(RuntimeError, match=r"GradScaler.*loss_scale='dynamic'.*opt.backward"):
+        scaler.step(opt)
+    assert opt.micro_batches == 0 and not hasattr(opt, "found_inf")
+    for batch in batches[2:]:   # the optimizer's own recipe works afterwards
+        opt.backward(lm_loss(model, *batch))
+        opt.step()
+    assert opt.stepped

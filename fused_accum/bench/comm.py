@@ -1,9 +1,10 @@
 """Data parallel: bytes communicated per accumulation window, fused_accum against DDP.
 
 Two ranks (gloo on CPU, NCCL on GPUs) train the same model for a few windows of k micro-batches
-in three pipelines: fused_accum with ``process_group=True`` (one reduction of the fp32 buffers
-per window), DDP reducing in every micro-batch, and DDP under ``no_sync()`` for all but the last
-micro-batch.  Every all-reduce's payload is counted where it is issued, by a wrapper around
+in four pipelines: fused_accum on its own (it averages each window over the ranks, with one
+reduction of the fp32 buffers per window), fused_accum on a DDP-wrapped model (the one-line
+change in a DDP script: the optimizer switches DDP's reduction off), DDP reducing in every
+micro-batch, and DDP under ``no_sync()`` for all but the last micro-batch.  Every all-reduce's payload is counted where it is issued, by a wrapper around
 ``torch.distributed.all_reduce`` (DDP reduces through it with its ``allreduce_hook``, documented as
 equivalent to its built-in reduction), so the bytes are measured, not computed; the time per window is the median over the timed windows.
 """
@@ -13,6 +14,7 @@ import contextlib
 import datetime
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -21,7 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-PIPELINES = ("fused_accum", "DDP", "DDP no_sync")
+PIPELINES = ("fused_accum", "DDP + fused_accum", "DDP", "DDP no_sync")
 
 
 def _model(dtype: torch.dtype, width: int, depth: int, device: torch.device) -> nn.Module:
@@ -75,14 +77,15 @@ def _worker(rank: int, pipeline: str, cfg: dict, init_file: str, out: dict) -> N
         model = _model(dtype, cfg["width"], cfg["depth"], device)
         counter = _Counter()
         k = cfg["k"]
-        if pipeline == "fused_accum":
-            opt = fused_accum.AdamW(model.parameters(), lr=1e-4, accumulation_steps=k,
-                                    process_group=True)
-            net = model
-        else:
+        fused = pipeline.endswith("fused_accum")
+        net = model
+        if pipeline.startswith("DDP"):
             net = DDP(model, device_ids=[rank] if device.type == "cuda" else None)
             # DDP's documented equivalent of its built-in reduction, through dist.all_reduce
             net.register_comm_hook(None, allreduce_hook)
+        if fused:   # the default process_group ("auto") averages windows over both ranks
+            opt = fused_accum.AdamW(net.parameters(), lr=1e-4, accumulation_steps=k)
+        else:
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         gen = torch.Generator(device="cpu").manual_seed(100 + rank)
         batches = [torch.randn(cfg["batch"], cfg["width"], generator=gen).to(device, dtype)
@@ -102,9 +105,9 @@ def _worker(rank: int, pipeline: str, cfg: dict, init_file: str, out: dict) -> N
                     with sync:
                         loss = net(x).float().square().mean()
                         loss.backward()
-                    if pipeline == "fused_accum":
+                    if fused:
                         opt.step()
-                if pipeline != "fused_accum":
+                if not fused:
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                 if device.type == "cuda":
@@ -119,11 +122,16 @@ def _worker(rank: int, pipeline: str, cfg: dict, init_file: str, out: dict) -> N
             out[pipeline] = dict(bytes=statistics.median(window_bytes),
                                  calls=statistics.median(window_calls),
                                  time_s=statistics.median(times), parameters=params)
-        # Both ranks done before either tears down: gloo aborts a rank whose peer closed the
-        # connection under it ("terminate called without an active exception").
+        # Both ranks done before either leaves.  Then leave without tearing gloo down: its
+        # threads, destroyed while the peer's connection closes, abort the process now and then
+        # ("terminate called without an active exception"), with the results already sent.
         dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _run_pipeline(pipeline: str, cfg: dict) -> dict:
@@ -151,7 +159,7 @@ def run(device: torch.device, quick: bool, k: int = 8) -> list[dict]:
             results[pipeline] = _run_pipeline(pipeline, cfg)
         ours = results["fused_accum"]
         for pipeline, r in results.items():
-            accumulates_in = "float32" if pipeline == "fused_accum" else dtype
+            accumulates_in = "float32" if pipeline.endswith("fused_accum") else dtype
             rows.append(dict(model_dtype=dtype, pipeline=pipeline, k=k, ranks=2,
                              accumulates_in=accumulates_in,
                              parameters=r["parameters"], bytes_per_window=r["bytes"],

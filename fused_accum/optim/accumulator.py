@@ -35,7 +35,7 @@ class FusedAccumulator(AccumulatingOptimizer):
     def __init__(self, optimizer: Optimizer, accumulation_steps: int = 1,
                  max_grad_norm: float | None = None, master_weights: bool | None = None,
                  loss_scale: Any = "auto", nonfinite: str = "skip", stochastic_rounding: bool = False,
-                 process_group: Any = None, backend: str = "auto") -> None:
+                 process_group: Any = "auto", backend: str = "auto") -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
                             f"{type(optimizer).__name__}")
@@ -101,3 +101,6 @@ class FusedAccumulator(AccumulatingOptimizer):
         super().load_state_dict(state_dict)
         if not self.fused:
             self.optimizer.load_state_dict(state_dict["inner"])
+            # torch's load_state_dict gives the inner optimizer new param group dicts; share
+            # ours again (loaded with the same values), or schedulers would drive a stale copy
+            self.optimizer.param_groups = self.param_groups

@@ -53,7 +53,7 @@ class Adam(AccumulatingOptimizer):
                  fused: bool | None = None, decoupled_weight_decay: bool = False,
                  accumulation_steps: int = 1, max_grad_norm: float | None = None,
                  master_weights: bool | str = True, loss_scale: Any = "auto", nonfinite: str = "skip",
-                 stochastic_rounding: bool = False, process_group: Any = None,
+                 stochastic_rounding: bool = False, process_group: Any = "auto",
                  backend: str = "auto") -> None:
         refuse_differentiable(differentiable)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
@@ -87,7 +87,7 @@ class AdamW(Adam):
                  differentiable: bool = False, fused: bool | None = None,
                  accumulation_steps: int = 1, max_grad_norm: float | None = None,
                  master_weights: bool | str = True, loss_scale: Any = "auto", nonfinite: str = "skip",
-                 stochastic_rounding: bool = False, process_group: Any = None,
+                 stochastic_rounding: bool = False, process_group: Any = "auto",
                  backend: str = "auto") -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable, differentiable=differentiable,

@@ -16,9 +16,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import kernels, scaling
-from ..kernels import reference
 from ..buffers import Bucket, param_label
 from ..gradients import GradBuffers
+from . import data_parallel
+from .checkpoint import WindowStateDict, index_params
 from .distributed import WindowReducer
 from .nonfinite import SkipMonitor
 from ._args import check_accumulation_steps, check_max_grad_norm
@@ -33,11 +34,7 @@ class Algorithm(NamedTuple):
     update: UpdateFn
 
 
-def _index_params(groups: list[dict[str, Any]]) -> list[Tensor]:
-    return [p for g in groups for p in g["params"]]
-
-
-class AccumulatingOptimizer(Optimizer):
+class AccumulatingOptimizer(WindowStateDict, Optimizer):
     """Base of SGD, Adam, AdamW and FusedAccumulator.
 
     ``step()`` ends a micro-batch; every ``accumulation_steps``-th call applies the update of the
@@ -64,18 +61,23 @@ class AccumulatingOptimizer(Optimizer):
       smaller than half a bf16 ulp are not lost.  The random bits come from a seed drawn from
       torch's generator at construction, the step count and the element's position: no host
       synchronisation, reproducible under ``torch.manual_seed``.
-    - ``process_group``: a torch.distributed process group (True: the default group) to
-      average each window over all its ranks, with one reduction per window (see
-      :mod:`fused_accum.optim.distributed`); None: no communication.
+    - ``process_group``: the ranks each window is averaged over, with one reduction per window
+      (see :mod:`fused_accum.optim.distributed`): "auto" (the default group when
+      torch.distributed runs more than one rank, else none), True (the default group), a
+      process group, or None (each rank alone).  A DistributedDataParallel wrapper around the
+      model is switched off and its group used (see :mod:`fused_accum.optim.data_parallel`).
     - ``backend``: "auto", or a name from ``python -m fused_accum info``.
     """
 
     algorithm: Algorithm
+    # torch.amp.GradScaler.step then calls step() itself, which can name the remedy, instead of
+    # asserting that no inf checks were recorded (there is no .grad for it to check).
+    _step_supports_amp_scaling = True
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, accumulation_steps: int = 1,
                  max_grad_norm: float | None = None, master_weights: bool | str = True,
                  loss_scale: Any = "auto", nonfinite: str = "skip", stochastic_rounding: bool = False,
-                 process_group: Any = None, backend: str = "auto") -> None:
+                 process_group: Any = "auto", backend: str = "auto") -> None:
         self.accumulation_steps = check_accumulation_steps(accumulation_steps)
         if not isinstance(stochastic_rounding, bool):
             raise TypeError(f"stochastic_rounding must be True or False, got {stochastic_rounding!r}")
@@ -93,25 +95,35 @@ class AccumulatingOptimizer(Optimizer):
             raise TypeError(f"master_weights must be True, False or 'compact', got {master_weights!r}")
         self.master_weights = master_weights
         self.backend = kernels.validate_name(backend)
+        group = data_parallel.resolve(process_group)
         # Data parallelism reduces flat accumulators; alone, fp32 buckets adopt their gradients.
         self._buffers = GradBuffers(self.backend, self._on_backward_start,
-                                    flat_fp32=process_group is not None)
+                                    flat_fp32=group is not None)
         self._micro = 0                              # micro-batches ended in this window
-        self._final_hint: bool | None = None         # see final_micro_batch
+        self._final_hint: Any = None                 # see final_micro_batch
         self._mode: str | None = None                # "plain" or "items" once the window knows
         self._weight_sum: dict[torch.device, Tensor] = {}   # items seen in the window
         self._grad_norm: Tensor | None = None
         self.stepped = False
         super().__init__(params, defaults)
         main = self._buffers.buckets[0].device
-        self._scaler = scaling.resolve(loss_scale, _index_params(self.param_groups), main)
+        self._scaler = scaling.resolve(loss_scale, index_params(self.param_groups), main)
         self._skipped = torch.zeros((), device=main)   # windows skipped for non-finite gradients
+        # grad_norm's value, updated in place at every window's end, for code that hands out the
+        # norm before the step that computes it (the framework integrations' logging)
+        self._live_grad_norm = torch.zeros((), device=main)
         self._skip_monitor = SkipMonitor(main)
         self._warned = set()
         self._global_weight: Tensor | None = None   # W of all ranks, while a window ends
-        self._reducer = None if process_group is None else WindowReducer(process_group)
+        owners = data_parallel.ddp_owners(index_params(self.param_groups))
+        if owners and isinstance(process_group, str):   # "auto"
+            group = owners[0].process_group   # reduce over the ranks DDP was given
+        self._reducer = None if group is None else WindowReducer(group)
+        data_parallel.take_over(owners, self._reducer, index_params(self.param_groups))
+        # A DDP wrapper made after the optimizer (accelerate, transformers) is found at step 1.
+        self._ddp_unchecked = data_parallel.world_size() > 1 and not owners
         if self._reducer is not None:
-            self._reducer.broadcast_parameters(_index_params(self.param_groups))
+            self._reducer.broadcast_parameters(index_params(self.param_groups))
             for bucket in self._buffers.buckets:   # masters were taken before the broadcast
                 self._init_masters(bucket)
             self._reducer.attach(self._buffers)
@@ -156,6 +168,7 @@ class AccumulatingOptimizer(Optimizer):
             if not p.is_leaf:
                 raise ValueError(f"fused_accum: parameter {label} is not a leaf tensor (it was "
                                  "computed from other tensors); pass the leaf nn.Parameter instead")
+            data_parallel.check_parameter(p, label)
             if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
                 raise TypeError(f"fused_accum: parameter {label} is {p.dtype}; fused_accum "
                                 "accumulates in fp32 and takes float32, bfloat16 or float16 "
@@ -195,6 +208,8 @@ class AccumulatingOptimizer(Optimizer):
                 "loss.backward(); call one or the other for every micro-batch of a window (the "
                 "backward pass was refused; the window's accumulated gradients are intact)")
         self._mode = kind
+        if callable(self._final_hint):
+            self._arm()   # ask whether this pass ends the window
         if not through_optimizer and self._scaler is not None:
             self._warn_once("unscaled", "fused_accum: loss scaling is on (fp16 parameters, or "
                             "loss_scale=...), but this backward pass did not go through "
@@ -244,6 +259,25 @@ class AccumulatingOptimizer(Optimizer):
             for device, total in self._weight_sum.items():
                 total.add_(items.to(device, torch.float32, non_blocking=True))
 
+    def _refuse_grad_scaler(self) -> None:
+        for name in ("found_inf", "grad_scale"):
+            self.__dict__.pop(name, None)
+        self._buffers.settle_unfinished()
+        self._reset_window()
+        raise RuntimeError(
+            "fused_accum: torch.amp.GradScaler cannot drive a fused_accum optimizer: it unscales "
+            "and checks .grad, which fused_accum empties as gradients arrive. Use the "
+            "optimizer's own loss scaling: loss_scale='dynamic' (GradScaler's rule; the default "
+            "for fp16 parameters), opt.backward(loss) instead of scaler.scale(loss).backward(), "
+            "and opt.step() instead of scaler.step(opt) and scaler.update(). The window in "
+            "progress, which held gradients of GradScaler's scaled loss, was discarded")
+
+    def _check_wrappers(self) -> None:
+        if self._ddp_unchecked:
+            self._ddp_unchecked = False
+            params = index_params(self.param_groups)
+            data_parallel.take_over(data_parallel.ddp_owners(params), self._reducer, params)
+
     def _has_fp16(self) -> bool:
         return any(b.dtype == torch.float16 for b in self._buffers.buckets)
 
@@ -263,10 +297,13 @@ class AccumulatingOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """End one micro-batch; the ``accumulation_steps``-th call updates the parameters."""
+        if "found_inf" in self.__dict__:   # set by torch.amp.GradScaler.step(self)
+            self._refuse_grad_scaler()
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_wrappers()
         self._buffers.take_stray_grads()
         self._buffers.settle_unfinished()   # only backward passes that raised are left here
         self._micro += 1
@@ -278,28 +315,33 @@ class AccumulatingOptimizer(Optimizer):
         return loss
 
     @property
-    def final_micro_batch(self) -> bool | None:
+    def final_micro_batch(self) -> bool | Callable[[], bool] | None:
         """Whether the coming backward pass is the last of its window.  None (the default): the
         optimizer counts, the ``accumulation_steps``-th micro-batch is the last.  Code that drives
-        windows itself (one ``step()`` per window, ``accumulation_steps=1``, as the framework
-        integrations do) sets True before a window's last backward pass and False before the
-        others; it applies until the window ends.  The last pass folds the clipping norm into its
-        accumulate and, with data parallelism, starts the reduction of what is complete."""
+        windows itself (one ``step()`` per window with ``accumulation_steps=1``, as frameworks
+        do) sets True before a window's last backward pass and False before the others (it
+        applies until the window ends), or a function asked at the start of every backward pass
+        (kept until replaced), e.g. ``lambda: accelerator.sync_gradients``.  The last pass folds
+        the clipping norm into its accumulate and, with data parallelism, starts the reduction
+        of what is complete; the result does not depend on it."""
         return self._final_hint
 
     @final_micro_batch.setter
-    def final_micro_batch(self, value: bool | None) -> None:
-        if value is not None and not isinstance(value, bool):
-            raise TypeError(f"final_micro_batch must be True, False or None, got {value!r}")
+    def final_micro_batch(self, value: bool | Callable[[], bool] | None) -> None:
+        if value is not None and not isinstance(value, bool) and not callable(value):
+            raise TypeError(f"final_micro_batch must be True, False, None or a function, got "
+                            f"{value!r}")
         self._final_hint = value
         self._arm()
 
     def _arm(self) -> None:
         """Prepare the gradient path for the coming micro-batch: in a window's last one, fold the
         norm into its accumulate and (data parallel) reduce chunks as they complete."""
-        last = self._final_hint
-        if last is None:
+        hint = self._final_hint
+        if hint is None:
             last = self._micro == self.accumulation_steps - 1
+        else:
+            last = bool(hint()) if callable(hint) else hint
         self._buffers.fold_norm = last
         self._buffers.on_arrival = self._reducer.on_arrival if self._reducer and last else None
 
@@ -309,6 +351,7 @@ class AccumulatingOptimizer(Optimizer):
         epoch), as the mean over the micro-batches or items actually seen.  A micro-batch whose
         gradients arrived but whose ``step()`` was not called yet counts as seen.  Returns
         whether the parameters were updated."""
+        self._check_wrappers()
         self._buffers.take_stray_grads()
         self._buffers.settle_unfinished()
         if self._buffers.arrived:
@@ -328,7 +371,8 @@ class AccumulatingOptimizer(Optimizer):
 
     @property
     def grad_norm(self) -> Tensor | None:
-        """Global norm of the last window's mean gradient, before clipping (a device tensor)."""
+        """Global norm of the last window's mean gradient, before clipping (a new device tensor
+        each window), or None before the first window."""
         return self._grad_norm
 
     @property
@@ -395,7 +439,8 @@ class AccumulatingOptimizer(Optimizer):
 
     def _reset_window(self) -> None:
         self._micro = 0
-        self._final_hint = None
+        if not callable(self._final_hint):
+            self._final_hint = None
         self._mode = None
         for w in self._weight_sum.values():
             w.zero_()
@@ -436,6 +481,7 @@ class AccumulatingOptimizer(Optimizer):
         sumsqs = [self._buffers.window_sumsq(b) for b in buckets]
         total = torch.stack([s.to(main) for s in sumsqs]).sum()
         self._grad_norm = total.sqrt() * self._inverse_weight(main)
+        self._live_grad_norm.copy_(self._grad_norm)
         # The norm covers what no accumulate kernel has checked (adopted first gradients): a
         # non-finite norm (non-finite elements, or a sum of squares beyond fp32) skips the window.
         norm_flag = (~torch.isfinite(total)).to(torch.float32)
@@ -463,132 +509,3 @@ class AccumulatingOptimizer(Optimizer):
                                   found[bucket.device])
             if len(bucket.state) != allocated:   # state allocated lazily (e.g. momentum set later)
                 self._publish_state(bucket)
-
-    # -- state dicts -----------------------------------------------------------------------------
-
-    def _stepped_mask(self, bucket: Bucket) -> list[bool]:
-        return (bucket.steps > 0).tolist()
-
-    def state_dict(self) -> dict[str, Any]:
-        """torch.optim's format (loadable into the torch optimizer of the same name) plus a
-        ``"fused_accum"`` entry with the window in progress."""
-        packed = super().state_dict()
-        index = {p: i for i, p in enumerate(_index_params(self.param_groups))}
-        state: dict[int, dict[str, Tensor]] = {}
-        accumulated: dict[int, Tensor] = {}
-        for bucket in self._buffers.buckets:
-            stepped = self._stepped_mask(bucket)
-            for i, p in enumerate(bucket.params):
-                if stepped[i]:
-                    entry = {"step": bucket.steps[i].detach().to("cpu", copy=True)}
-                    entry.update({n: bucket.view(f, i) for n, f in bucket.state.items()})
-                    state[index[p]] = entry
-                if bucket.touched[i]:
-                    accumulated[index[p]] = bucket.acc_view(i)
-        packed["state"] = state
-        packed["fused_accum"] = {
-            "accumulation_steps": self.accumulation_steps,
-            "micro_batches": self._micro,
-            "mode": self._mode,
-            "weight_sum": {str(d): w for d, w in self._weight_sum.items()},
-            "found_inf": {str(d): f for d, f in self._buffers.found_inf.items()},
-            "accumulated_grads": accumulated,
-            "skipped_steps": self._skipped,
-            "rounding_seed": self._rounding_seed,
-            "loss_scaler": None if self._scaler is None else self._scaler.state_dict(),
-            "discarded": self._buffers.discarded,
-        }
-        return packed
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict of this class or of the torch optimizer of the same name.
-
-        Everything is checked before anything changes, so a bad state dict leaves the optimizer
-        as it was.  Without a ``"fused_accum"`` entry (a torch optimizer's dict) the window
-        restarts empty; low-precision masters absent from the dict are taken from the parameters.
-        """
-        params = _index_params(self.param_groups)
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"state_dict: has {len(saved_groups)} param groups, this optimizer "
-                             f"has {len(self.param_groups)}")
-        for g, (ours, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            if len(ours["params"]) != len(saved["params"]):
-                raise ValueError(f"state_dict: param group {g} has {len(saved['params'])} "
-                                 f"parameters, this optimizer's has {len(ours['params'])}")
-        saved_ids = [i for g in saved_groups for i in g["params"]]
-        by_param = {p: (state_dict["state"].get(sid, {}), sid) for p, sid in zip(params, saved_ids)}
-        window = state_dict.get("fused_accum")
-        accumulated = window["accumulated_grads"] if window else {}
-        for p, (entry, sid) in by_param.items():
-            label = self._buffers.label(p)
-            for name, value in entry.items():
-                if name != "step" and isinstance(value, Tensor) and value.shape != p.shape:
-                    raise ValueError(f"state_dict: state {name!r} of parameter {label} has "
-                                     f"shape {tuple(value.shape)}, expected {tuple(p.shape)}")
-            if sid in accumulated and accumulated[sid].shape != p.shape:
-                raise ValueError(f"state_dict: accumulated gradient of parameter {label} has "
-                                 f"shape {tuple(accumulated[sid].shape)}, expected {tuple(p.shape)}")
-        for ours, saved in zip(self.param_groups, saved_groups):
-            for key, value in saved.items():
-                if key != "params":
-                    ours[key] = value
-            for key, value in self.defaults.items():
-                ours.setdefault(key, value)
-        for bucket in self._buffers.buckets:
-            group = self.param_groups[bucket.group_index]
-            for name in self.algorithm.state_names(group):
-                bucket.ensure_state(name)
-            bucket.reset_window()
-            for i, p in enumerate(bucket.params):
-                entry, sid = by_param[p]
-                self._load_param_state(bucket, i, entry)
-                if sid in accumulated:
-                    bucket.load_accumulator(i, accumulated[sid])
-            bucket.touched = [by_param[p][1] in accumulated for p in bucket.params]
-            self._publish_state(bucket)
-        self._load_window(window)
-
-    def _load_param_state(self, bucket: Bucket, i: int, entry: dict[str, Any]) -> None:
-        step = entry.get("step", self._implied_step(entry))
-        bucket.steps[i].fill_(float(step))
-        param = bucket.params[i].detach()
-        for name, flat in bucket.state.items():
-            view = bucket.view(flat, i)
-            if name in entry:
-                view.copy_(entry[name])
-            elif name == "master_param" and "master_remainder" in entry:   # compact -> full
-                view.copy_(reference.compact_master(param, entry["master_remainder"].to(param.device)))
-            elif name == "master_remainder" and "master_param" in entry:   # full -> compact
-                high, remainder = reference.split_master(entry["master_param"].to(param.device, torch.float32))
-                param.view(torch.int16).copy_(high)
-                view.copy_(remainder)
-            elif name == "master_param":
-                view.copy_(param)
-            else:
-                view.zero_()   # moments start at zero; a zero remainder makes the master the parameter
-
-    def _implied_step(self, entry: dict[str, Any]) -> int:
-        """The step count of a saved entry without one (torch's SGD keeps none)."""
-        return 1 if entry else 0
-
-    def _load_window(self, window: dict[str, Any] | None) -> None:
-        if window and window.get("rounding_seed", -1) >= 0 and self.stochastic_rounding:
-            self._rounding_seed = window["rounding_seed"]
-            for bucket in self._buffers.buckets:
-                if bucket.dtype == torch.bfloat16:
-                    bucket.rounding_seed = self._rounding_seed
-        if window and window.get("skipped_steps") is not None:
-            self._skipped.copy_(window["skipped_steps"])
-        if window and window.get("loss_scaler") is not None and self._scaler is not None:
-            self._scaler.load_state_dict(window["loss_scaler"])
-        self._micro = window["micro_batches"] if window else 0
-        self._mode = window["mode"] if window else None
-        for table, saved in ((self._weight_sum, window and window["weight_sum"]),
-                             (self._buffers.found_inf, window and window["found_inf"])):
-            for device, value in table.items():
-                value.copy_(saved[str(device)]) if saved and str(device) in saved else value.zero_()
-        self._buffers.passes.clear()   # a pass that raised before the load belongs to no window
-        self._buffers.discarded = bool(window and window.get("discarded", False))
-        self._buffers.arrived = False
-        self._arm()

@@ -51,7 +51,7 @@ class SGD(AccumulatingOptimizer):
                  differentiable: bool = False, fused: bool | None = None,
                  accumulation_steps: int = 1, max_grad_norm: float | None = None,
                  master_weights: bool | str = True, loss_scale: Any = "auto", nonfinite: str = "skip",
-                 stochastic_rounding: bool = False, process_group: Any = None,
+                 stochastic_rounding: bool = False, process_group: Any = "auto",
                  backend: str = "auto") -> None:
         refuse_differentiable(differentiable)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
