@@ -61,7 +61,15 @@ setup(
     packages=find_packages(include=["fused_accum", "fused_accum.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
-    extras_require={"test": ["pytest", "ninja"], "bench": ["matplotlib"]},
+    extras_require={
+        "transformers": ["transformers>=5.0"],
+        "lightning": ["lightning>=2.0"],
+        "accelerate": ["accelerate>=1.0"],
+        "integrations": ["transformers>=5.0", "lightning>=2.0", "accelerate>=1.0"],
+        "test": ["pytest", "ninja", "triton", "transformers>=5.0", "lightning>=2.0",
+                 "accelerate>=1.0"],
+        "bench": ["matplotlib"],
+    },
     ext_modules=ext_modules,
     cmdclass={"build_py": BuildPyWithSources, **ext_cmdclass},
 )

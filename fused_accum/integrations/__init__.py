@@ -1,0 +1,14 @@
+"""fused_accum inside the frameworks that drive accumulation windows themselves.
+
+Each module imports its framework only when imported itself (they are optional extras):
+
+- :mod:`fused_accum.integrations.transformers`: ``FusedAccumTrainer`` and ``FusedAccumMixin``;
+- :mod:`fused_accum.integrations.lightning`: the ``FusedAccumulation`` callback;
+- :mod:`fused_accum.integrations.accelerate`: ``follow(accelerator, optimizer)`` for
+  ``accelerator.accumulate()`` loops.
+
+In all of them the framework counts the micro-batches and calls ``step()`` once per window; the
+fused optimizer then runs with ``accumulation_steps=1`` (a window counted twice is refused), is
+told which backward pass ends each window, clips in its kernels in place of the framework, and
+reports the real pre-clip norm.
+"""

@@ -1,0 +1,112 @@
+"""accelerate's accumulate() loops with a fused optimizer and follow(): accelerate's windows,
+clipping through accelerator.clip_grad_norm_ into the kernels, against the stock recipe with
+torch's AdamW (fp32: relative 1e-4 or better), on the CPU, alone and on two DDP ranks."""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+accelerate = pytest.importorskip("accelerate", reason="the accelerate extra is not installed")
+
+import fused_accum  # noqa: E402
+from fused_accum.integrations.accelerate import follow  # noqa: E402
+from integration_helpers import TORCHRUN, assert_ranks_match_stock, assert_same_model  # noqa: E402
+
+VOCAB, DIM, K = 29, 16, 3
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(VOCAB, DIM), nn.LayerNorm(DIM), nn.Linear(DIM, 2 * DIM),
+                         nn.GELU(), nn.Linear(2 * DIM, VOCAB))
+
+
+def _loader(n=10, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    data = [(torch.randint(0, VOCAB, (5,), generator=g), torch.randint(0, VOCAB, (5,), generator=g))
+            for _ in range(2 * n)]
+    return torch.utils.data.DataLoader(data, batch_size=2, shuffle=False)
+
+
+def train(fused: bool, epochs: int = 2, clip: float | None = 0.05, **accelerator_kwargs):
+    """The documented recipe; with fused, one changed line and follow()."""
+    accelerator = accelerate.Accelerator(gradient_accumulation_steps=K, cpu=True,
+                                         **accelerator_kwargs)
+    model = _model()
+    opt_cls = fused_accum.AdamW if fused else torch.optim.AdamW
+    optimizer = opt_cls(model.parameters(), lr=1e-2, weight_decay=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, _loader(), scheduler)
+    opt = follow(accelerator, optimizer) if fused else None
+    norms = []
+    for _ in range(epochs):
+        for tokens, targets in loader:
+            with accelerator.accumulate(model):
+                loss = nn.functional.cross_entropy(model(tokens).flatten(0, 1), targets.flatten())
+                accelerator.backward(loss)
+                norm = None
+                if accelerator.sync_gradients and clip is not None:
+                    norm = accelerator.clip_grad_norm_(model.parameters(), clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+                if norm is not None:   # read after the step (fused: the step computed it)
+                    norms.append(float(norm))
+    return accelerator.unwrap_model(model), norms, opt
+
+
+def test_accumulate_loops_match_the_stock_recipe():
+    stock, stock_norms, _ = train(fused=False)
+    ours, norms, opt = train(fused=True)
+    assert_same_model(ours, stock)
+    assert len(norms) == len(stock_norms) == 8 and min(stock_norms) > 0.05   # clipping acts
+    torch.testing.assert_close(norms, stock_norms, rtol=1e-5, atol=0)
+    assert opt.max_grad_norm == 0.05 and opt.accumulation_steps == 1
+
+
+def test_without_clipping():
+    stock, _, _ = train(fused=False, clip=None)
+    ours, _, opt = train(fused=True, clip=None)
+    assert opt.max_grad_norm is None
+    assert_same_model(ours, stock)
+
+
+def test_follow_refuses_what_would_train_wrongly():
+    accelerator = accelerate.Accelerator(gradient_accumulation_steps=K, cpu=True)
+    model = _model()
+    with pytest.raises(ValueError, match=r"accumulation_steps=3.*gradient_accumulation_steps"):
+        follow(accelerator, fused_accum.AdamW(model.parameters(), accumulation_steps=3))
+    with pytest.raises(TypeError, match="fused_accum optimizer"):
+        follow(accelerator, accelerator.prepare(torch.optim.AdamW(model.parameters())))
+    opt = fused_accum.AdamW(model.parameters())
+    follow(accelerator, opt)
+    with pytest.raises(ValueError, match="norm_type"):
+        accelerator.clip_grad_norm_(model.parameters(), 1.0, norm_type=1)
+
+
+def test_fp16_grad_scaler_becomes_the_optimizer_s_loss_scaling():
+    accelerator = accelerate.Accelerator(gradient_accumulation_steps=K, cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)   # fp16 on a GPU does this
+    model = _model()
+    with pytest.raises(ValueError, match="loss_scale='dynamic'"):
+        follow(accelerator, fused_accum.AdamW(model.parameters()))
+    opt = fused_accum.AdamW(model.parameters(), loss_scale="dynamic")
+    follow(accelerator, opt)
+    assert accelerator.scaler is None and opt.loss_scale is not None
+
+
+DDP_SCRIPT = r'''
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_accelerate import train
+model, norms, _ = train(fused=sys.argv[1] == "fused", epochs=1)
+import torch.distributed as dist
+assert dist.get_world_size() == 2
+torch.save([p.detach() for p in model.parameters()], f"{{sys.argv[2]}}.rank{{dist.get_rank()}}")
+'''
+
+
+def test_ddp_on_two_cpu_ranks_as_the_stock_recipe(tmp_path):
+    assert_ranks_match_stock(tmp_path, DDP_SCRIPT.format(tests=os.path.dirname(__file__)),
+                             *TORCHRUN)
