@@ -39,7 +39,9 @@ def ahead_of_time_extensions():
     arch = os.environ.get("FUSED_ACCUM_CPU_ARCH")
     cpu_flags = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp", "-ffp-contract=off"] + ([f"-march={arch}"] if arch else [])
     modules = [CppExtension("fused_accum._C_cpu", ["csrc/cpu/ops.cpp"],
-                            extra_compile_args={"cxx": cpu_flags}, extra_link_args=["-fopenmp"])]
+                            extra_compile_args={"cxx": cpu_flags}, extra_link_args=["-fopenmp"]),
+               CppExtension("fused_accum._C_collector", ["csrc/autograd/collector.cpp"],
+                            extra_compile_args={"cxx": ["-O2", "-std=c++17"]})]
     if torch.version.cuda and CUDA_HOME:
         modules.append(CUDAExtension(
             "fused_accum._C_cuda", ["csrc/cuda/ops.cu"],

@@ -1,7 +1,10 @@
 """Where gradients go: a hook per parameter takes each gradient the moment autograd delivers it.
 
-The hook (``register_post_accumulate_grad_hook``) takes ``param.grad``, sets it to None and hands
-it to its bucket at once:
+The hook takes ``param.grad``, sets it to None and hands it to its bucket at once.  It is the C++
+gradient collector (``csrc/autograd/collector.cpp``: a post hook on each parameter's
+AccumulateGrad node, which calls Python once per pass and once per group of gradients, not once
+per gradient) where it builds, else a Python ``register_post_accumulate_grad_hook``
+(``FUSED_ACCUM_HOOKS=python`` asks for that one).  Then:
 
 - an fp32 parameter's first gradient of a window is adopted as its accumulator (no copy, see
   :mod:`fused_accum.buffers`);
@@ -37,6 +40,7 @@ from .buffers import Bucket, param_label
 # a parameter takes it over and removes the previous owner's hook.
 _OWNER_ATTR = "_fused_accum_owner"
 GROUP_ENV = "FUSED_ACCUM_GROUP_MB"
+HOOKS_ENV = "FUSED_ACCUM_HOOKS"   # "auto" (the C++ collector when it builds) or "python"
 # Looked up once: the hook runs for every gradient of every backward pass.
 _task_id = torch._C._current_graph_task_id
 _STRIDED, _FP32 = torch.strided, torch.float32
@@ -57,7 +61,7 @@ class BackwardPass:
         self.task = task
         self.serial = serial
         self.arrived_before = arrived_before   # whether gradients had come since the last step()
-        self.queue: list[tuple[Bucket, int, Tensor]] = []   # not yet accumulated
+        self.queue: dict[Bucket, tuple[list[int], list[Tensor]]] = {}   # not yet accumulated
         self.queued_bytes = 0
         self.firsts: list[tuple[Bucket, int]] = []   # slots this pass touched first in the window
         self.added = False          # it added into an earlier sum: it can no longer be undone
@@ -86,6 +90,20 @@ class _PassEnd:
                 owner.fail_pass(self.task)
 
 
+class _CollectorHandle:
+    """Removes one parameter's collector hook (what RemovableHandle is for a Python hook)."""
+
+    __slots__ = ("owner", "slot")
+
+    def __init__(self, owner: weakref.ref, slot: int):
+        self.owner, self.slot = owner, slot
+
+    def remove(self) -> None:
+        owner = self.owner()
+        if owner is not None and owner._collector is not None:
+            owner._collector.remove(self.slot)
+
+
 class GradBuffers:
     """All buckets of one optimizer, the per-device window flags, and the gradient hooks.
 
@@ -111,7 +129,6 @@ class GradBuffers:
         self._ones: dict[torch.device, Tensor] = {}
         self.micro_weight: dict[torch.device, Tensor] | None = None
         self.micro_kind: str | None = None          # set by opt.backward: "plain" or "items"
-        self.on_arrival: Callable[[Tensor, BackwardPass], None] | None = None   # data parallel
         self.fold_norm = False
         self.arrived = False                        # a gradient came since the last step()
         self.discarded = False                      # a failed pass spoilt this window's sums
@@ -120,6 +137,9 @@ class GradBuffers:
         self._serial = 0                            # passes started so far
         self._lock = threading.RLock()
         self._self_ref = weakref.ref(self)
+        self._on_arrival = None
+        self._slot_list: list[tuple[Bucket, int, Tensor]] = []   # collector slot -> parameter
+        self._collector = self._make_collector()
 
     # -- construction ------------------------------------------------------------------------
 
@@ -154,15 +174,35 @@ class GradBuffers:
         owner = getattr(param, _OWNER_ATTR, None)
         return owner is not None and owner[0] is self._self_ref
 
+    def _make_collector(self):
+        kind = os.environ.get(HOOKS_ENV, "auto")
+        if kind not in ("auto", "python"):
+            raise ValueError(f"{HOOKS_ENV}={kind!r}: expected 'auto' or 'python'")
+        if kind == "python":
+            return None
+        from .kernels import build
+        module, _ = build.load_collector()
+        if module is None:
+            return None   # the Python hooks do the same, a Python call per gradient
+        ref = self._self_ref   # weak: the collector must not keep these buffers alive
+        return module.Collector(lambda task: ref() and ref()._collected_start(task),
+                                lambda task: ref() and ref()._collected_full(task),
+                                self.group_bytes)
+
     def _register_hook(self, param: Tensor) -> None:
         self_ref = self._self_ref
         bucket, i = self.slots[param]
-
-        def hook(p: Tensor) -> None:
-            owner = self_ref()
-            if owner is not None:   # a dead optimizer leaves the gradient to plain autograd
-                owner._on_grad(p, bucket, i)
-        handle = param.register_post_accumulate_grad_hook(hook)
+        if self._collector is not None:
+            slot = len(self._slot_list)
+            self._slot_list.append((bucket, i, param))
+            self._collector.add(param, slot, self.buckets.index(bucket), i)
+            handle = _CollectorHandle(self_ref, slot)
+        else:
+            def hook(p: Tensor) -> None:
+                owner = self_ref()
+                if owner is not None:   # a dead optimizer leaves the gradient to plain autograd
+                    owner._on_grad(p, bucket, i)
+            handle = param.register_post_accumulate_grad_hook(hook)
         self._handles.append(handle)
         setattr(param, _OWNER_ATTR, (self_ref, handle))
 
@@ -176,6 +216,21 @@ class GradBuffers:
                 delattr(p, _OWNER_ATTR)
         self.unhooked.clear()
 
+    @property
+    def on_arrival(self) -> Callable[[Tensor, BackwardPass], None] | None:
+        """Called with every gradient as it arrives (data parallelism, in a window's last
+        micro-batch), or None."""
+        return self._on_arrival
+
+    @on_arrival.setter
+    def on_arrival(self, callback: Callable[[Tensor, BackwardPass], None] | None) -> None:
+        self._on_arrival = callback
+        if self._collector is not None:
+            ref = self._self_ref
+            self._collector.set_on_each(
+                None if callback is None else
+                lambda slot, task: ref() and ref()._collected_each(slot, task))
+
     def label(self, param: Tensor) -> str:
         bucket, i = self.slots[param]
         return bucket.labels[i]
@@ -183,6 +238,7 @@ class GradBuffers:
     # -- gradients in ------------------------------------------------------------------------
 
     def _on_grad(self, param: Tensor, bucket: Bucket, i: int) -> None:
+        """The Python hook: one call per gradient."""
         grad = param.grad
         if grad is None:
             return
@@ -193,18 +249,33 @@ class GradBuffers:
                 record = self._start_pass(_task_id())   # may refuse the pass: nothing is taken
             if grad.layout is not _STRIDED:
                 grad = grad.to_dense()   # e.g. nn.Embedding(sparse=True): accumulated densely
-            if (not bucket.flat and not bucket.touched[i] and self.micro_weight is None
-                    and grad.dtype is _FP32 and grad.is_contiguous()):
-                bucket.adopted[i] = grad          # autograd's fresh fp32 gradient: no copy
-                bucket.touched[i] = True
-                record.firsts.append((bucket, i))
-            else:
-                record.queue.append((bucket, i, grad))
-                record.queued_bytes += grad.nbytes
-                if record.queued_bytes >= self.group_bytes:
-                    self.drain(record)
-            if self.on_arrival is not None:   # data parallel, last micro-batch
-                self.on_arrival(param, record)
+            indices, grads = record.queue.setdefault(bucket, ([], []))
+            indices.append(i)
+            grads.append(grad)
+            record.queued_bytes += grad.nbytes
+            if record.queued_bytes >= self.group_bytes:
+                self.drain(record)
+            if self._on_arrival is not None:   # data parallel, last micro-batch
+                self._on_arrival(param, record)
+
+    # The collector's calls (from autograd threads, holding the GIL).
+
+    def _collected_start(self, task: int) -> None:
+        with self._lock:
+            if task not in self.passes:
+                self._start_pass(task)
+
+    def _collected_full(self, task: int) -> None:
+        with self._lock:
+            record = self.passes.get(task)
+            if record is not None:
+                self.drain(record)
+
+    def _collected_each(self, slot: int, task: int) -> None:
+        with self._lock:
+            record = self.passes.get(task)
+            if record is not None and self._on_arrival is not None:
+                self._on_arrival(self._slot_list[slot][2], record)
 
     def _start_pass(self, task: int) -> BackwardPass:
         # May raise, e.g. for a window mixing plain backward() with opt.backward(num_items=).
@@ -218,10 +289,14 @@ class GradBuffers:
         return record
 
     def drain(self, record: BackwardPass) -> None:
-        """Accumulate what ``record`` has queued."""
+        """Accumulate what ``record``'s pass has delivered so far."""
         with self._lock:
-            entries, record.queue, record.queued_bytes = record.queue, [], 0
-            if entries and self._accumulate(entries, record.firsts):
+            groups = [(bucket, *queued) for bucket, queued in record.queue.items()]
+            record.queue, record.queued_bytes = {}, 0
+            if self._collector is not None:
+                groups += [(self.buckets[b], indices, grads)
+                           for b, indices, grads in self._collector.take(record.task)]
+            if groups and self._accumulate(groups, record.firsts, adopt=True):
                 record.added = True
 
     def drain_all(self) -> None:
@@ -240,8 +315,18 @@ class GradBuffers:
         """A backward pass raised: undo what it did, or discard the window."""
         with self._lock:
             record = self.passes.pop(task, None)
+            if self._collector is not None:
+                self._collector.forget(task)   # its gradients still in the queue are dropped
             if record is not None:
                 self._undo(record)
+
+    def forget_passes(self) -> None:
+        """Drop every open pass without settling it (a state dict replaces the window)."""
+        with self._lock:
+            for task in list(self.passes):
+                if self._collector is not None:
+                    self._collector.forget(task)
+            self.passes.clear()
 
     def settle_unfinished(self) -> None:
         """Passes still open here never completed (they raised): settle them as failed."""
@@ -282,8 +367,8 @@ class GradBuffers:
                 grad, p.grad = p.grad, None
                 self._check_stray(p, grad)
                 bucket, i = self.slots[p]
-                with self._lock:
-                    self._accumulate([(bucket, i, grad)])
+                with self._lock:   # the user's tensor: copied, never adopted
+                    self._accumulate([(bucket, [i], [grad])])
 
     def _check_stray(self, param: Tensor, grad: Tensor) -> None:
         label = self.label(param)
@@ -297,20 +382,22 @@ class GradBuffers:
         if not grad.is_floating_point():
             raise RuntimeError(f"fused_accum: parameter {label} was given a {grad.dtype} .grad")
 
-    def _accumulate(self, entries: list[tuple[Bucket, int, Tensor]],
-                    firsts: list[tuple[Bucket, int]] | None = None) -> bool:
-        """Accumulate ``entries`` (one backend call per bucket); returns whether any of them was
-        added into an earlier sum.  ``firsts`` collects the slots touched first."""
-        per_bucket: dict[Bucket, tuple[list[int], list[Tensor]]] = {}
-        for bucket, i, grad in entries:
-            indices, grads = per_bucket.setdefault(bucket, ([], []))
-            indices.append(i)
-            grads.append(grad)
+    def _accumulate(self, groups: list[tuple[Bucket, list[int], list[Tensor]]],
+                    firsts: list[tuple[Bucket, int]] | None = None, adopt: bool = False) -> bool:
+        """Accumulate ``groups`` of (bucket, indices, gradients), one backend call per group;
+        returns whether any gradient was added into an earlier sum.  With ``adopt`` (gradients
+        autograd made, no one else holds), an fp32 bucket's first gradients become its
+        accumulators.  ``firsts`` collects the slots touched first."""
         added = False
-        for bucket, (indices, grads) in per_bucket.items():
+        for bucket, indices, grads in groups:
+            touched = bucket.touched
+            first = [not touched[i] for i in indices]
+            if adopt and not bucket.flat and self.micro_weight is None and True in first:
+                indices, grads, first = self._adopt(bucket, indices, grads, first, firsts)
+                if not indices:
+                    continue
             device = bucket.device
             weight = self.micro_weight[device] if self.micro_weight is not None else self._ones[device]
-            first = [not bucket.touched[i] for i in indices]
             if bucket.flat:
                 accs = bucket.views(bucket.acc, indices)
             else:
@@ -318,20 +405,40 @@ class GradBuffers:
                         for i, f in zip(indices, first)]
             sumsq = None
             if self.fold_norm and bucket.norm_valid:
-                if any(bucket.norm_counted[i] for i in indices):
+                norm_counted = bucket.norm_counted
+                if any(norm_counted[i] for i in indices):
                     bucket.norm_valid = False   # a counted slice changes: recompute at the step
                 else:
                     sumsq = bucket.sumsq
             bucket.backend.accumulate(grads, accs, first, weight, self.found_inf[device], sumsq)
             counted = sumsq is not None
-            for i, is_first in zip(indices, first):
-                bucket.touched[i] = True
-                bucket.norm_counted[i] = counted
-                if is_first and firsts is not None:
-                    firsts.append((bucket, i))
-            added = added or not all(first)
+            norm_counted = bucket.norm_counted
+            for i in indices:
+                touched[i] = True
+                norm_counted[i] = counted
+            if firsts is not None and True in first:
+                firsts.extend((bucket, i) for i, f in zip(indices, first) if f)
+            added = added or False in first
         self.arrived = True
         return added
+
+    @staticmethod
+    def _adopt(bucket: Bucket, indices: list[int], grads: list[Tensor], first: list[bool],
+               firsts: list[tuple[Bucket, int]] | None) -> tuple[list, list, list]:
+        """Adopt fp32 first gradients as their accumulators (no copy); return the rest."""
+        rest: tuple[list, list, list] = ([], [], [])
+        touched, adopted = bucket.touched, bucket.adopted
+        for i, grad, is_first in zip(indices, grads, first):
+            if is_first and grad.dtype is _FP32 and grad.is_contiguous():
+                adopted[i] = grad
+                touched[i] = True
+                if firsts is not None:
+                    firsts.append((bucket, i))
+            else:
+                rest[0].append(i)
+                rest[1].append(grad)
+                rest[2].append(is_first)
+        return rest
 
     # -- window end ----------------------------------------------------------------------------
 

@@ -11,6 +11,18 @@ from helpers import (FailsInBackward, InjectedFailure, assert_same_params, clone
                      make_batches, make_model)
 
 
+@pytest.fixture(autouse=True, params=["collector", "python"])
+def hooks(request, monkeypatch):
+    """Every test here runs with both gradient hooks: the C++ collector and the Python hook."""
+    monkeypatch.setenv("FUSED_ACCUM_HOOKS", "auto" if request.param == "collector" else "python")
+    return request.param
+
+
+def test_the_collector_builds_and_is_used_unless_told_otherwise(hooks):
+    opt = fused_accum.SGD(make_model(seed=0).parameters())
+    assert (opt._buffers._collector is not None) == (hooks == "collector")
+
+
 def _failing_loss(model, batch):
     """The micro-batch's loss, whose backward raises after the head's gradients have arrived and
     before any other layer's (autograd runs the later-built nodes first)."""
@@ -334,3 +346,18 @@ def test_a_folded_norm_needs_no_norm_pass(backend):
         lm_loss(model, *batch).backward()
         opt.step()
     assert spy.norms == 0 and opt.grad_norm is not None
+
+
+def test_the_newest_optimizer_over_a_parameter_takes_its_gradients(backend):
+    model = make_model(seed=13)
+    batch = make_batches(13, 1, 2)[0]
+    old = fused_accum.SGD(model.parameters(), accumulation_steps=2, backend=backend)
+    new = fused_accum.SGD(model.parameters(), accumulation_steps=2, backend=backend)
+    lm_loss(model, *batch).backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(all(b.touched) for b in new._buffers.buckets)
+    assert not any(any(b.touched) for b in old._buffers.buckets)
+    del new   # back to plain autograd, not to the older optimizer
+    lm_loss(model, *batch).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert not any(any(b.touched) for b in old._buffers.buckets)

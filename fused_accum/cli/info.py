@@ -30,6 +30,11 @@ def run(args: argparse.Namespace | None = None) -> int:
     print(f"torch       {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
     print(f"triton      {_version('triton')}")
     print(f"numpy       {_version('numpy')}")
+    from ..kernels import build
+    module, reason = build.load_collector()
+    print("gradient hooks: " + ("the C++ collector (one Python call per group of gradients)"
+                                if module is not None else
+                                f"Python, one call per gradient (collector: {reason})"))
     for device in devices():
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
         print(f"\ndevice {device}: {name}")

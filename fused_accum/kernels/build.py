@@ -4,7 +4,9 @@ The CPU library is built just in time with ninja on first use (``torch.utils.cpp
 caches it under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) unless
 ``setup.py`` built it ahead of time (``FUSED_ACCUM_BUILD_EXT=1``).  The CUDA library is built the
 same way where torch has CUDA.  A failed build is remembered with its message: ``backend="auto"``
-then falls back, and ``backend="extension"`` raises with it.
+then falls back, and ``backend="extension"`` raises with it.  The gradient collector
+(``csrc/autograd/collector.cpp``, C++ hooks on autograd's gradient accumulators) is a Python
+module built the same way; without it the gradient hooks run in Python.
 """
 from __future__ import annotations
 
@@ -96,3 +98,32 @@ def load(device_type: str) -> str | None:
                 except Exception as exc:   # kept as the reason; "auto" falls back on it
                     _loaded[device_type] = f"build failed: {type(exc).__name__}: {exc}"
         return _loaded[device_type]
+
+
+_collector: list = []   # [module or None, error or None] once tried
+
+
+def load_collector():
+    """The gradient collector module, or (None, why it cannot be built)."""
+    with _lock:
+        if not _collector:
+            try:
+                spec = importlib.util.find_spec("fused_accum._C_collector")
+                if spec is not None and spec.origin:
+                    module = importlib.import_module("fused_accum._C_collector")
+                else:
+                    from torch.utils import cpp_extension
+                    start = time.perf_counter()
+                    module = cpp_extension.load(
+                        name="fused_accum_collector",
+                        sources=[str(csrc_dir() / "autograd" / "collector.cpp")],
+                        extra_cflags=["-O2", "-std=c++17"], is_python_module=True,
+                        verbose=bool(os.environ.get("FUSED_ACCUM_VERBOSE")))
+                    if time.perf_counter() - start > 2:
+                        print("fused_accum: built the gradient collector in "
+                              f"{time.perf_counter() - start:.0f} s (cached for next time)",
+                              file=sys.stderr, flush=True)
+                _collector.extend([module, None])
+            except Exception as exc:
+                _collector.extend([None, f"build failed: {type(exc).__name__}: {exc}"])
+        return _collector[0], _collector[1]

@@ -146,7 +146,7 @@ class WindowStateDict:
                              (self._buffers.found_inf, window and window["found_inf"])):
             for device, value in table.items():
                 value.copy_(saved[str(device)]) if saved and str(device) in saved else value.zero_()
-        self._buffers.passes.clear()   # a pass that raised before the load belongs to no window
+        self._buffers.forget_passes()   # a pass that raised before the load belongs to no window
         self._buffers.discarded = bool(window and window.get("discarded", False))
         self._buffers.arrived = False
         self._arm()
