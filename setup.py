@@ -10,6 +10,7 @@ has CUDA.
 """
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -26,6 +27,13 @@ class BuildPyWithSources(build_py):
         target = Path(self.build_lib) / "fused_accum" / "_csrc"
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(ROOT / "csrc", target, ignore=shutil.ignore_patterns("*.md"))
+
+
+def cuda_nvcc_flags():
+    """The just-in-time build's nvcc flags (fused_accum/kernels/build.py): one list for both."""
+    sys.path.insert(0, str(ROOT))
+    from fused_accum.kernels.build import cuda_flags
+    return cuda_flags()
 
 
 def ahead_of_time_extensions():
@@ -46,9 +54,7 @@ def ahead_of_time_extensions():
         modules.append(CUDAExtension(
             "fused_accum._C_cuda", ["csrc/cuda/ops.cu"],
             extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                                "nvcc": ["-O3", "-std=c++17", "-lineinfo", "-DUSE_CUDA",
-                                         "-gencode=arch=compute_80,code=sm_80",
-                                         "-gencode=arch=compute_90,code=sm_90"]}))
+                                "nvcc": cuda_nvcc_flags()}))
     return modules, {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}
 
 

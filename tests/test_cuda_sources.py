@@ -33,3 +33,32 @@ def test_cuda_source_compiles(source: Path, target: str, tmp_path: Path):
         cmd.append(f"-DTORCH_TARGET_VERSION={TORCH_2_11}")
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_build_keeps_ptx_for_newer_gpus_and_rounds_every_product():
+    flags = build.cuda_flags()
+    assert "--fmad=false" in flags
+    assert any(f.endswith("code=compute_90") for f in flags)   # PTX: sm_100/sm_120 JIT it
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found: the CUDA sources cannot be compiled here")
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
+def test_no_fused_multiply_add_in_the_kernels(source: Path, tmp_path: Path):
+    """The reference rounds every product before adding it; so must the CUDA kernels (nvcc
+    contracts a * b + c into fma.rn.f32 unless told not to)."""
+    include = torch.utils.cpp_extension.include_paths()[0]
+    flags = [f for f in build.cuda_flags() if not f.startswith("-gencode")]
+    ptx = tmp_path / "out.ptx"
+    cmd = [NVCC, "-ptx", str(source), "-o", str(ptx), "-I", include, "-arch=sm_90",
+           *torch.utils.cpp_extension.COMMON_NVCC_FLAGS, *flags]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = ptx.read_text()
+    assert ".entry" in text   # the kernels are there
+    assert "fma.rn.f32" not in text and "fma.rn.ftz.f32" not in text
+    # Without --fmad=false the same kernels are full of them: the check can fail.
+    contracted = tmp_path / "contracted.ptx"
+    cmd = [c for c in cmd if c != "--fmad=false"]
+    cmd[cmd.index(str(ptx))] = str(contracted)
+    assert subprocess.run(cmd, capture_output=True, text=True, timeout=600).returncode == 0
+    assert "fma.rn.f32" in contracted.read_text()

@@ -422,6 +422,7 @@ void sgd_step_cpu(at::TensorList params, at::TensorList accs, at::TensorList mom
 
 struct AdamHyper {
   float beta2, one_minus_beta1, one_minus_beta2, eps, l2, decay, scale;
+  float lerp_back;   // 1 - (1 - beta1) in fp32: torch.lerp's second form, for weights >= 0.5
 };
 
 template <typename P, Master kM, bool kAmsgrad, bool kStochastic>
@@ -434,13 +435,15 @@ void adam_range(P* __restrict__ param, float* __restrict__ master, int16_t* __re
     const float g0 = acc[j] * h.scale;
     float p = load_working<P, kM>(param, master, rem, j) * h.decay;
     const float g = h.l2 != 0 ? g0 + h.l2 * p : g0;   // 0 * inf would be NaN
-    const float mj = m[j] + h.one_minus_beta1 * (g - m[j]);
-    const float vj = h.beta2 * v[j] + h.one_minus_beta2 * g * g;
+    // torch.lerp(m, g, w): m + w * (g - m) for w < 0.5, g - (g - m) * (1 - w) otherwise
+    const float mj = h.one_minus_beta1 < 0.5f ? m[j] + h.one_minus_beta1 * (g - m[j])
+                                              : g - (g - m[j]) * h.lerp_back;
+    const float vj = h.beta2 * v[j] + (g * g) * h.one_minus_beta2;   // the reference's order
     m[j] = mj;
     v[j] = vj;
     float second = vj;
-    if (kAmsgrad) {
-      second = std::max(vmax[j], vj);
+    if (kAmsgrad) {   // torch.maximum: a NaN on either side wins (std::max would drop one)
+      second = (vj > vmax[j] || vj != vj) ? vj : vmax[j];
       vmax[j] = second;
     }
     p -= step_size * mj / (std::sqrt(second) / bc2_sqrt + h.eps);
@@ -467,8 +470,12 @@ void adam_step_cpu(at::TensorList params, at::TensorList accs, at::TensorList ex
   const AdamHyper h{static_cast<float>(beta2), static_cast<float>(1.0 - beta1),
                     static_cast<float>(1.0 - beta2), static_cast<float>(eps),
                     decoupled_weight_decay ? 0.0f : static_cast<float>(weight_decay),
-                    decoupled_weight_decay ? static_cast<float>(1.0 - lr_value * weight_decay) : 1.0f,
-                    maximize ? -scale : scale};
+                    // float64 from the fp32 lr and weight decay, rounded once (as the reference)
+                    decoupled_weight_decay
+                        ? static_cast<float>(1.0 - lr_value * static_cast<float>(weight_decay))
+                        : 1.0f,
+                    maximize ? -scale : scale,
+                    1.0f - static_cast<float>(1.0 - beta1)};
   // Bias corrections per tensor, in double from the step count (as the reference does).
   std::vector<float> step_size(params.size()), bc2_sqrt(params.size());
   for (size_t t = 0; t < params.size(); ++t) {

@@ -557,6 +557,7 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(Meta<5> meta, SgdHyper h,
 struct AdamHyper {
   float beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay;
   double beta1_d, beta2_d;
+  float lerp_back;   // 1 - (1 - beta1) in fp32: torch.lerp's second form, for weights >= 0.5
   bool amsgrad, maximize, decoupled;
 };
 
@@ -576,6 +577,7 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(Meta<7> meta, AdamHyper 
   const float lr = *lr_ptr, scale = *scale_ptr;
   const float step_size = static_cast<float>(lr / (1.0 - pow(h.beta1_d, step)));
   const float bc2_sqrt = static_cast<float>(sqrt(1.0 - pow(h.beta2_d, step)));
+  // float64 from the fp32 lr and weight decay the reference also starts from, rounded once
   const float decay = static_cast<float>(1.0 - static_cast<double>(lr) * h.weight_decay);
   auto update = [&](float a, float p, float& mk, float& vk, float& vmaxk) {
     float g = a * scale;
@@ -584,11 +586,12 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(Meta<7> meta, AdamHyper 
       if (h.decoupled) p *= decay;
       else g += h.weight_decay * p;
     }
-    mk = mk + h.one_minus_beta1 * (g - mk);
-    vk = h.beta2 * vk + h.one_minus_beta2 * g * g;
+    // torch.lerp(m, g, w): m + w * (g - m) for w < 0.5, g - (g - m) * (1 - w) otherwise
+    mk = h.one_minus_beta1 < 0.5f ? mk + h.one_minus_beta1 * (g - mk) : g - (g - mk) * h.lerp_back;
+    vk = h.beta2 * vk + (g * g) * h.one_minus_beta2;   // the reference's order
     float second = vk;
-    if (vmax) {
-      second = fmaxf(vmaxk, vk);
+    if (vmax) {   // torch.maximum: a NaN on either side wins (fmaxf would drop one)
+      second = (vk > vmaxk || vk != vk) ? vk : vmaxk;
       vmaxk = second;
     }
     return p - step_size * mk / (sqrtf(second) / bc2_sqrt + h.eps);
@@ -721,7 +724,8 @@ void adam_step_cuda(std::vector<Tensor> params, std::vector<Tensor> accs, std::v
   if (amsgrad) check_list(max_exp_avg_sqs, params, "adam_step", "max_exp_avg_sqs", true);
   const AdamHyper h{static_cast<float>(beta2), static_cast<float>(1.0 - beta1),
                     static_cast<float>(1.0 - beta2), static_cast<float>(eps),
-                    static_cast<float>(weight_decay), beta1, beta2, amsgrad, maximize,
+                    static_cast<float>(weight_decay), beta1, beta2,
+                    1.0f - static_cast<float>(1.0 - beta1), amsgrad, maximize,
                     decoupled_weight_decay};
   const std::vector<Tensor> none;
   const auto* vmax = amsgrad ? &max_exp_avg_sqs : &none;

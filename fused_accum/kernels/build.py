@@ -48,10 +48,18 @@ def cpu_flags() -> list[str]:
     return flags
 
 
+# Machine code for the GPUs the kernels were written for, and PTX of the newest, which the driver
+# compiles for later architectures (sm_100, sm_120) on first use.
+CUDA_TARGETS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                "-gencode=arch=compute_90,code=compute_90"]
+
+
 def cuda_flags() -> list[str]:
     # USE_CUDA declares aoti_torch_get_current_cuda_stream in the stable ABI's shim (torch < 2.13).
-    return ["-O3", "-std=c++17", "-lineinfo", "-DUSE_CUDA",
-            "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+    # --fmad=false: every product is rounded before it is added, as the reference (and the CPU
+    # build's -ffp-contract=off, and Triton's enable_fp_fusion=False) rounds it, so backends agree
+    # bit for bit and a checkpoint can move between them.
+    return ["-O3", "-std=c++17", "-lineinfo", "-DUSE_CUDA", "--fmad=false", *CUDA_TARGETS]
 
 
 def _prebuilt(device_type: str) -> Path | None:

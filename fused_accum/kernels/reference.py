@@ -7,6 +7,13 @@ than a Python ``if``.
 
 Tensor lists are pairwise of equal shape (the ``torch._foreach`` convention): ``accs[i]`` is the
 fp32 accumulator slice of ``params[i]`` viewed with the parameter's shape.
+
+Rounding is part of the specification, so that every backend gives the same bits: each
+operation below is one torch op on fp32 tensors with fp32 scalars, rounded once (no fused
+multiply-add: ``a.add(b, alpha=c)`` and ``lerp`` are spelled out, since torch's CPU kernels fuse
+them), square roots are correctly rounded, and the hyper-parameters enter as the fp32 values the
+kernels receive (``lr``, the weight decay), with the bias corrections and the decoupled decay
+factor computed in float64 from them.
 """
 from __future__ import annotations
 
@@ -106,6 +113,20 @@ def stochastic_round_bf16(value: Tensor, bits16: Tensor) -> Tensor:
     return high.to(torch.int16).view(torch.bfloat16).view(value.shape)
 
 
+def _fp32(value: Scalar) -> Scalar:
+    """``value`` as the fp32 number the kernels receive (a tensor stays on its device)."""
+    if isinstance(value, Tensor):
+        return value.to(torch.float32)
+    return float(torch.tensor(value, dtype=torch.float32))
+
+
+def _sqrt(x: Tensor) -> Tensor:
+    """The correctly rounded fp32 square root (IEEE's sqrt, as CUDA's sqrtf, C++'s std::sqrt and
+    Triton's sqrt_rn give it).  torch's vectorized CPU sqrt is off by an ulp for about one fp32
+    element in six; through float64 the one rounding to fp32 is exact."""
+    return x.to(torch.float64).sqrt().to(torch.float32)
+
+
 def _rounding(param: Tensor, master: Tensor | None, seed: int, step: Tensor,
               tensor_id: int) -> Tensor | None:
     if seed < 0 or master is not None or param.dtype != torch.bfloat16:
@@ -158,12 +179,12 @@ def sgd_step(params: list[Tensor], accs: list[Tensor], momentum_buffers: list[Te
         if maximize:
             grad = -grad
         if weight_decay != 0:
-            grad = grad.add(p32, alpha=weight_decay)
+            grad = grad + _fp32(weight_decay) * p32
         if momentum != 0:
             buf = momentum_buffers[i]
             new_buf = torch.where(step == 0, grad, buf * momentum + grad * (1 - dampening))
             buf.copy_(torch.where(keep, buf, new_buf))
-            grad = grad.add(new_buf, alpha=momentum) if nesterov else new_buf
+            grad = grad + _fp32(momentum) * new_buf if nesterov else new_buf
         p32.sub_(grad * lr)
         _store(p32, param, master, keep, _rounding(param, master, rounding_seed, step, i))
         step.add_(torch.where(keep, 0.0, 1.0))
@@ -181,6 +202,12 @@ def adam_step(params: list[Tensor], accs: list[Tensor], exp_avgs: list[Tensor],
     ``sgd_step``.
     """
     keep = found_inf != 0
+    w = _fp32(1 - beta1)                 # lerp weight, as an fp32 number
+    wd32 = _fp32(weight_decay)
+    lr64 = _fp32(lr)
+    lr64 = lr64.to(torch.float64) if isinstance(lr64, Tensor) else lr64
+    decay = (1 - lr64 * wd32)            # float64, then rounded once to fp32 by mul_
+    decay = decay.to(torch.float32) if isinstance(decay, Tensor) else _fp32(decay)
     for i, (param, acc, exp_avg, exp_avg_sq, step) in enumerate(
             zip(params, accs, exp_avgs, exp_avg_sqs, steps)):
         master = masters[i] if masters is not None else None
@@ -191,21 +218,25 @@ def adam_step(params: list[Tensor], accs: list[Tensor], exp_avgs: list[Tensor],
         new_step = step.to(torch.float64) + 1
         if weight_decay != 0:
             if decoupled_weight_decay:
-                p32.mul_(1 - lr * weight_decay)
+                p32.mul_(decay)
             else:
-                grad = grad.add(p32, alpha=weight_decay)
-        new_avg = exp_avg.lerp(grad, 1 - beta1)
+                grad = grad + wd32 * p32
+        # torch.lerp(exp_avg, grad, w), its two forms spelled out (each op rounded once)
+        if w < 0.5:
+            new_avg = exp_avg + w * (grad - exp_avg)
+        else:
+            new_avg = grad - (grad - exp_avg) * (1 - w)
         new_avg_sq = exp_avg_sq * beta2 + grad * grad * (1 - beta2)
         bias_correction1 = 1 - beta1 ** new_step
         bias_correction2_sqrt = (1 - beta2 ** new_step).sqrt()
-        step_size = (lr / bias_correction1).to(torch.float32)
+        step_size = (lr64 / bias_correction1).to(torch.float32)
         if amsgrad:
             new_max = torch.maximum(max_exp_avg_sqs[i], new_avg_sq)
             max_exp_avg_sqs[i].copy_(torch.where(keep, max_exp_avg_sqs[i], new_max))
             second_moment = new_max
         else:
             second_moment = new_avg_sq
-        denom = second_moment.sqrt() / bias_correction2_sqrt.to(torch.float32) + eps
+        denom = _sqrt(second_moment) / bias_correction2_sqrt.to(torch.float32) + eps
         p32.sub_(step_size * new_avg / denom)
         exp_avg.copy_(torch.where(keep, exp_avg, new_avg))
         exp_avg_sq.copy_(torch.where(keep, exp_avg_sq, new_avg_sq))

@@ -188,3 +188,79 @@ def test_conversions_are_torch_casts_bit_for_bit(other, dtype):
     same = param.view(torch.int16) == expected.view(torch.int16)
     both_nan = torch.isnan(param) & torch.isnan(expected)
     assert (same | both_nan).all()
+
+
+@pytest.mark.parametrize("beta1", [0.9, 0.3])   # torch.lerp's two forms: weight below 0.5, above
+def test_adam_moments_are_the_reference_s_bit_for_bit(other, beta1):
+    """m = lerp(m, g, 1 - beta1) and v = v * beta2 + g * g * (1 - beta2), rounded as torch rounds
+    them: the moments do not depend on lr or weight decay, so every backend must match exactly."""
+    d = _bucket(4, SIZES, torch.float32)
+    results = []
+    for backend in (reference, other):
+        x = _clone(d)
+        backend.adam_step(x["params"], x["accs"], x["m"], x["v"], x["vmax"], x["steps"], None,
+                          lr=torch.tensor(1e-3), beta1=beta1, beta2=0.99, eps=1e-8,
+                          weight_decay=0.1, amsgrad=True, maximize=False,
+                          decoupled_weight_decay=True, grad_scale=0.37,
+                          found_inf=torch.tensor(0.0))
+        results.append(x)
+    for key in ("m", "v", "vmax"):
+        for a, b in zip(results[1][key], results[0][key]):
+            assert torch.equal(a, b), key
+
+
+def test_amsgrad_keeps_a_nan_as_torch_maximum_does(other):
+    d = _bucket(5, [33], torch.float32)
+    d["vmax"][0][7] = float("nan")
+    d["accs"][0][9] = float("nan")   # and a NaN gradient reaches v, then vmax
+    for backend in (reference, other):
+        x = _clone(d)
+        backend.adam_step(x["params"], x["accs"], x["m"], x["v"], x["vmax"], x["steps"], None,
+                          lr=torch.tensor(1e-3), beta1=0.9, beta2=0.99, eps=1e-8,
+                          weight_decay=0.0, amsgrad=True, maximize=False,
+                          decoupled_weight_decay=True, grad_scale=1.0,
+                          found_inf=torch.tensor(0.0))
+        nan = torch.isnan(x["vmax"][0])
+        assert nan[7] and nan[9] and nan.sum() == 2, backend.name
+
+
+ADAM_OPTIONS = [dict(amsgrad=a, maximize=m, decoupled_weight_decay=d, weight_decay=wd, beta1=b1)
+                for a, m, d, wd, b1 in [(False, False, True, 0.1, 0.9), (True, True, False, 0.01, 0.9),
+                                        (False, False, False, 0.0, 0.3), (True, False, True, 0.05, 0.4)]]
+SGD_OPTIONS = [dict(momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False, maximize=True),
+               dict(momentum=0.9, dampening=0.0, weight_decay=0.1, nesterov=True, maximize=False),
+               dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False)]
+
+
+@pytest.mark.parametrize("lr", [torch.tensor(3e-3), 0.0123])
+@pytest.mark.parametrize("options", range(len(ADAM_OPTIONS)))
+def test_fp32_adam_step_is_the_reference_s_bit_for_bit(other, options, lr):
+    """With fp32 parameters nothing is rounded to a low precision, so a backend that rounds what
+    the reference rounds, in its order, without fused multiply-adds, gives the same bits."""
+    d = _bucket(6, SIZES, torch.float32)
+    results = []
+    for backend in (reference, other):
+        x = _clone(d)
+        backend.adam_step(x["params"], x["accs"], x["m"], x["v"], x["vmax"], x["steps"], None,
+                          lr=lr, beta2=0.995, eps=1e-8, **ADAM_OPTIONS[options], grad_scale=0.37,
+                          found_inf=torch.tensor(0.0))
+        results.append(x)
+    for key in ("params", "m", "v", "vmax", "steps"):
+        for a, b in zip(results[1][key], results[0][key]):
+            assert torch.equal(a, b), key
+
+
+@pytest.mark.parametrize("options", range(len(SGD_OPTIONS)))
+def test_fp32_sgd_step_is_the_reference_s_bit_for_bit(other, options):
+    d = _bucket(7, SIZES, torch.float32)
+    results = []
+    for backend in (reference, other):
+        x = _clone(d)
+        hp = SGD_OPTIONS[options]
+        backend.sgd_step(x["params"], x["accs"], x["m"] if hp["momentum"] else None, x["steps"],
+                         None, lr=0.0123, **hp, grad_scale=torch.tensor(0.3),
+                         found_inf=torch.tensor(0.0))
+        results.append(x)
+    for key in ("params", "m", "steps"):
+        for a, b in zip(results[1][key], results[0][key]):
+            assert torch.equal(a, b), key

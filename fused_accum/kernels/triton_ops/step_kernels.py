@@ -115,7 +115,9 @@ def _adam_chunk(param, acc, exp_avg, exp_avg_sq, max_exp_avg_sq, master, offs, m
     tl.store(exp_avg_sq + offs, v, mask=mask)
     second = v
     if AMSGRAD:
-        second = tl.maximum(tl.load(max_exp_avg_sq + offs, mask=mask), v)
+        # torch.maximum: a NaN on either side wins
+        second = tl.maximum(tl.load(max_exp_avg_sq + offs, mask=mask), v,
+                            propagate_nan=tl.PropagateNan.ALL)
         tl.store(max_exp_avg_sq + offs, second, mask=mask)
     denom = tl.div_rn(tl.sqrt_rn(second), bc2_sqrt) + eps
     store_working(param, master, offs, mask, p - tl.div_rn(step_size * m, denom), key, start,
