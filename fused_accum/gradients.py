@@ -411,6 +411,13 @@ class GradBuffers:
                 else:
                     sumsq = bucket.sumsq
             bucket.backend.accumulate(grads, accs, first, weight, self.found_inf[device], sumsq)
+            if device.type == "cuda":
+                # The gradients are freed right after this launch; if autograd made them on
+                # another stream (a forward under torch.cuda.stream(s)), that stream must not
+                # reuse their memory before this stream's kernel has read it.
+                stream = torch.cuda.current_stream(device)
+                for grad in grads:
+                    grad.record_stream(stream)
             counted = sumsq is not None
             norm_counted = bucket.norm_counted
             for i in indices:

@@ -192,3 +192,65 @@ def test_a_window_captured_in_a_cuda_graph_replays_to_the_eager_result(gpu_backe
     for a, b in zip(model.parameters(), eager_model.parameters()):
         assert torch.equal(a, b)
     assert opt.loss_scale == eager_opt.loss_scale
+
+
+def _cold_triton_tables():
+    """An empty Triton table cache (the capture test above warms it first, hiding what a
+    capture does with tables it makes itself)."""
+    try:
+        from fused_accum.kernels.triton_ops import launch
+    except ImportError:
+        return
+    launch._cache = launch._TableCache(launch._CACHE_SIZE)
+
+
+def _capture_and_compare(gpu_backend, between_replays):
+    eager_model, eager_opt, eager_window = _fp16_window_setup(gpu_backend.name)
+    model, opt, window = _fp16_window_setup(gpu_backend.name)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        window()
+        eager_window()
+    torch.cuda.current_stream().wait_stream(side)
+    _cold_triton_tables()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        window()
+    eager_window()
+    for _ in range(3):
+        between_replays()
+        eager_window()
+        graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(model.parameters(), eager_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_capture_with_a_cold_table_cache_replays_to_the_eager_result(gpu_backend):
+    _capture_and_compare(gpu_backend, lambda: None)
+
+
+def test_replays_after_more_new_tables_than_the_cache_holds(gpu_backend):
+    """Eager calls between replays fill the cache with 600 new tables: the graph's own tables
+    must not be evicted (it reads them at every replay)."""
+    def churn():
+        for n in range(1, 601):
+            acc = torch.zeros(n, device=CUDA)
+            gpu_backend.accumulate([torch.ones(n, device=CUDA)], [acc], [True],
+                                   torch.tensor(1.0, device=CUDA), torch.zeros((), device=CUDA))
+    _capture_and_compare(gpu_backend, churn)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_bucket_on_a_device_that_is_not_current(gpu_backend):
+    other = torch.device("cuda", 1)
+    g = torch.Generator(device=other).manual_seed(5)
+    grads = [torch.randn(n, generator=g, device=other) for n in (3, 4097, 70001)]
+    accs, expected = [torch.full_like(x, float("nan")) for x in grads], [x.clone() for x in grads]
+    with torch.cuda.device(0):
+        gpu_backend.accumulate(grads, accs, [True] * 3, torch.tensor(1.0, device=other),
+                               torch.zeros((), device=other))
+    torch.cuda.synchronize(other)
+    for a, e in zip(accs, expected):
+        assert torch.equal(a, e)

@@ -7,6 +7,8 @@ between calls read on the device.  On CPU tensors the kernels run only under Tri
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 from torch import Tensor
@@ -40,6 +42,21 @@ def available(device: torch.device) -> tuple[bool, str]:
         return False, f"needs compute capability 8.0 or newer (bfloat16); the device has {major}.{minor}"
     tuned = "measured block sizes" if configs.measured(device) else "untuned block sizes"
     return True, f"Triton {triton.__version__} kernels, {tuned}"
+
+
+def _on_tensors_device(lists_at: int):
+    """Run the op with the device of its ``lists_at``-th argument's tensors current: Triton
+    launches (and the tables upload) on the current device's current stream."""
+    def wrap(op):
+        @functools.wraps(op)
+        def guarded(*args, **kwargs):
+            tensors = args[lists_at]
+            if not tensors:
+                return op(*args, **kwargs)
+            with launch.on_device(tensors[0].device):
+                return op(*args, **kwargs)
+        return guarded
+    return wrap
 
 
 def _launch(kernel, programs: int, config: configs.Config, *args, **constexprs) -> None:
@@ -87,6 +104,7 @@ def _plans(op: str, addresses: list[list[int] | None], dtype_of: list[Tensor],
     return plans
 
 
+@_on_tensors_device(1)
 def accumulate(grads, accs, first, weight, found_inf, sumsq=None) -> None:
     if not accs:
         return
@@ -115,6 +133,7 @@ def accumulate(grads, accs, first, weight, found_inf, sumsq=None) -> None:
         _launch(add_partials_kernel, 1, _FINISH, partial, base, sumsq)
 
 
+@_on_tensors_device(0)
 def norm(accs, sumsq) -> None:
     if not accs:
         return
@@ -176,6 +195,7 @@ def _steps(op: str, kernel, element_lists: dict[str, list[Tensor] | None], steps
                 len(elements), count, found_inf)
 
 
+@_on_tensors_device(0)
 def sgd_step(params, accs, momentum_buffers, steps, masters, *, lr, momentum, dampening,
              weight_decay, nesterov, maximize, grad_scale, found_inf, rounding_seed=-1) -> None:
     if not params:
@@ -186,11 +206,17 @@ def sgd_step(params, accs, momentum_buffers, steps, masters, *, lr, momentum, da
     buffers = momentum_buffers if momentum != 0 else None
     _steps("sgd_step", sgd_kernel,
            dict(params=params, accs=accs, momentum_buffers=buffers), steps, masters, rounding_seed,
-           found_inf, (scalar(lr, accs[0]), scalar(grad_scale, accs[0]), found_inf, momentum,
-                       1.0 - dampening, weight_decay),
+           found_inf, (scalar(lr, accs[0]), scalar(grad_scale, accs[0]), found_inf,
+                       _fp32(momentum), _fp32(1.0 - dampening), _fp32(weight_decay)),
            HAS_BUF=buffers is not None, NESTEROV=nesterov, MAXIMIZE=maximize,
            DECAY=weight_decay != 0)
     write_back(pending)
+
+
+def _fp32(value: float) -> float:
+    """A hyper-parameter as the fp32 number the compiled kernel receives; rounded here so that
+    Triton's interpreter, which would keep the float64, computes with the same value."""
+    return float(torch.tensor(value, dtype=torch.float32))
 
 
 def _split(value: float) -> tuple[float, float]:
@@ -199,6 +225,7 @@ def _split(value: float) -> tuple[float, float]:
     return hi, value - hi
 
 
+@_on_tensors_device(0)
 def adam_step(params, accs, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, masters, *, lr, beta1,
               beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale,
               found_inf, rounding_seed=-1) -> None:
@@ -213,8 +240,9 @@ def adam_step(params, accs, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, maste
     _steps("adam_step", adam_kernel,
            dict(params=params, accs=accs, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
                 max_exp_avg_sqs=vmax), steps, masters, rounding_seed, found_inf,
-           (scalar(lr, accs[0]), scalar(grad_scale, accs[0]), found_inf, 1.0 - beta1, beta2,
-            1.0 - beta2, beta1_hi, beta1_lo, beta2_hi, beta2_lo, eps, weight_decay),
+           (scalar(lr, accs[0]), scalar(grad_scale, accs[0]), found_inf, _fp32(1.0 - beta1),
+            _fp32(beta2), _fp32(1.0 - beta2), beta1_hi, beta1_lo, beta2_hi, beta2_lo, _fp32(eps),
+            _fp32(weight_decay)),
            AMSGRAD=amsgrad, MAXIMIZE=maximize, DECAY=weight_decay != 0,
            DECOUPLED=decoupled_weight_decay)
     write_back(pending)

@@ -11,11 +11,20 @@ A launch gets two device tables:
 Both are built on the host and uploaded without synchronising (pinned memory, non-blocking copy).
 They are cached by content: parameters, state and buffer slices keep their addresses from step to
 step, and the caching allocator tends to hand gradients the same addresses every micro-batch, so
-most launches upload nothing.  A table uploaded during CUDA-graph capture stays cached for good,
-since a replay copies from its pinned host memory again.
+most launches upload nothing.  An entry is keyed by everything its validity depends on:
+
+- the device and the stream: the upload is ordered before kernels on the stream that made it,
+  and only those use it (so an evicted table also returns to the pool of the only stream that
+  read it);
+- whether it was made during CUDA-graph capture: such a table's copy runs at every replay and
+  never before the first one, so eager calls never receive it.  Tables a capture uses, made then
+  or found in the cache, are pinned: never evicted, since the graph reads them at every replay,
+  until :func:`release_captured_tables` (call it once those graphs are deleted).
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -52,40 +61,72 @@ def groups(addresses: list[list[int] | None], dtype_of: list[Tensor]) -> list[Gr
     return [Group(tuple(ix), dtype, aligned) for (dtype, aligned), ix in keyed.items()]
 
 
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
 class _TableCache:
     def __init__(self, size: int) -> None:
-        self._entries: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
-        self._pinned: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._entries: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()   # eager, LRU
+        self._pinned: dict[tuple, tuple[Tensor, Tensor]] = {}   # read by captured graphs
         self._size = size
+        self._lock = threading.Lock()   # autograd threads of several devices may call at once
 
     def get(self, key: tuple, device: torch.device, values=None) -> Tensor:
         """The device table cached under ``key``; on a miss, ``values()`` (or the key itself)
         gives its contents."""
-        key = (device, key)
-        hit = self._pinned.get(key) or self._entries.get(key)
-        if hit is not None:
-            if key in self._entries:
-                self._entries.move_to_end(key)
+        capturing = _capturing(device)
+        place = (device, _stream(device))
+        eager, captured = (*place, False, key), (*place, True, key)
+        with self._lock:
+            hit = self._pinned.get(eager) or self._entries.get(eager)
+            if capturing:
+                if hit is not None:
+                    self._pinned[eager] = hit   # the graph will read it at every replay
+                    return hit[1]
+                hit = self._pinned.get(captured)
+                if hit is None:   # its copy runs at replay only: kept apart from eager entries
+                    hit = self._pinned[captured] = _upload(key if values is None else values(), device)
+                return hit[1]
+            if hit is None:
+                hit = self._entries[eager] = _upload(key if values is None else values(), device)
+                if len(self._entries) > self._size:
+                    self._entries.popitem(last=False)
+            elif eager in self._entries:
+                self._entries.move_to_end(eager)
             return hit[1]
-        entry = _upload(key[1] if values is None else values(), device)
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            self._pinned[key] = entry
-        else:
-            self._entries[key] = entry
-            if len(self._entries) > self._size:
-                self._entries.popitem(last=False)
-        return entry[1]
+
+    def release_captured(self) -> None:
+        with self._lock:
+            self._pinned.clear()
 
 
 def _upload(values, device: torch.device) -> tuple[Tensor, Tensor]:
+    host = values if isinstance(values, Tensor) else torch.tensor(values, dtype=torch.int64)
     if device.type != "cuda":
-        table = torch.tensor(values, dtype=torch.int64, device=device)
+        table = host.to(device)
         return table, table
-    host = torch.tensor(values, dtype=torch.int64).pin_memory()
+    host = host.pin_memory()
     return host, host.to(device, non_blocking=True)
 
 
 _cache = _TableCache(_CACHE_SIZE)
+
+
+def release_captured_tables() -> None:
+    """Free the tables kept for CUDA graphs that captured Triton-backend ops; call it after
+    deleting those graphs (a graph replayed afterwards would read freed memory)."""
+    _cache.release_captured()
+
+
+def on_device(device: torch.device):
+    """A context making ``device`` current: Triton launches on the current device and stream,
+    not on the tensors' device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def pointer_table(addresses: list[list[int] | None], group: Group, device: torch.device,
@@ -108,7 +149,10 @@ def program_map(numels: list[int], block: int, device: torch.device) -> tuple[Te
     if programs == 0:
         return torch.empty(0, dtype=torch.int64, device=device), 0
 
-    def values() -> list[int]:
-        return [(t << 32) | c for t, numel in enumerate(numels) for c in range(-(-numel // block))]
+    def values() -> Tensor:   # vectorised: a 7B-parameter bucket has millions of programs
+        counts = torch.tensor([-(-n // block) for n in numels], dtype=torch.int64)
+        tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), counts)
+        starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        return (tensor << 32) | (torch.arange(programs, dtype=torch.int64) - starts)
 
     return _cache.get(("pmap", block, tuple(numels)), device, values), programs
