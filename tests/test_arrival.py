@@ -361,3 +361,31 @@ def test_the_newest_optimizer_over_a_parameter_takes_its_gradients(backend):
     lm_loss(model, *batch).backward()
     assert all(p.grad is not None for p in model.parameters())
     assert not any(any(b.touched) for b in old._buffers.buckets)
+
+
+def test_a_parameter_first_touched_late_in_a_window_overwrites_what_its_slice_held(backend):
+    """First touch is per parameter, not per bucket: a parameter whose first gradient of the
+    window comes after others of its bucket still overwrites its (here poisoned) slice."""
+    def build():
+        model = make_model(seed=14, dtype=torch.bfloat16)
+        extra = torch.nn.Parameter(torch.randn(9).to(torch.bfloat16))
+        opt = fused_accum.SGD([*model.parameters(), extra], lr=0.1, accumulation_steps=3,
+                              backend=backend)
+        return model, extra, opt
+    runs = [build(), build()]
+    windows = [make_batches(14 + w, 3, 2) for w in range(2)]
+    for w, window in enumerate(windows):
+        for (model, extra, opt), poison in zip(runs, (True, False)):
+            if poison and w == 1:
+                for bucket in opt._buffers.buckets:
+                    bucket.acc.fill_(float("nan"))
+            for m, batch in enumerate(window):
+                loss = lm_loss(model, *batch)
+                if w == 0 or m == 1:   # window 1: extra only in its second micro-batch
+                    loss = loss + extra.float().square().sum()
+                loss.backward()
+                opt.step()
+    (model, extra, opt), (twin, twin_extra, _) = runs
+    assert opt.skipped_steps == 0
+    for a, b in zip([*model.parameters(), extra], [*twin.parameters(), twin_extra]):
+        assert torch.isfinite(a).all() and torch.equal(a, b)

@@ -205,3 +205,51 @@ def test_torch_grad_scaler_is_refused_with_the_remedy(backend):
         opt.backward(lm_loss(model, *batch))
         opt.step()
     assert opt.stepped
+
+
+def test_the_loss_scaler_state_survives_a_checkpoint_with_a_running_growth_tracker(backend):
+    """Scale away from its initial value and a growth tracker part way to the next growth: a
+    load that dropped either would resume with another scale, sooner or later."""
+    model = make_model(seed=41).half()
+    rule = DynamicLossScale(init_scale=2.0**10, growth_interval=3)
+    opt = fused_accum.AdamW(model.parameters(), accumulation_steps=1, loss_scale=rule,
+                            backend=backend)
+    for i, batch in enumerate(make_batches(41, 4, 2)):   # two overflows, then 2 clean windows
+        opt.backward(_poisoned(lm_loss(model, *batch), i < 2))
+        opt.step()
+    scaler = opt._scaler
+    assert opt.loss_scale == 2.0**8 and scaler.growth_tracker.item() == 2   # 1024/4; 2 of 3
+    state = io.BytesIO()
+    torch.save(opt.state_dict(), state)
+    state.seek(0)
+    resumed = fused_accum.AdamW(model.parameters(), accumulation_steps=1, loss_scale=rule,
+                                backend=backend)
+    resumed.load_state_dict(torch.load(state))
+    assert resumed.loss_scale == opt.loss_scale
+    assert resumed._scaler.growth_tracker.item() == 2
+    batch = make_batches(42, 1, 2)[0]
+    resumed.backward(lm_loss(model, *batch))
+    resumed.step()
+    assert resumed.loss_scale == 2.0**9   # the third clean window grows the scale
+
+
+def test_an_overflow_before_a_mid_window_checkpoint_still_skips_the_window(backend):
+    model = make_model(seed=43)
+    opt = fused_accum.SGD(model.parameters(), lr=0.1, accumulation_steps=4, backend=backend)
+    batches = make_batches(43, 2, 2)
+    start = [p.detach().clone() for p in model.parameters()]
+    lm_loss(model, *batches[0]).backward()
+    opt.step()
+    (lm_loss(model, *batches[1]) * float("inf")).backward()   # the window's flag is set
+    opt.step()
+    state = io.BytesIO()
+    torch.save(opt.state_dict(), state)
+    state.seek(0)
+    resumed = fused_accum.SGD(model.parameters(), lr=0.1, accumulation_steps=4, backend=backend)
+    resumed.load_state_dict(torch.load(state))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert resumed.flush()
+    assert resumed.skipped_steps == 1
+    for a, b in zip(model.parameters(), start):
+        assert torch.equal(a, b)

@@ -110,3 +110,32 @@ def test_accumulate_mixes_gradient_dtypes_and_alignments_in_one_call(backend):
         assert oracle.rel_err(a, e) < 1e-6
     assert oracle.rel_err(sumsq, sum(e.square().sum() for e in expected)) < 1e-5
     assert found.item() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_sum_overflowing_from_low_precision_gradients_is_flagged(backend, dtype):
+    """A second check of the sum, not the contribution: each gradient is finite and so is each
+    weighted contribution; only acc + w * g leaves fp32's range (in the last, tail element)."""
+    ops = _ops(backend)
+    size = 4097
+    grads = [torch.full((size,), 60000.0).to(dtype)]
+    acc = torch.full((size,), 2e38)
+    acc[:-1] = 1.0
+    found = torch.tensor(0.0)
+    ops.accumulate(grads, [acc], [False], torch.tensor(3e33), found, None)   # w * g = 1.8e38
+    assert found.item() == 1 and torch.isinf(acc[-1])
+
+
+def test_fp16_subnormal_gradients_convert_exactly(backend):
+    """Every positive and negative fp16 subnormal, first touch and later, against torch's cast."""
+    ops = _ops(backend)
+    bits = torch.arange(1, 1024, dtype=torch.int16)
+    grads = [torch.cat([bits, bits | -0x8000]).view(torch.float16)]   # magnitudes 2^-24 .. 2^-14
+    first = torch.full((2046,), float("nan"))
+    later = torch.full((2046,), 0.5)
+    found = torch.tensor(0.0)
+    ops.accumulate(grads, [first], [True], torch.tensor(1.0), found, None)
+    ops.accumulate(grads, [later], [False], torch.tensor(1.0), found, None)
+    assert torch.equal(first, grads[0].float())
+    assert torch.equal(later, 0.5 + grads[0].float())
+    assert found.item() == 0
