@@ -425,7 +425,7 @@ struct AdamHyper {
   float lerp_back;   // 1 - (1 - beta1) in fp32: torch.lerp's second form, for weights >= 0.5
 };
 
-template <typename P, Master kM, bool kAmsgrad, bool kStochastic>
+template <typename P, Master kM, bool kAmsgrad, bool kStochastic, bool kLerpSmall>
 void adam_range(P* __restrict__ param, float* __restrict__ master, int16_t* __restrict__ rem,
                 const float* __restrict__ acc, float* __restrict__ m, float* __restrict__ v,
                 float* __restrict__ vmax, int64_t n, float step_size, float bc2_sqrt,
@@ -436,8 +436,9 @@ void adam_range(P* __restrict__ param, float* __restrict__ master, int16_t* __re
     float p = load_working<P, kM>(param, master, rem, j) * h.decay;
     const float g = h.l2 != 0 ? g0 + h.l2 * p : g0;   // 0 * inf would be NaN
     // torch.lerp(m, g, w): m + w * (g - m) for w < 0.5, g - (g - m) * (1 - w) otherwise
-    const float mj = h.one_minus_beta1 < 0.5f ? m[j] + h.one_minus_beta1 * (g - m[j])
-                                              : g - (g - m[j]) * h.lerp_back;
+    // (the form is a compile-time choice: a per-element select stops the loop vectorizing)
+    const float mj = kLerpSmall ? m[j] + h.one_minus_beta1 * (g - m[j])
+                                : g - (g - m[j]) * h.lerp_back;
     const float vj = h.beta2 * v[j] + (g * g) * h.one_minus_beta2;   // the reference's order
     m[j] = mj;
     v[j] = vj;
@@ -500,8 +501,11 @@ void adam_step_cpu(at::TensorList params, at::TensorList accs, at::TensorList ex
       with_master_mode(mode, [&](auto mm) {
         with_flag(amsgrad, [&](auto ams) {
           with_flag(rounding_seed >= 0, [&](auto sr) {
-            adam_range<P, decltype(mm)::value, decltype(ams)::value, decltype(sr)::value>(
-                param, ms.fp32, ms.rem, acc, m, v, vmax, n, ss, bc, h, rounding);
+            with_flag(h.one_minus_beta1 < 0.5f, [&](auto small) {
+              adam_range<P, decltype(mm)::value, decltype(ams)::value, decltype(sr)::value,
+                         decltype(small)::value>(param, ms.fp32, ms.rem, acc, m, v, vmax, n, ss,
+                                                 bc, h, rounding);
+            });
           });
         });
       });
