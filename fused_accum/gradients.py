@@ -1,10 +1,12 @@
 """Where gradients go: a hook per parameter takes each gradient the moment autograd delivers it.
 
-The hook takes ``param.grad``, sets it to None and hands it to its bucket at once.  It is the C++
-gradient collector (``csrc/autograd/collector.cpp``: a post hook on each parameter's
-AccumulateGrad node, which calls Python once per pass and once per group of gradients, not once
-per gradient) where it builds, else a Python ``register_post_accumulate_grad_hook``
-(``FUSED_ACCUM_HOOKS=python`` asks for that one).  Then:
+The hook, registered with ``param.register_post_accumulate_grad_hook``, takes ``param.grad``, sets
+it to None and hands it to its bucket at once.  It is the C++ gradient collector
+(``csrc/autograd/collector.cpp``, which runs Python once per pass and once per group of gradients,
+not once per gradient) where it builds, else a Python function (``FUSED_ACCUM_HOOKS=python`` asks
+for that one).  Neither holds the parameter's AccumulateGrad node, which would keep the CUDA
+stream current at its making and tie backward passes on other streams (CUDA graph capture) to it.
+Then:
 
 - an fp32 parameter's first gradient of a window is adopted as its accumulator (no copy, see
   :mod:`fused_accum.buffers`);
@@ -88,20 +90,6 @@ class _PassEnd:
             owner = self.owner()
             if owner is not None:
                 owner.fail_pass(self.task)
-
-
-class _CollectorHandle:
-    """Removes one parameter's collector hook (what RemovableHandle is for a Python hook)."""
-
-    __slots__ = ("owner", "slot")
-
-    def __init__(self, owner: weakref.ref, slot: int):
-        self.owner, self.slot = owner, slot
-
-    def remove(self) -> None:
-        owner = self.owner()
-        if owner is not None and owner._collector is not None:
-            owner._collector.remove(self.slot)
 
 
 class GradBuffers:
@@ -195,14 +183,13 @@ class GradBuffers:
         if self._collector is not None:
             slot = len(self._slot_list)
             self._slot_list.append((bucket, i, param))
-            self._collector.add(param, slot, self.buckets.index(bucket), i)
-            handle = _CollectorHandle(self_ref, slot)
+            hook = self._collector.hook(slot, self.buckets.index(bucket), i)
         else:
             def hook(p: Tensor) -> None:
                 owner = self_ref()
                 if owner is not None:   # a dead optimizer leaves the gradient to plain autograd
                     owner._on_grad(p, bucket, i)
-            handle = param.register_post_accumulate_grad_hook(hook)
+        handle = param.register_post_accumulate_grad_hook(hook)
         self._handles.append(handle)
         setattr(param, _OWNER_ATTR, (self_ref, handle))
 

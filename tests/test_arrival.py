@@ -23,6 +23,26 @@ def test_the_collector_builds_and_is_used_unless_told_otherwise(hooks):
     assert (opt._buffers._collector is not None) == (hooks == "collector")
 
 
+def _gradient_accumulator(param):
+    return param.view_as(param).grad_fn.next_functions[0][0]
+
+
+def test_the_hooks_hold_no_gradient_accumulator_node(hooks):
+    """A kept AccumulateGrad node keeps the CUDA stream current when it was made, which ties
+    backward passes on other streams (CUDA graph capture) to that stream: the hooks must live on
+    the tensor, and the node must die with its graph as under plain autograd."""
+    model = make_model(seed=0)
+    opt = fused_accum.SGD(model.parameters(), lr=0.1, accumulation_steps=2)
+    param = model.head.weight
+    held = _gradient_accumulator(param)
+    held.metadata["mark"] = True
+    assert _gradient_accumulator(param).metadata.get("mark")   # the check sees a node kept alive
+    del held
+    assert "mark" not in _gradient_accumulator(param).metadata
+    lm_loss(model, *make_batches(1, 2, 1)[0]).backward()   # and the hooks still take the gradient
+    assert param.grad is None and opt._buffers.arrived
+
+
 def _failing_loss(model, batch):
     """The micro-batch's loss, whose backward raises after the head's gradients have arrived and
     before any other layer's (autograd runs the later-built nodes first)."""

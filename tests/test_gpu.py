@@ -2,6 +2,8 @@
 
 Skipped where there is no CUDA device; tests/ops and the optimizer tests are the CPU versions
 of these checks."""
+import warnings
+
 import pytest
 import torch
 
@@ -168,6 +170,21 @@ def test_a_whole_window_runs_without_host_synchronisation(gpu_backend):
         window()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert opt.stepped
+
+
+def test_a_backward_pass_on_a_side_stream_runs_on_that_stream(gpu_backend):
+    """The optimizer is built on the default stream; a later backward pass on another stream must
+    not be tied back to it (the first GPU run found the collector holding AccumulateGrad nodes,
+    made on the default stream, which failed every CUDA graph capture)."""
+    model, opt, window = _fp16_window_setup(gpu_backend.name)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*AccumulateGrad node's stream does not match")
+        with torch.cuda.stream(side):
+            window()
+    torch.cuda.current_stream().wait_stream(side)
     assert opt.stepped
 
 

@@ -1,20 +1,25 @@
-// The gradient collector: a C++ post hook on every parameter's AccumulateGrad node that takes the
-// gradient autograd has just accumulated (leaving .grad empty) and queues it, so that a gradient
-// costs no Python call of its own.  Python is called once per backward pass (at its first
-// gradient: `on_start(task)`, which may refuse the pass by raising), whenever the queue of a pass
-// holds `bound` bytes (`on_full(task)`: accumulate them now), and, when asked, for every gradient
-// (`on_each(slot)`: data parallelism's chunk bookkeeping in a window's last micro-batch).  What to
-// do with each gradient (adopt it, accumulate it, fold its norm) stays in Python
-// (fused_accum/gradients.py), which takes a pass's queue with `take(task)`, grouped by bucket so
-// that its bookkeeping is a few list operations per bucket, not a call per gradient.
+// The gradient collector: a C++ hook per parameter that takes the gradient autograd has just
+// accumulated (leaving .grad empty) and queues it, so that a gradient runs no Python code of its
+// own.  Python is called once per backward pass (at its first gradient: `on_start(task)`, which
+// may refuse the pass by raising), whenever the queue of a pass holds `bound` bytes
+// (`on_full(task)`: accumulate them now), and, when asked, for every gradient (`on_each(slot)`:
+// data parallelism's chunk bookkeeping in a window's last micro-batch).  What to do with each
+// gradient (adopt it, accumulate it, fold its norm) stays in Python (fused_accum/gradients.py),
+// which takes a pass's queue with `take(task)`, grouped by bucket so that its bookkeeping is a
+// few list operations per bucket, not a call per gradient.
+//
+// The hooks are registered with `param.register_post_accumulate_grad_hook(collector.hook(...))`:
+// they live on the tensor, like any user's hook, and hold no AccumulateGrad node.  A node kept
+// alive (as a post hook on it would need) keeps the CUDA stream that was current when it was
+// made, so a backward pass on another stream, a CUDA graph capture among them, would make that
+// stream wait on the legacy default stream (torch warns "The AccumulateGrad node's stream does
+// not match", and capture fails).  The price is one C call from autograd per gradient, with no
+// Python code behind it.
 //
 // Built as its own Python module against the installed torch (full C++ API); without it,
 // fused_accum falls back to a Python hook per parameter.
 #include <torch/extension.h>
 
-#include <torch/csrc/Exceptions.h>
-#include <torch/csrc/autograd/function_hook.h>
-#include <torch/csrc/autograd/functions/accumulate_grad.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/variable.h>
 
@@ -29,21 +34,6 @@ namespace fused_accum {
 namespace {
 
 namespace py = pybind11;
-using torch::autograd::Variable;
-using NodePtr = decltype(torch::autograd::impl::grad_accumulator(std::declval<const Variable&>()));
-
-// Calls into Python from an autograd thread; a Python exception leaves as torch's python_error,
-// which the engine hands back to the caller of backward() as the original exception.
-template <typename... Args>
-void call(const py::object& f, Args&&... args) {
-  py::gil_scoped_acquire gil;
-  try {
-    f(std::forward<Args>(args)...);
-  } catch (py::error_already_set& e) {
-    e.restore();
-    throw python_error();
-  }
-}
 
 struct Entry {
   int64_t task;
@@ -55,25 +45,23 @@ struct Slot {
   int64_t bucket, index;   // where Python keeps the parameter
 };
 
+class SlotHook;
+
 class Collector : public std::enable_shared_from_this<Collector> {
  public:
   Collector(py::object on_start, py::object on_full, int64_t bound)
       : on_start_(std::move(on_start)), on_full_(std::move(on_full)), bound_(bound) {}
 
   ~Collector() {
-    remove_all();
     py::gil_scoped_acquire gil;   // the callbacks are released here, wherever the last owner was
     on_start_ = py::object();
     on_full_ = py::object();
     on_each_ = py::object();
   }
 
-  // Hooks parameter `param` as slot `slot`, parameter `index` of bucket `bucket`.  Returns false
-  // for a tensor without a gradient accumulator (one that does not require grad).
-  bool add(const at::Tensor& param, int64_t slot, int64_t bucket, int64_t index);
-  // Stops taking slot's gradients (a newer optimizer took the parameter over).
-  void remove(int64_t slot);
-  void remove_all();
+  // The hook of slot `slot`, parameter `index` of bucket `bucket`, for Python to register with
+  // register_post_accumulate_grad_hook (whose handle removes it).
+  SlotHook hook(int64_t slot, int64_t bucket, int64_t index);
 
   // What backward pass `task` queued, as [(bucket, [index], [gradient])], buckets in order of
   // first arrival and each bucket's gradients in arrival order; empties its queue.
@@ -131,7 +119,7 @@ class Collector : public std::enable_shared_from_this<Collector> {
     return bytes_;
   }
 
-  void arrived(const Variable& param, int64_t slot);
+  void arrived(const at::Tensor& param, int64_t slot);
 
  private:
   py::object on_start_, on_full_, on_each_ = py::none();
@@ -142,63 +130,31 @@ class Collector : public std::enable_shared_from_this<Collector> {
   int64_t bytes_ = 0;
   std::unordered_set<int64_t> started_;
   std::unordered_map<int64_t, Slot> slots_;
-  struct Hooked {
-    NodePtr node;
-    uintptr_t key;
-  };
-  std::vector<std::pair<int64_t, Hooked>> hooked_;
 };
 
-// Runs after AccumulateGrad has updated .grad (Node post hooks run after its tensor hooks).
-class TakeGrad : public torch::autograd::FunctionPostHook {
+// A parameter's post-accumulate-grad hook: autograd calls it, holding the GIL, once .grad holds
+// the parameter's whole gradient of the pass.  It holds its collector weakly: the hook of a dead
+// optimizer leaves the gradient to plain autograd.
+class SlotHook {
  public:
-  TakeGrad(std::weak_ptr<Collector> owner, Variable param, int64_t slot)
-      : owner_(std::move(owner)), param_(std::move(param)), slot_(slot) {}
+  SlotHook(std::weak_ptr<Collector> owner, int64_t slot) : owner_(std::move(owner)), slot_(slot) {}
 
-  torch::autograd::variable_list operator()(
-      const torch::autograd::variable_list& outputs,
-      const torch::autograd::variable_list& /*inputs*/) override {
-    if (auto owner = owner_.lock()) owner->arrived(param_, slot_);
-    return outputs;
+  void operator()(const at::Tensor& param) const {
+    if (auto owner = owner_.lock()) owner->arrived(param, slot_);
   }
 
  private:
   std::weak_ptr<Collector> owner_;
-  Variable param_;
   int64_t slot_;
 };
 
-bool Collector::add(const at::Tensor& param, int64_t slot, int64_t bucket, int64_t index) {
-  if (!param.requires_grad()) return false;
-  {
-    std::lock_guard<std::mutex> guard(mutex_);
-    slots_[slot] = {bucket, index};
-  }
-  NodePtr node = torch::autograd::impl::grad_accumulator(param);
-  if (!node) return false;
-  const uintptr_t key =
-      node->add_post_hook(std::make_unique<TakeGrad>(weak_from_this(), param, slot));
-  hooked_.push_back({slot, {std::move(node), key}});   // keeps the accumulator (and hook) alive
-  return true;
+SlotHook Collector::hook(int64_t slot, int64_t bucket, int64_t index) {
+  std::lock_guard<std::mutex> guard(mutex_);
+  slots_[slot] = {bucket, index};
+  return SlotHook(weak_from_this(), slot);
 }
 
-void Collector::remove(int64_t slot) {
-  for (auto it = hooked_.begin(); it != hooked_.end();) {
-    if (it->first == slot) {
-      it->second.node->del_post_hook(it->second.key);
-      it = hooked_.erase(it);
-    } else {
-      ++it;
-    }
-  }
-}
-
-void Collector::remove_all() {
-  for (auto& h : hooked_) h.second.node->del_post_hook(h.second.key);
-  hooked_.clear();
-}
-
-void Collector::arrived(const Variable& param, int64_t slot) {
+void Collector::arrived(const at::Tensor& param, int64_t slot) {
   at::Tensor& grad = param.mutable_grad();
   if (!grad.defined()) return;
   at::Tensor taken = std::move(grad);
@@ -212,7 +168,7 @@ void Collector::arrived(const Variable& param, int64_t slot) {
   }
   if (start) {
     try {
-      call(on_start_, task);   // may refuse the pass: then nothing of it is taken
+      on_start_(task);   // may refuse the pass: then nothing of it is taken
     } catch (...) {
       std::lock_guard<std::mutex> guard(mutex_);
       started_.erase(task);
@@ -227,8 +183,10 @@ void Collector::arrived(const Variable& param, int64_t slot) {
     full = bytes_ >= bound_;
     each = each_;
   }
-  if (full) call(on_full_, task);
-  if (each) call(on_each_, slot, task);
+  // A Python exception leaves as py::error_already_set, which pybind11 hands back to autograd as
+  // the original exception.
+  if (full) on_full_(task);
+  if (each) on_each_(slot, task);
 }
 
 }  // namespace
@@ -236,14 +194,15 @@ void Collector::arrived(const Variable& param, int64_t slot) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using fused_accum::Collector;
-  m.doc() = "fused_accum's gradient collector: C++ post hooks on AccumulateGrad nodes";
+  using fused_accum::SlotHook;
+  m.doc() = "fused_accum's gradient collector: C++ post-accumulate-grad hooks that queue gradients";
+  py::class_<SlotHook>(m, "SlotHook")
+      .def("__call__", [](const SlotHook& hook, const at::Tensor& param) { hook(param); },
+           py::arg("param"));
   py::class_<Collector, std::shared_ptr<Collector>>(m, "Collector")
       .def(py::init<py::object, py::object, int64_t>(), py::arg("on_start"), py::arg("on_full"),
            py::arg("bound"))
-      .def("add", &Collector::add, py::arg("param"), py::arg("slot"), py::arg("bucket"),
-           py::arg("index"))
-      .def("remove", &Collector::remove, py::arg("slot"))
-      .def("remove_all", &Collector::remove_all)
+      .def("hook", &Collector::hook, py::arg("slot"), py::arg("bucket"), py::arg("index"))
       .def("take", &Collector::take, py::arg("task"))
       .def("forget", &Collector::forget, py::arg("task"))
       .def("set_bound", &Collector::set_bound, py::arg("bound"))
