@@ -113,15 +113,10 @@ class Bucket:
             self._step_views = [self.steps[i] for i in range(len(self.params))]
         return [self._step_views[i] for i in indices]
 
-    def ensure_state(self, name: str, init: Tensor | None = None,
-                     dtype: torch.dtype = torch.float32) -> Tensor:
-        """The flat state buffer ``name`` (fp32 unless said), allocated (zeros, or ``init``) on
-        first use."""
+    def ensure_state(self, name: str, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The flat state buffer ``name`` (fp32 unless said), allocated as zeros on first use."""
         if name not in self.state:
-            if init is None:
-                self.state[name] = torch.zeros(self.size, dtype=dtype, device=self.device)
-            else:
-                self.state[name] = init.to(device=self.device, dtype=dtype).clone()
+            self.state[name] = torch.zeros(self.size, dtype=dtype, device=self.device)
         return self.state[name]
 
     def master_views(self, indices: list[int]) -> list[Tensor] | None:
@@ -131,12 +126,11 @@ class Bucket:
                 return self.views(self.state[name], indices)
         return None
 
-    def flat_params(self) -> Tensor:
-        """The parameters in fp32, laid out like the bucket's flat buffers (padding zeroed)."""
-        flat = torch.zeros(self.size, dtype=torch.float32, device=self.device)
+    def copy_params_to(self, flat: Tensor) -> None:
+        """Writes the parameters into their slices of a flat buffer of this bucket, in place, so
+        that making masters costs no transient copy of the bucket."""
         for i, p in enumerate(self.params):
             self.view(flat, i).copy_(p.detach())
-        return flat
 
     # -- the window ------------------------------------------------------------------------------
 

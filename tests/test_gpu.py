@@ -144,6 +144,27 @@ def test_stochastic_rounding_on_gpu_draws_the_reference_bits(gpu_backend):
     assert same > 0.999   # the fp32 update may differ by an ulp (fused multiply-add) near a cut
 
 
+def test_a_first_window_peaks_at_the_state_it_keeps_plus_one_gradient(gpu_backend):
+    """Masters, moments and the accumulator are all the memory a bf16 window adds, beyond the
+    gradient in flight: the first H200 run found the masters built through two transient fp32
+    copies of the bucket (1.22x torch's peak on a 268M-parameter model)."""
+    model = torch.nn.Linear(2048, 2048, bias=False).cuda().bfloat16()
+    x = torch.randn(4, 2048, device=CUDA, dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    opt = fused_accum.AdamW(model.parameters(), accumulation_steps=2, backend=gpu_backend.name)
+    for _ in range(2):
+        model(x).float().square().mean().backward()
+        opt.step()
+    assert opt.stepped
+    torch.cuda.synchronize()
+    kept = torch.cuda.memory_allocated() - before
+    gradient = model.weight.nbytes
+    assert kept >= 16 * model.weight.numel()   # fp32 accumulator, master and two moments
+    assert torch.cuda.max_memory_allocated() - before <= kept + gradient + 2**20
+
+
 def _fp16_window_setup(backend_name):
     torch.manual_seed(0)
     model = make_model(seed=7).cuda().half()

@@ -189,8 +189,7 @@ class AccumulatingOptimizer(WindowStateDict, Optimizer):
         if self.master_weights == "compact" and bucket.dtype == torch.bfloat16:
             bucket.ensure_state("master_remainder", dtype=torch.int16).zero_()   # master = param
         elif self.master_weights and bucket.dtype != torch.float32:
-            params = bucket.flat_params()
-            bucket.ensure_state("master_param", params).copy_(params)
+            bucket.copy_params_to(bucket.ensure_state("master_param"))
 
     def _publish_state(self, bucket: Bucket) -> None:
         """Point ``self.state[p]`` at live views of the bucket's flat buffers."""
