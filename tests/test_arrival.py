@@ -23,6 +23,16 @@ def test_the_collector_builds_and_is_used_unless_told_otherwise(hooks):
     assert (opt._buffers._collector is not None) == (hooks == "collector")
 
 
+def test_groups_are_larger_where_a_bucket_is_on_a_gpu(monkeypatch):
+    from fused_accum.gradients import group_bytes
+    monkeypatch.delenv("FUSED_ACCUM_GROUP_MB", raising=False)
+    assert group_bytes({"cpu"}) == 2 * 2**20
+    assert group_bytes({"cpu", "cuda"}) == group_bytes({"cuda"}) == 32 * 2**20
+    monkeypatch.setenv("FUSED_ACCUM_GROUP_MB", "0.5")
+    assert group_bytes({"cuda"}) == 2**19
+    assert fused_accum.SGD(make_model(seed=0).parameters())._buffers.group_bytes == 2**19
+
+
 def _gradient_accumulator(param):
     return param.view_as(param).grad_fn.next_functions[0][0]
 

@@ -9,6 +9,8 @@ from torch import Tensor
 def scalar(value: float | Tensor, like: Tensor) -> Tensor:
     """A 0-d fp32 tensor on ``like``'s device (no host read of a device value)."""
     if isinstance(value, Tensor):
+        if value.dtype is torch.float32 and value.dim() == 0 and value.device == like.device:
+            return value   # the usual case, without the two dispatcher calls below
         return value.to(device=like.device, dtype=torch.float32).reshape(())
     return torch.full((), float(value), dtype=torch.float32, device=like.device)
 

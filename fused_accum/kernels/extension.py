@@ -27,7 +27,7 @@ def _ops():
 def accumulate(grads, accs, first, weight, found_inf, sumsq=None) -> None:
     if not accs:
         return
-    grads = [g.contiguous() for g in grads]
+    grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
     _ops().accumulate(grads, accs, [int(f) for f in first], scalar(weight, accs[0]), found_inf,
                       sumsq)
 

@@ -108,7 +108,7 @@ def _plans(op: str, addresses: list[list[int] | None], dtype_of: list[Tensor],
 def accumulate(grads, accs, first, weight, found_inf, sumsq=None) -> None:
     if not accs:
         return
-    grads = [g.contiguous() for g in grads]
+    grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
     _check_lists("accumulate", accs, grads=grads)
     _check_dtypes("accumulate", "grads", grads, TL_DTYPES)
     _check_dtypes("accumulate", "accs", accs, _FP32)
