@@ -59,6 +59,7 @@ def _worker(rank: int, scenario: str, init_file: str, out_dir: str) -> None:
                 opt = make_opt(net.parameters(),
                                **({"process_group": None} if scenario == "ddp, none" else {}))
         result["warnings"] = [str(w.message) for w in caught]
+        result["warned at"] = [w.filename for w in caught]
         for window in _windows():
             for m, (tokens, targets) in enumerate(window[rank::2]):
                 lm_loss(net, tokens, targets).backward()
@@ -133,6 +134,7 @@ def test_process_group_none_without_ddp_trains_each_rank_alone_and_says_so(tmp_p
     for r in results:
         assert "error" not in r, r["error"]
         assert any("process_group=None" in w and "drift apart" in w for w in r["warnings"])
+        assert r["warned at"] == [__file__]   # the line that built the optimizer, not ours
     assert not torch.equal(results[0]["params"][0], results[1]["params"][0])
 
 

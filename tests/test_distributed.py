@@ -39,8 +39,8 @@ def _worker(rank: int, scenario: str, init_file: str, out_dir: str, backend: str
                                     process_group=True, backend=backend,
                                     loss_scale=fused_accum.DynamicLossScale(init_scale=2.0**8))
         else:   # SGD without clipping is sensitive to the scale of the mean (W); "clip" to the norm
-            opt = fused_accum.SGD(model.parameters(), **_sgd(scenario),
-                                  accumulation_steps=1 if scenario == "driven" else 2,
+            k = 1 if scenario == "driven" or (scenario == "different k" and rank == 1) else 2
+            opt = fused_accum.SGD(model.parameters(), **_sgd(scenario), accumulation_steps=k,
                                   process_group=True, backend=backend)
         extra, directions = _extra()
         if scenario == "partial":
@@ -73,6 +73,8 @@ def _worker(rank: int, scenario: str, init_file: str, out_dir: str, backend: str
                 if scenario == "overflow" and rank == 1 and w == 1 and m == 0:
                     loss = loss * float("inf")
                 items = (targets != IGNORE).sum() if scenario == "uneven" else None
+                if scenario == "items on one rank":
+                    items = (targets != IGNORE).sum() if rank == 0 else None
                 if scenario == "driven":   # the window is driven from outside, as frameworks do
                     opt.final_micro_batch = m == 1
                     (loss / 2).backward()
@@ -189,6 +191,19 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(scenario, tmp_path):
 def test_two_backward_passes_in_the_last_micro_batch_are_refused(tmp_path):
     results = _run("double backward", tmp_path, "auto")
     assert "single backward pass" in results[0]["error"] + results[1]["error"]
+
+
+@pytest.mark.parametrize("scenario, setting", [("different k", "accumulation_steps"),
+                                               ("items on one rank", "opt.backward(num_items=)")])
+def test_ranks_that_disagree_on_the_window_fail_on_every_rank_before_any_update(scenario, setting,
+                                                                                tmp_path):
+    """Their collectives would pair one rank's window with part of another's (different k), or
+    add one rank's micro-batch count to another's item count: the helper's check of 2026-12-04
+    found rank 0 finishing silently wrong with accumulation_steps 2 against 1."""
+    results = _run(scenario, tmp_path, "auto")
+    for r in results:
+        assert "ranks disagree on " + setting in r.get("error", ""), r.get("error")
+        assert "update was not applied" in r["error"]
 
 
 def test_an_overflow_on_one_rank_skips_the_step_on_both(tmp_path):

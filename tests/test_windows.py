@@ -206,7 +206,7 @@ def test_a_window_without_a_finite_mean_is_skipped_and_the_next_one_applies(pois
     expected = train_large_batch(clone(base), lambda p: torch.optim.AdamW(p, lr=1e-2), windows[1:])
     model = clone(base)
     opt = fused_accum.AdamW(model.parameters(), lr=1e-2, accumulation_steps=2, backend=backend)
-    with pytest.warns(RuntimeWarning, match="skipped"):
+    with pytest.warns(RuntimeWarning, match="skipped") as caught:
         for i, batch in enumerate(windows[0]):
             loss = lm_loss(model, *batch)
             if poison == "inf":
@@ -216,6 +216,7 @@ def test_a_window_without_a_finite_mean_is_skipped_and_the_next_one_applies(pois
             opt.step()
     assert opt.skipped_steps == 1
     assert opt.stepped
+    assert {w.filename for w in caught} == {__file__}   # the warning names the user's line
     for p, q in zip(model.parameters(), base.parameters()):
         assert torch.equal(p, q)
     assert all(s["step"].item() == 0 and not s["exp_avg"].any() for s in opt.state.values())

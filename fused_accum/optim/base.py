@@ -7,7 +7,6 @@ clipping, first-touch bookkeeping, state dicts) lives here, written once.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -16,6 +15,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import kernels, scaling
+from .._warnings import warn
 from ..buffers import Bucket, param_label
 from ..gradients import GradBuffers
 from . import data_parallel
@@ -393,7 +393,8 @@ class AccumulatingOptimizer(WindowStateDict, Optimizer):
             if self._reducer is not None:   # every rank, touched or not, joins the collectives
                 main = self._skipped.device
                 items = self._weight_sum if self._mode == "items" else None
-                self._global_weight = self._reducer.reduce(self._buffers, self._micro, items, main)
+                self._global_weight = self._reducer.reduce(self._buffers, self._micro, items, main,
+                                                           self.accumulation_steps)
                 if self._mode == "items":
                     for device, total in self._weight_sum.items():
                         total.copy_(self._global_weight.to(device))
@@ -448,7 +449,7 @@ class AccumulatingOptimizer(WindowStateDict, Optimizer):
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
+            warn(message)
 
     @property
     def skipped_steps(self) -> int:

@@ -16,12 +16,13 @@
 from __future__ import annotations
 
 import gc
-import warnings
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from .._warnings import warn
 
 AUTO = "auto"
 _SWITCHED_OFF = "_fused_accum_switched_off"
@@ -42,10 +43,9 @@ def resolve(process_group: Any) -> Any:
                              f"got {process_group!r}")
         return True if world_size() > 1 else None
     if process_group is None and world_size() > 1:
-        warnings.warn(f"fused_accum: process_group=None with {world_size()} ranks: each rank "
-                      "trains on its own micro-batches alone and the ranks drift apart; leave "
-                      "process_group='auto' to average every window over all ranks",
-                      RuntimeWarning, stacklevel=4)
+        warn(f"fused_accum: process_group=None with {world_size()} ranks: each rank trains on "
+             "its own micro-batches alone and the ranks drift apart; leave "
+             "process_group='auto' to average every window over all ranks")
     if process_group is False:
         raise ValueError("process_group: pass None for no reduction, not False")
     return process_group

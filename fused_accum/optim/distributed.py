@@ -88,8 +88,10 @@ class WindowReducer:
         if chunk.position < self._next:
             raise RuntimeError(
                 "fused_accum: a gradient arrived for a parameter whose window was already being "
-                "reduced across ranks; with process_group=, the last micro-batch of a window must "
-                "be a single backward pass")
+                "reduced across ranks: with data parallelism the last micro-batch of a window must "
+                "be a single backward pass.  A loop that forms its windows itself (loss / k, "
+                "step() every k-th micro-batch) should pass accumulation_steps=k and call backward() "
+                "and step() for every micro-batch")
         if self._missing is None:   # first arrival of the pass: what each chunk waits for
             self._missing = [sum(p.requires_grad for p in c.params) for c in self.chunks]
         if param not in self._arrived:   # a second pass may deliver a parameter again
@@ -121,11 +123,13 @@ class WindowReducer:
             self._collective("broadcast of the parameters", dist.broadcast, p.detach(), src=self.source)
 
     def reduce(self, buffers: GradBuffers, micro_batches: int, items: dict[torch.device, Tensor] | None,
-               main: torch.device) -> Tensor:
+               main: torch.device, accumulation_steps: int) -> Tensor:
         """Sum the window over all ranks in place; returns the global window weight W (on ``main``).
 
         ``items``: the item counts of the window per device (``num_items`` mode), else None and W
-        counts micro-batches.
+        counts micro-batches.  Raises on every rank, before any update, when the ranks disagree on
+        ``accumulation_steps`` (their collectives would pair one rank's window with part of
+        another's) or on the weighting mode (W would add micro-batches to items).
         """
         buckets = buffers.buckets
         touched = [float(t) for b in buckets for t in b.touched]
@@ -141,10 +145,17 @@ class WindowReducer:
             self._collective("all-reduce of the accumulators", lambda group: work.wait())
         weight = items[main] if items is not None else torch.tensor(float(micro_batches), device=main)
         found = torch.stack([f.to(main) for f in buffers.found_inf.values()]).amax()
-        summary = torch.cat([torch.tensor(touched + [float(buffers.discarded)], device=main),
-                             weight.reshape(1).float(), found.reshape(1)])
+        # What every rank must agree on, with its square: the sums over ranks are equal to
+        # d * value and d * value**2 exactly when all d ranks hold the same value.  float64 keeps
+        # the sums exact.
+        agreed = [float(accumulation_steps), float(items is not None)]
+        summary = torch.tensor(touched + [float(buffers.discarded)] + agreed + [a * a for a in agreed],
+                               dtype=torch.float64, device=main)
+        summary = torch.cat([summary, weight.reshape(1).double(), found.reshape(1).double()])
         self._collective("all-reduce of the window's summary", dist.all_reduce, summary)
-        anywhere = (summary[:len(touched) + 1] > 0).tolist()   # the window's one host synchronisation
+        totals = summary[:-2].tolist()   # the window's one host synchronisation
+        self._check_agreement(totals[len(touched) + 1:], agreed)
+        anywhere = [t > 0 for t in totals[:len(touched) + 1]]
         buffers.discarded = anywhere.pop()   # a failed pass on any rank discards the window on all
         start = 0
         for bucket in buckets:
@@ -154,4 +165,18 @@ class WindowReducer:
         global_found = (summary[-1] > 0).float()
         for device, flag in buffers.found_inf.items():
             flag.copy_(global_found.to(device))
-        return summary[-2]
+        return summary[-2].float()
+
+    def _check_agreement(self, sums: list[float], ours: list[float]) -> None:
+        ranks = dist.get_world_size(self.group)
+        n = len(ours)
+        for what, value, total, squares in zip(_AGREED, ours, sums[:n], sums[n:]):
+            if ranks * squares != total * total:
+                raise RuntimeError(
+                    f"fused_accum: the ranks disagree on {what}: this rank (rank {self.rank}) has "
+                    f"{value:g}, the mean over the {ranks} ranks is {total / ranks:g}.  Every rank "
+                    "must use the same accumulation_steps, and num_items for all micro-batches or "
+                    "for none; this window's update was not applied")
+
+
+_AGREED = ("accumulation_steps", "opt.backward(num_items=) (1: used in this window, 0: not)")
