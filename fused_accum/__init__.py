@@ -10,3 +10,12 @@ from .scaling import DynamicLossScale
 __version__ = "0.1.0"
 __all__ = ["SGD", "Adam", "AdamW", "FusedAccumulator", "AccumulatingOptimizer", "DynamicLossScale",
            "__version__"]
+
+
+def __getattr__(name: str):
+    # fused_accum.integrations.<framework> after a plain ``import fused_accum``; the integrations
+    # import their frameworks, so they are loaded on first use only.
+    if name == "integrations":
+        import importlib
+        return importlib.import_module(".integrations", __name__)
+    raise AttributeError(f"module 'fused_accum' has no attribute {name!r}")

@@ -12,3 +12,12 @@ fused optimizer then runs with ``accumulation_steps=1`` (a window counted twice 
 told which backward pass ends each window, clips in its kernels in place of the framework, and
 reports the real pre-clip norm.
 """
+
+_FRAMEWORKS = ("transformers", "lightning", "accelerate")
+
+
+def __getattr__(name: str):
+    if name in _FRAMEWORKS:   # imported on first use: each imports its framework
+        import importlib
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'fused_accum.integrations' has no attribute {name!r}")

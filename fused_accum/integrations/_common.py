@@ -38,8 +38,9 @@ def fused(optimizer: Any, *, accumulation_setting: str, max_grad_norm: float | N
     if inner.accumulation_steps != 1:
         raise ValueError(
             f"fused_accum: the optimizer has accumulation_steps={inner.accumulation_steps} while "
-            f"{accumulation_setting} already forms the windows: every window would be counted "
-            f"twice. Leave accumulation_steps=1 and let {accumulation_setting} set the window")
+            f"{accumulation_setting} already forms the windows: they would be counted twice, "
+            f"once by each (an update every {inner.accumulation_steps} of its windows). Leave "
+            f"accumulation_steps=1 and let {accumulation_setting} set the window")
     if max_grad_norm is not None:
         if inner.max_grad_norm is None:
             inner.max_grad_norm = max_grad_norm

@@ -55,6 +55,7 @@ def follow(accelerator: Any, optimizer: Any) -> AccumulatingOptimizer:
 
 def _route_clipping(accelerator: Any, inner: AccumulatingOptimizer) -> None:
     clip_elsewhere = accelerator.clip_grad_norm_
+    preset = inner.max_grad_norm   # the optimizer's own clipping, if it was built with one
 
     def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2, **kwargs: Any):
         parameters = [parameters] if hasattr(parameters, "grad") else list(parameters)
@@ -63,6 +64,9 @@ def _route_clipping(accelerator: Any, inner: AccumulatingOptimizer) -> None:
         if float(norm_type) != 2.0:
             raise ValueError(f"fused_accum: clip_grad_norm_(norm_type={norm_type}): the kernels "
                              "clip the global 2-norm")
+        if preset is not None and float(max_norm) != preset:
+            raise ValueError(f"fused_accum: the optimizer clips to max_grad_norm={preset} and "
+                             f"accelerator.clip_grad_norm_ asks for {max_norm}; set one")
         # The optimizer's parameters: those of the call it does not hold have no gradient.
         inner.max_grad_norm = check_max_grad_norm(max_norm)
         return inner._live_grad_norm

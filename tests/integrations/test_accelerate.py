@@ -83,6 +83,12 @@ def test_follow_refuses_what_would_train_wrongly():
     follow(accelerator, opt)
     with pytest.raises(ValueError, match="norm_type"):
         accelerator.clip_grad_norm_(model.parameters(), 1.0, norm_type=1)
+    accelerator = accelerate.Accelerator(gradient_accumulation_steps=K, cpu=True)
+    opt = follow(accelerator, fused_accum.AdamW(model.parameters(), max_grad_norm=0.5))
+    with pytest.raises(ValueError, match=r"max_grad_norm=0.5 .*clip_grad_norm_ asks for 1.0; set one"):
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+    accelerator.clip_grad_norm_(model.parameters(), 0.5)   # the same clipping, said twice: fine
+    assert opt.max_grad_norm == 0.5
 
 
 def test_fp16_grad_scaler_becomes_the_optimizer_s_loss_scaling():
@@ -110,3 +116,14 @@ torch.save([p.detach() for p in model.parameters()], f"{{sys.argv[2]}}.rank{{dis
 def test_ddp_on_two_cpu_ranks_as_the_stock_recipe(tmp_path):
     assert_ranks_match_stock(tmp_path, DDP_SCRIPT.format(tests=os.path.dirname(__file__)),
                              *TORCHRUN)
+
+
+def test_the_readme_spelling_works_after_a_plain_import():
+    """README writes fused_accum.integrations.accelerate.follow(...) after `import fused_accum`;
+    a fresh interpreter, so that no earlier import has loaded the submodule."""
+    import subprocess
+    import sys
+    code = ("import sys, fused_accum; assert 'fused_accum.integrations' not in sys.modules; "
+            "print(fused_accum.integrations.accelerate.follow.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "follow", out.stderr
