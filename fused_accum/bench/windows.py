@@ -241,9 +241,17 @@ def bytes_per_parameter(config: Config, pipeline: str) -> int:
     return (k - 1) * 3 * e + (3 * e if clip else 0) + 2 * e + e + 2 * state
 
 
-def run(device: torch.device, quick: bool, repeats: int, copy_bw: float, backend: str = "auto") -> list[dict]:
+def run(device: torch.device, quick: bool, repeats: int, copy_bw: float, backend: str = "auto",
+        only: list[str] | None = None) -> list[dict]:
+    chosen = configs(device, quick)
+    unknown = set(only or ()) - {c.name for c in chosen}
+    if unknown:
+        raise ValueError(f"--configs: no configuration {sorted(unknown)}; "
+                         f"there are {[c.name for c in chosen]}")
     rows = []
-    for config in configs(device, quick):
+    for config in chosen:
+        if only and config.name not in only:
+            continue
         progress(f"windows: ({config.name}) {config.describe}, {config.numel / 1e6:.1f}M parameters, k={config.k}")
         pipelines = [make_pipeline(name, config, Workload(config, device, 0), backend)
                      for name in pipeline_names(config)]

@@ -24,12 +24,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--level", choices=["ops", "windows", "comm", "all"], default="all",
                         help="comm: bytes communicated per window by two ranks, against DDP")
     parser.add_argument("--backend", default="auto", help="backend of the window runs")
+    parser.add_argument("--configs", default=None,
+                        help="window configurations to run, comma-separated (e.g. b,e,f); default all")
     parser.add_argument("--repeats", type=int, default=None, help="repetitions per measurement")
     parser.add_argument("--json", type=Path, default=None, help="write every figure to this file")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG plot (needs matplotlib)")
 
 
-def measure(device: torch.device, quick: bool, level: str, backend: str, repeats: int | None) -> dict:
+def measure(device: torch.device, quick: bool, level: str, backend: str, repeats: int | None,
+            configs: list[str] | None = None) -> dict:
     if device.type == "cuda":
         sizes = [1, 16] if quick else [1, 16, 256, 1024]
     else:
@@ -42,7 +45,7 @@ def measure(device: torch.device, quick: bool, level: str, backend: str, repeats
     if level in ("ops", "all"):
         result["ops"] = ops.run(device, sizes, repeats, copy_bw)
     if level in ("windows", "all"):
-        result["windows"] = windows.run(device, quick, repeats, copy_bw, backend)
+        result["windows"] = windows.run(device, quick, repeats, copy_bw, backend, configs)
     if level in ("comm", "all"):
         result["comm"] = comm.run(device, quick)
     return result
@@ -54,7 +57,12 @@ def run(args: argparse.Namespace) -> int:
         print("bench: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2
     print(f"fused_accum bench on {device} ({'quick' if args.quick else 'full'} run)", flush=True)
-    result = measure(device, args.quick, args.level, args.backend, args.repeats)
+    configs = args.configs.split(",") if args.configs else None
+    try:
+        result = measure(device, args.quick, args.level, args.backend, args.repeats, configs)
+    except ValueError as exc:   # a bad --configs
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
     print()
     print(tables(result))
     if args.json:
