@@ -36,12 +36,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from . import guards
 from ._warnings import warn
 from .buffers import Bucket, param_label
 
 # (owner, hook handle) of the GradBuffers that owns a parameter: the newest optimizer built over
 # a parameter takes it over and removes the previous owner's hook.
-_OWNER_ATTR = "_fused_accum_owner"
+_OWNER_ATTR = guards.OWNER_ATTR
 GROUP_ENV = "FUSED_ACCUM_GROUP_MB"
 HOOKS_ENV = "FUSED_ACCUM_HOOKS"   # "auto" (the C++ collector when it builds) or "python"
 # Looked up once: the hook runs for every gradient of every backward pass.
@@ -141,6 +142,7 @@ class GradBuffers:
         self._on_arrival = None
         self._slot_list: list[tuple[Bucket, int, Tensor]] = []   # collector slot -> parameter
         self._collector = self._make_collector()
+        guards.install()   # torch's clipping would see no .grad: make it say so
 
     # -- construction ------------------------------------------------------------------------
 

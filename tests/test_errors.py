@@ -158,3 +158,25 @@ def test_deleting_the_optimizer_hands_gradients_back():
     del opt
     model(torch.randn(4, 3)).sum().backward()
     assert model.weight.grad is not None
+
+
+@pytest.mark.parametrize("clip", ["clip_grad_norm_", "clip_grad_value_"])
+def test_clipping_by_hand_what_the_optimizer_holds_is_refused_not_silently_skipped(clip):
+    """.grad is empty between backward() and step(): torch's clipping would clip nothing."""
+    model = make_model(seed=3)
+    opt = fused_accum.AdamW(model.parameters(), lr=1e-2, accumulation_steps=2)
+    lm_loss(model, *make_batches(3, 1, 2)[0]).backward()
+    with pytest.raises(RuntimeError, match=rf"torch.nn.utils.{clip} was called.*max_grad_norm="):
+        getattr(torch.nn.utils, clip)(model.parameters(), 1.0)
+    opt.step()   # the optimizer is still usable and the micro-batch still counted
+    lm_loss(model, *make_batches(4, 1, 2)[0]).backward()
+    opt.step()
+    assert opt.stepped
+    other = torch.nn.Linear(3, 3)   # parameters no fused optimizer holds: torch's own behaviour
+    other(torch.randn(2, 3)).sum().backward()
+    expected = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in other.parameters()]))
+    result = getattr(torch.nn.utils, clip)(other.parameters(), 1e-3)
+    if clip == "clip_grad_norm_":
+        torch.testing.assert_close(result, expected)
+    else:
+        assert max(p.grad.abs().max() for p in other.parameters()) == 1e-3

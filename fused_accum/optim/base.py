@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .. import kernels, scaling
+from .. import guards, kernels, scaling
 from .._warnings import warn
 from ..buffers import Bucket, param_label
 from ..gradients import GradBuffers
@@ -201,6 +201,16 @@ class AccumulatingOptimizer(WindowStateDict, Optimizer):
     # -- micro-batches -----------------------------------------------------------------------
 
     def _on_backward_start(self, kind: str, through_optimizer: bool) -> None:
+        if self._final_hint is None and guards.accelerate_accumulating():
+            raise RuntimeError(
+                "fused_accum: accelerate is forming accumulation windows around this optimizer "
+                "(Accelerator(gradient_accumulation_steps=...) and accumulate(), or "
+                "TrainingArguments.gradient_accumulation_steps), which it was not told about: "
+                f"with accumulation_steps={self.accumulation_steps} every window would be "
+                "counted twice or clipped by code that sees no gradients. Use "
+                "fused_accum.integrations.accelerate.follow(accelerator, optimizer), or "
+                "fused_accum.integrations.transformers.FusedAccumTrainer in place of Trainer "
+                "(the backward pass was refused; the window's accumulated gradients are intact)")
         if self._mode not in (None, kind):
             raise RuntimeError(
                 "fused_accum: this window mixes opt.backward(loss, num_items=...) with a plain "

@@ -103,6 +103,14 @@ def test_a_window_counted_twice_is_refused_naming_both_settings():
         _fit(module, [FusedAccumulation()])
 
 
+def test_stock_lightning_clipping_a_fused_optimizer_is_refused_not_silently_skipped():
+    """Without the callback, Lightning's clip_grad_norm_ would find no .grad and clip nothing."""
+    module = TinyLM(lambda m: fused_accum.AdamW(m.parameters(), lr=1e-2))
+    with pytest.raises(RuntimeError, match=r"clip_grad_norm_ was called on parameters whose "
+                                           r"gradients a fused optimizer holds.*max_grad_norm="):
+        _fit(module, accumulate_grad_batches=1)
+
+
 def test_clipping_by_value_and_manual_optimization_are_refused():
     with pytest.raises(ValueError, match="gradient_clip_algorithm='value'"):
         _fit(TinyLM(), [FusedAccumulation()], gradient_clip_algorithm="value")

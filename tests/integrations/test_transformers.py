@@ -127,6 +127,18 @@ def test_a_window_counted_twice_is_refused_naming_both_settings(tmp_path):
                           data_collator=_collate, optimizers=(opt, None))
 
 
+@pytest.mark.parametrize("k", [1, 4])
+def test_the_stock_trainer_with_a_fused_optimizer_is_refused_not_silently_wrong(k, tmp_path):
+    """Its clipping would see no .grad (clipping off, grad_norm logged as 0.0) and, with k = 4,
+    every window would be counted twice: both the issue's findings."""
+    model = _model()
+    opt = fused_accum.AdamW(model.parameters(), lr=1e-2, accumulation_steps=k)
+    with pytest.raises(RuntimeError, match=r"accelerate is forming accumulation windows.*"
+                                           r"FusedAccumTrainer"):
+        _train(transformers.Trainer, tmp_path, model=model, optimizers=(opt, None))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), _model().parameters()))
+
+
 def test_checkpoints_save_and_resume_to_the_uninterrupted_result(tmp_path):
     args = lambda: _args(tmp_path, num_train_epochs=2, save_strategy="steps", save_steps=2)
     straight = _train(FusedAccumTrainer, tmp_path, args=args())
