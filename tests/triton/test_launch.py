@@ -1,13 +1,13 @@
-"""The Triton launch tables: grouping, program map, pointer rows and their cache."""
+"""The Triton launch tables: grouping, program map, pointer rows and their cache.
+
+Host-side logic on CPU tensors: it needs Triton importable, not a GPU or the interpreter, so it
+runs on GPU machines too (where the interpreter is off and the first H200 run skipped it)."""
 import pytest
 import torch
 
 pytest.importorskip("triton")
-from fused_accum import kernels  # noqa: E402
 
 CPU = torch.device("cpu")
-pytestmark = pytest.mark.skipif(not kernels.availability("triton", CPU)[0],
-                                reason="the Triton backend cannot run here")
 
 
 def _launch():
