@@ -4,8 +4,9 @@ The hook, registered with ``param.register_post_accumulate_grad_hook``, takes ``
 it to None and hands it to its bucket at once.  It is the C++ gradient collector
 (``csrc/autograd/collector.cpp``, which runs Python once per pass and once per group of gradients,
 not once per gradient) where it builds, else a Python function (``FUSED_ACCUM_HOOKS=python`` asks
-for that one).  Neither holds the parameter's AccumulateGrad node, which would keep the CUDA
-stream current at its making and tie backward passes on other streams (CUDA graph capture) to it.
+for that one).  On accelerators neither holds the parameter's AccumulateGrad node, which would
+keep the CUDA stream current at its making and tie backward passes on other streams (CUDA graph
+capture) to it; on CPUs the collector hooks the node itself, which costs no Python at all.
 Then:
 
 - an fp32 parameter's first gradient of a window is adopted as its accumulator (no copy, see
@@ -106,6 +107,20 @@ class _PassEnd:
                 owner.fail_pass(self.task)
 
 
+class _CollectorHandle:
+    """Removes one parameter's node hook (what RemovableHandle is for a tensor hook)."""
+
+    __slots__ = ("owner", "slot")
+
+    def __init__(self, owner: weakref.ref, slot: int):
+        self.owner, self.slot = owner, slot
+
+    def remove(self) -> None:
+        owner = self.owner()
+        if owner is not None and owner._collector is not None:
+            owner._collector.remove(self.slot)
+
+
 class GradBuffers:
     """All buckets of one optimizer, the per-device window flags, and the gradient hooks.
 
@@ -201,15 +216,26 @@ class GradBuffers:
         if self._collector is not None:
             slot = len(self._slot_list)
             self._slot_list.append((bucket, i, param))
-            hook = self._collector.hook(slot, self.buckets.index(bucket), i)
+            if self._hook_on_node(param):
+                self._collector.add(param, slot, self.buckets.index(bucket), i)
+                handle = _CollectorHandle(self_ref, slot)
+            else:
+                handle = param.register_post_accumulate_grad_hook(
+                    self._collector.hook(slot, self.buckets.index(bucket), i))
         else:
             def hook(p: Tensor) -> None:
                 owner = self_ref()
                 if owner is not None:   # a dead optimizer leaves the gradient to plain autograd
                     owner._on_grad(p, bucket, i)
-        handle = param.register_post_accumulate_grad_hook(hook)
+            handle = param.register_post_accumulate_grad_hook(hook)
         self._handles.append(handle)
         setattr(param, _OWNER_ATTR, (self_ref, handle))
+
+    @staticmethod
+    def _hook_on_node(param: Tensor) -> bool:
+        """The collector's node hook (no Python per gradient) where there are no streams: it keeps
+        the AccumulateGrad node, and with it the stream current at its making, alive."""
+        return param.device.type == "cpu"
 
     def remove_hooks(self) -> None:
         """Stop taking gradients: parameters get plain ``.grad`` accumulation again."""

@@ -11,16 +11,20 @@ from helpers import (FailsInBackward, InjectedFailure, assert_same_params, clone
                      make_batches, make_model)
 
 
-@pytest.fixture(autouse=True, params=["collector", "python"])
+@pytest.fixture(autouse=True, params=["collector", "collector on the tensor", "python"])
 def hooks(request, monkeypatch):
-    """Every test here runs with both gradient hooks: the C++ collector and the Python hook."""
-    monkeypatch.setenv("FUSED_ACCUM_HOOKS", "auto" if request.param == "collector" else "python")
+    """Every test here runs with each gradient hook: the C++ collector's node hook (CPUs), its
+    tensor hook (accelerators; forced here on the CPU), and the Python hook."""
+    monkeypatch.setenv("FUSED_ACCUM_HOOKS", "python" if request.param == "python" else "auto")
+    if request.param == "collector on the tensor":
+        from fused_accum.gradients import GradBuffers
+        monkeypatch.setattr(GradBuffers, "_hook_on_node", staticmethod(lambda param: False))
     return request.param
 
 
 def test_the_collector_builds_and_is_used_unless_told_otherwise(hooks):
     opt = fused_accum.SGD(make_model(seed=0).parameters())
-    assert (opt._buffers._collector is not None) == (hooks == "collector")
+    assert (opt._buffers._collector is not None) == hooks.startswith("collector")
 
 
 def test_groups_are_larger_where_a_bucket_is_on_a_gpu(monkeypatch):
@@ -37,10 +41,10 @@ def _gradient_accumulator(param):
     return param.view_as(param).grad_fn.next_functions[0][0]
 
 
-def test_the_hooks_hold_no_gradient_accumulator_node(hooks):
+def test_only_the_cpu_node_hook_holds_the_gradient_accumulator_node(hooks):
     """A kept AccumulateGrad node keeps the CUDA stream current when it was made, which ties
-    backward passes on other streams (CUDA graph capture) to that stream: the hooks must live on
-    the tensor, and the node must die with its graph as under plain autograd."""
+    backward passes on other streams (CUDA graph capture) to that stream: off the CPU the hooks
+    must live on the tensor, and the node die with its graph as under plain autograd."""
     model = make_model(seed=0)
     opt = fused_accum.SGD(model.parameters(), lr=0.1, accumulation_steps=2)
     param = model.head.weight
@@ -48,7 +52,8 @@ def test_the_hooks_hold_no_gradient_accumulator_node(hooks):
     held.metadata["mark"] = True
     assert _gradient_accumulator(param).metadata.get("mark")   # the check sees a node kept alive
     del held
-    assert "mark" not in _gradient_accumulator(param).metadata
+    kept = "mark" in _gradient_accumulator(param).metadata
+    assert kept == (hooks == "collector")
     lm_loss(model, *make_batches(1, 2, 1)[0]).backward()   # and the hooks still take the gradient
     assert param.grad is None and opt._buffers.arrived
 

@@ -8,18 +8,24 @@
 // which takes a pass's queue with `take(task)`, grouped by bucket so that its bookkeeping is a
 // few list operations per bucket, not a call per gradient.
 //
-// The hooks are registered with `param.register_post_accumulate_grad_hook(collector.hook(...))`:
-// they live on the tensor, like any user's hook, and hold no AccumulateGrad node.  A node kept
-// alive (as a post hook on it would need) keeps the CUDA stream that was current when it was
-// made, so a backward pass on another stream, a CUDA graph capture among them, would make that
-// stream wait on the legacy default stream (torch warns "The AccumulateGrad node's stream does
-// not match", and capture fails).  The price is one C call from autograd per gradient, with no
-// Python code behind it.
+// Two kinds of hook, the same work.  On CPU parameters, a post hook on the parameter's
+// AccumulateGrad node (`add`), which the collector keeps alive so that the hook survives: autograd
+// calls it without Python at all.  On accelerators, a hook registered with
+// `param.register_post_accumulate_grad_hook(collector.hook(...))`, which lives on the tensor and
+// holds no node: a kept node keeps the stream that was current when it was made, so a backward
+// pass on another stream, CUDA graph capture among them, would make that stream wait on the
+// legacy default stream (torch warns "The AccumulateGrad node's stream does not match", and
+// capture fails; seen on an H200).  That hook costs a call from autograd through Python's call
+// machinery per gradient (about 1.7 us on a CPU: 7% of a window of 400 small tensors, which is
+// why CPUs keep the node hook).
 //
 // Built as its own Python module against the installed torch (full C++ API); without it,
 // fused_accum falls back to a Python hook per parameter.
 #include <torch/extension.h>
 
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/functions/accumulate_grad.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/variable.h>
 
@@ -34,6 +40,26 @@ namespace fused_accum {
 namespace {
 
 namespace py = pybind11;
+using torch::autograd::Variable;
+using NodePtr = decltype(torch::autograd::impl::grad_accumulator(std::declval<const Variable&>()));
+
+// Calls into Python.  From a node hook, autograd holds no GIL and a Python exception must leave
+// as torch's python_error, which the engine hands back to the caller of backward() as the
+// original exception; from a tensor hook, Python called us and the exception just propagates.
+template <typename... Args>
+void call(bool from_python, const py::object& f, Args&&... args) {
+  if (from_python) {
+    f(std::forward<Args>(args)...);
+    return;
+  }
+  py::gil_scoped_acquire gil;
+  try {
+    f(std::forward<Args>(args)...);
+  } catch (py::error_already_set& e) {
+    e.restore();
+    throw python_error();
+  }
+}
 
 struct Entry {
   int64_t task;
@@ -53,15 +79,21 @@ class Collector : public std::enable_shared_from_this<Collector> {
       : on_start_(std::move(on_start)), on_full_(std::move(on_full)), bound_(bound) {}
 
   ~Collector() {
+    remove_all();
     py::gil_scoped_acquire gil;   // the callbacks are released here, wherever the last owner was
     on_start_ = py::object();
     on_full_ = py::object();
     on_each_ = py::object();
   }
 
-  // The hook of slot `slot`, parameter `index` of bucket `bucket`, for Python to register with
-  // register_post_accumulate_grad_hook (whose handle removes it).
+  // The tensor hook of slot `slot`, parameter `index` of bucket `bucket`, for Python to register
+  // with register_post_accumulate_grad_hook (whose handle removes it).
   SlotHook hook(int64_t slot, int64_t bucket, int64_t index);
+  // Or a post hook on the parameter's AccumulateGrad node, kept alive here; false for a tensor
+  // without one (that does not require grad).  `remove(slot)` takes it off.
+  bool add(const at::Tensor& param, int64_t slot, int64_t bucket, int64_t index);
+  void remove(int64_t slot);
+  void remove_all();
 
   // What backward pass `task` queued, as [(bucket, [index], [gradient])], buckets in order of
   // first arrival and each bucket's gradients in arrival order; empties its queue.
@@ -119,7 +151,7 @@ class Collector : public std::enable_shared_from_this<Collector> {
     return bytes_;
   }
 
-  void arrived(const at::Tensor& param, int64_t slot);
+  void arrived(const at::Tensor& param, int64_t slot, bool from_python);
 
  private:
   py::object on_start_, on_full_, on_each_ = py::none();
@@ -130,6 +162,11 @@ class Collector : public std::enable_shared_from_this<Collector> {
   int64_t bytes_ = 0;
   std::unordered_set<int64_t> started_;
   std::unordered_map<int64_t, Slot> slots_;
+  struct Hooked {
+    NodePtr node;
+    uintptr_t key;
+  };
+  std::vector<std::pair<int64_t, Hooked>> hooked_;
 };
 
 // A parameter's post-accumulate-grad hook: autograd calls it, holding the GIL, once .grad holds
@@ -140,7 +177,7 @@ class SlotHook {
   SlotHook(std::weak_ptr<Collector> owner, int64_t slot) : owner_(std::move(owner)), slot_(slot) {}
 
   void operator()(const at::Tensor& param) const {
-    if (auto owner = owner_.lock()) owner->arrived(param, slot_);
+    if (auto owner = owner_.lock()) owner->arrived(param, slot_, /*from_python=*/true);
   }
 
  private:
@@ -154,7 +191,57 @@ SlotHook Collector::hook(int64_t slot, int64_t bucket, int64_t index) {
   return SlotHook(weak_from_this(), slot);
 }
 
-void Collector::arrived(const at::Tensor& param, int64_t slot) {
+// The node hook: runs after AccumulateGrad has updated .grad (Node post hooks run after its
+// tensor hooks).
+class TakeGrad : public torch::autograd::FunctionPostHook {
+ public:
+  TakeGrad(std::weak_ptr<Collector> owner, Variable param, int64_t slot)
+      : owner_(std::move(owner)), param_(std::move(param)), slot_(slot) {}
+
+  torch::autograd::variable_list operator()(
+      const torch::autograd::variable_list& outputs,
+      const torch::autograd::variable_list& /*inputs*/) override {
+    if (auto owner = owner_.lock()) owner->arrived(param_, slot_, /*from_python=*/false);
+    return outputs;
+  }
+
+ private:
+  std::weak_ptr<Collector> owner_;
+  Variable param_;
+  int64_t slot_;
+};
+
+bool Collector::add(const at::Tensor& param, int64_t slot, int64_t bucket, int64_t index) {
+  if (!param.requires_grad()) return false;
+  {
+    std::lock_guard<std::mutex> guard(mutex_);
+    slots_[slot] = {bucket, index};
+  }
+  NodePtr node = torch::autograd::impl::grad_accumulator(param);
+  if (!node) return false;
+  const uintptr_t key =
+      node->add_post_hook(std::make_unique<TakeGrad>(weak_from_this(), param, slot));
+  hooked_.push_back({slot, {std::move(node), key}});   // keeps the accumulator (and hook) alive
+  return true;
+}
+
+void Collector::remove(int64_t slot) {
+  for (auto it = hooked_.begin(); it != hooked_.end();) {
+    if (it->first == slot) {
+      it->second.node->del_post_hook(it->second.key);
+      it = hooked_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+void Collector::remove_all() {
+  for (auto& h : hooked_) h.second.node->del_post_hook(h.second.key);
+  hooked_.clear();
+}
+
+void Collector::arrived(const at::Tensor& param, int64_t slot, bool from_python) {
   at::Tensor& grad = param.mutable_grad();
   if (!grad.defined()) return;
   at::Tensor taken = std::move(grad);
@@ -168,7 +255,7 @@ void Collector::arrived(const at::Tensor& param, int64_t slot) {
   }
   if (start) {
     try {
-      on_start_(task);   // may refuse the pass: then nothing of it is taken
+      call(from_python, on_start_, task);   // may refuse the pass: then nothing of it is taken
     } catch (...) {
       std::lock_guard<std::mutex> guard(mutex_);
       started_.erase(task);
@@ -183,10 +270,8 @@ void Collector::arrived(const at::Tensor& param, int64_t slot) {
     full = bytes_ >= bound_;
     each = each_;
   }
-  // A Python exception leaves as py::error_already_set, which pybind11 hands back to autograd as
-  // the original exception.
-  if (full) on_full_(task);
-  if (each) on_each_(slot, task);
+  if (full) call(from_python, on_full_, task);
+  if (each) call(from_python, on_each_, slot, task);
 }
 
 }  // namespace
@@ -203,6 +288,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<py::object, py::object, int64_t>(), py::arg("on_start"), py::arg("on_full"),
            py::arg("bound"))
       .def("hook", &Collector::hook, py::arg("slot"), py::arg("bucket"), py::arg("index"))
+      .def("add", &Collector::add, py::arg("param"), py::arg("slot"), py::arg("bucket"),
+           py::arg("index"))
+      .def("remove", &Collector::remove, py::arg("slot"))
       .def("take", &Collector::take, py::arg("task"))
       .def("forget", &Collector::forget, py::arg("task"))
       .def("set_bound", &Collector::set_bound, py::arg("bound"))
