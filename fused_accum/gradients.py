@@ -216,12 +216,12 @@ class GradBuffers:
         if self._collector is not None:
             slot = len(self._slot_list)
             self._slot_list.append((bucket, i, param))
+            where = (slot, self.buckets.index(bucket), i)
             if self._hook_on_node(param):
-                self._collector.add(param, slot, self.buckets.index(bucket), i)
+                self._collector.add(param, *where)
                 handle = _CollectorHandle(self_ref, slot)
             else:
-                handle = param.register_post_accumulate_grad_hook(
-                    self._collector.hook(slot, self.buckets.index(bucket), i))
+                handle = param.register_post_accumulate_grad_hook(self._collector.hook(*where))
         else:
             def hook(p: Tensor) -> None:
                 owner = self_ref()

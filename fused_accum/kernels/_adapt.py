@@ -15,6 +15,11 @@ def scalar(value: float | Tensor, like: Tensor) -> Tensor:
     return torch.full((), float(value), dtype=torch.float32, device=like.device)
 
 
+def contiguous_inputs(tensors: list[Tensor]) -> list[Tensor]:
+    """``tensors`` made contiguous where they are not (inputs: nothing to write back)."""
+    return [t if t.is_contiguous() else t.contiguous() for t in tensors]
+
+
 def contiguous(tensors: list[Tensor]) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
     """Contiguous versions of ``tensors`` and the (original, copy) pairs to write back."""
     out, write_back = [], []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import build
-from ._adapt import contiguous, scalar, write_back
+from ._adapt import contiguous, contiguous_inputs, scalar, write_back
 
 name = "extension"
 
@@ -27,7 +27,7 @@ def _ops():
 def accumulate(grads, accs, first, weight, found_inf, sumsq=None) -> None:
     if not accs:
         return
-    grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+    grads = contiguous_inputs(grads)
     _ops().accumulate(grads, accs, [int(f) for f in first], scalar(weight, accs[0]), found_inf,
                       sumsq)
 

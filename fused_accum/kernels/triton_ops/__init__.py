@@ -13,7 +13,7 @@ import torch
 import triton
 from torch import Tensor
 
-from .._adapt import contiguous, scalar, write_back
+from .._adapt import contiguous, contiguous_inputs, scalar, write_back
 from . import configs, launch
 from .accumulate_kernels import accumulate_kernel, add_partials_kernel, norm_kernel
 from .common import COMPACT_MASTER, FP32_MASTER, NO_MASTER, TL_DTYPES
@@ -108,7 +108,7 @@ def _plans(op: str, addresses: list[list[int] | None], dtype_of: list[Tensor],
 def accumulate(grads, accs, first, weight, found_inf, sumsq=None) -> None:
     if not accs:
         return
-    grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+    grads = contiguous_inputs(grads)
     _check_lists("accumulate", accs, grads=grads)
     _check_dtypes("accumulate", "grads", grads, TL_DTYPES)
     _check_dtypes("accumulate", "accs", accs, _FP32)
