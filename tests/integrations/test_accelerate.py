@@ -110,6 +110,8 @@ model, norms, _ = train(fused=sys.argv[1] == "fused", epochs=1)
 import torch.distributed as dist
 assert dist.get_world_size() == 2
 torch.save([p.detach() for p in model.parameters()], f"{{sys.argv[2]}}.rank{{dist.get_rank()}}")
+dist.barrier()
+dist.destroy_process_group()   # gloo torn down at interpreter exit aborts now and then
 '''
 
 

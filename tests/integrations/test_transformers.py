@@ -203,6 +203,8 @@ cls = FusedAccumTrainer if sys.argv[1] == "fused" else transformers.Trainer
 trainer = _train(cls, tmp)
 assert dist.get_world_size() == 2 and trainer.args.world_size == 2
 torch.save([p.detach() for p in trainer.model.parameters()], f"{{sys.argv[2]}}.rank{{dist.get_rank()}}")
+dist.barrier()
+dist.destroy_process_group()   # gloo torn down at interpreter exit aborts now and then
 '''
 
 
