@@ -423,23 +423,27 @@ class GradBuffers:
         for bucket, indices, grads in groups:
             touched = bucket.touched
             first = [not touched[i] for i in indices]
-            if adopt and not bucket.flat and self.micro_weight is None and True in first:
+            any_first = True in first   # False in a window's later micro-batches: the fast path
+            if any_first and adopt and not bucket.flat and self.micro_weight is None:
                 indices, grads, first = self._adopt(bucket, indices, grads, first, firsts)
                 if not indices:
                     continue
+                any_first = True in first
             device = bucket.device
             weight = self.micro_weight[device] if self.micro_weight is not None else self._ones[device]
-            if bucket.flat:
+            if not any_first:
+                accs = bucket.acc_views(indices)
+            elif bucket.flat:
                 accs = bucket.views(bucket.acc, indices)
             else:
                 accs = [bucket.new_accumulator(i) if f else bucket.adopted[i]
                         for i, f in zip(indices, first)]
             sumsq = None
-            if self.fold_norm and bucket.norm_valid:
+            if bucket.norm_valid:
                 norm_counted = bucket.norm_counted
-                if any(norm_counted[i] for i in indices):
+                if True in map(norm_counted.__getitem__, indices):
                     bucket.norm_valid = False   # a counted slice changes: recompute at the step
-                else:
+                elif self.fold_norm:
                     sumsq = bucket.sumsq
             bucket.backend.accumulate(grads, accs, first, weight, self.found_inf[device], sumsq)
             if device.type == "cuda":
@@ -450,14 +454,18 @@ class GradBuffers:
                     stream = torch.cuda.current_stream(device)
                 for grad in grads:
                     grad.record_stream(stream)
-            counted = sumsq is not None
-            norm_counted = bucket.norm_counted
-            for i in indices:
-                touched[i] = True
-                norm_counted[i] = counted
-            if firsts is not None and True in first:
-                firsts.extend((bucket, i) for i, f in zip(indices, first) if f)
-            added = added or False in first
+            if sumsq is not None:
+                norm_counted = bucket.norm_counted
+                for i in indices:
+                    norm_counted[i] = True
+            if any_first:
+                for i in indices:
+                    touched[i] = True
+                if firsts is not None:
+                    firsts.extend((bucket, i) for i, f in zip(indices, first) if f)
+                added = added or False in first
+            else:
+                added = True
         self.arrived = True
         return added
 

@@ -372,6 +372,26 @@ def test_a_window_driven_from_outside(dtype, hinted, backend):
         opt.final_micro_batch = 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_pass_after_the_folded_one_is_not_counted_twice_in_the_norm(dtype, backend):
+    """A pass told it is the window's last folds its sums of squares; another pass into the same
+    window, not told so, changes those sums: the step's norm must be the final sums' norm."""
+    batches = make_batches(15, 3, 2)
+    model = make_model(seed=15, dtype=dtype)
+    expected = clone(model)
+    opt = fused_accum.SGD(model.parameters(), lr=0.5, max_grad_norm=1e-3, backend=backend)
+    for m, batch in enumerate(batches):
+        opt.final_micro_batch = m == 1   # the second pass is hinted last; the third is not
+        lm_loss(model, *batch).backward()
+        lm_loss(expected, *batch).backward()
+    grads = [p.grad.double() for p in expected.parameters()]
+    true_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    opt.step()
+    assert opt.stepped
+    torch.testing.assert_close(opt.grad_norm.double(), true_norm,
+                               rtol=1e-5 if dtype == torch.float32 else 2e-2, atol=0)
+
+
 def test_a_folded_norm_needs_no_norm_pass(backend):
     model = make_model(seed=12, dtype=torch.bfloat16)
     opt = fused_accum.AdamW(model.parameters(), accumulation_steps=2, max_grad_norm=1.0,
