@@ -13,7 +13,11 @@ Then:
   :mod:`fused_accum.buffers`);
 - every other gradient is queued, and the queue is accumulated (one backend call per bucket) as
   soon as it holds ``FUSED_ACCUM_GROUP_MB`` (by default 2 MB on CPUs, 32 MB where a bucket is on a
-  GPU) and at the end of the backward pass.
+  GPU) and at the end of the backward pass;
+- with the collector and the compiled backend, the gradients whose accumulator is known when a
+  pass starts (touched slots; every slot of a flat bucket) are planned (:meth:`GradBuffers._plan`):
+  the collector groups and accumulates them itself, with no Python, and reports at the pass's
+  end which slots it touched first or folded into the norm.
 
 So beyond what autograd itself holds, at most one group of gradients is alive at any moment,
 and the allocator hands their memory to the next layer's weight gradients; many small gradients
@@ -56,6 +60,11 @@ _STRIDED, _FP32 = torch.strided, torch.float32
 # and a small group stays in cache.  On an H200, 2 MB groups made a bf16 GPT's window 1.22x
 # torch's time, one call per 2 MB weight gradient.
 DEFAULT_GROUP_MB = {"cpu": 2.0, "cuda": 32.0}
+
+
+def _compiled_backend():
+    from .kernels import extension
+    return extension
 
 
 def group_bytes(device_types=("cpu",)) -> int:
@@ -156,6 +165,7 @@ class GradBuffers:
         self._self_ref = weakref.ref(self)
         self._on_arrival = None
         self._slot_list: list[tuple[Bucket, int, Tensor]] = []   # collector slot -> parameter
+        self._bucket_slots: dict[Bucket, list[int]] = {}   # bucket -> each parameter's slot or -1
         self._collector = self._make_collector()
         guards.install()   # torch's clipping would see no .grad: make it say so
 
@@ -216,6 +226,7 @@ class GradBuffers:
         if self._collector is not None:
             slot = len(self._slot_list)
             self._slot_list.append((bucket, i, param))
+            self._bucket_slots.setdefault(bucket, [-1] * len(bucket.params))[i] = slot
             where = (slot, self.buckets.index(bucket), i)
             if self._hook_on_node(param):
                 self._collector.add(param, *where)
@@ -295,6 +306,50 @@ class GradBuffers:
         with self._lock:
             if task not in self.passes:
                 self._start_pass(task)
+                self._plan(task)
+
+    def _plan(self, task: int) -> None:
+        """Give the collector what it can accumulate without Python in this pass: the slots of
+        compiled-backend buckets whose accumulator is known (see csrc/autograd/collector.cpp)."""
+        entries = []
+        for bucket, slots in self._bucket_slots.items():
+            if bucket.backend is not _compiled_backend():
+                continue
+            sumsq = None
+            if bucket.norm_valid:
+                if True in bucket.norm_counted:
+                    continue   # adding to a folded slice invalidates the fold: Python's path
+                if self.fold_norm:
+                    sumsq = bucket.sumsq
+            touched = bucket.touched
+            if bucket.flat:   # untouched slices too: their first touch overwrites them
+                indices = [i for i, s in enumerate(slots) if s >= 0]
+                accs = bucket.views(bucket.acc, indices)
+            else:             # first gradients are adopted in Python
+                indices = [i for i, s in enumerate(slots) if s >= 0 and touched[i]]
+                accs = [bucket.adopted[i] for i in indices]
+            if not indices:
+                continue
+            device = bucket.device
+            weight = self.micro_weight[device] if self.micro_weight is not None else self._ones[device]
+            entries.append(([slots[i] for i in indices], accs, [not touched[i] for i in indices],
+                            weight, self.found_inf[device], sumsq))
+        if entries:
+            self._collector.plan(task, entries)
+
+    def _settle_planned(self, record: BackwardPass, final: bool) -> None:
+        """Launch what the collector holds of ``record``'s plan, and record what it did."""
+        added, firsts, folded = self._collector.flush(record.task, final)
+        if added:
+            record.added = True
+        slot_list = self._slot_list
+        for slot in firsts:
+            bucket, i, _ = slot_list[slot]
+            bucket.touched[i] = True
+            record.firsts.append((bucket, i))
+        for slot in folded:
+            bucket, i, _ = slot_list[slot]
+            bucket.norm_counted[i] = True
 
     def _collected_full(self, task: int) -> None:
         with self._lock:
@@ -319,14 +374,15 @@ class GradBuffers:
         torch.autograd.Variable._execution_engine.queue_callback(_PassEnd(self._self_ref, task))
         return record
 
-    def drain(self, record: BackwardPass) -> None:
-        """Accumulate what ``record``'s pass has delivered so far."""
+    def drain(self, record: BackwardPass, final: bool = False) -> None:
+        """Accumulate what ``record``'s pass has delivered so far (``final``: all of it)."""
         with self._lock:
             groups = [(bucket, *queued) for bucket, queued in record.queue.items()]
             record.queue, record.queued_bytes = {}, 0
             if self._collector is not None:
                 groups += [(self.buckets[b], indices, grads)
                            for b, indices, grads in self._collector.take(record.task)]
+                self._settle_planned(record, final)
             if groups and self._accumulate(groups, record.firsts, adopt=True):
                 record.added = True
 
@@ -340,15 +396,16 @@ class GradBuffers:
         with self._lock:
             record = self.passes.pop(task, None)
             if record is not None:
-                self.drain(record)
+                self.drain(record, final=True)
 
     def fail_pass(self, task: int) -> None:
         """A backward pass raised: undo what it did, or discard the window."""
         with self._lock:
             record = self.passes.pop(task, None)
-            if self._collector is not None:
-                self._collector.forget(task)   # its gradients still in the queue are dropped
+            # Its gradients still queued are dropped; what the collector launched is reported.
+            added = self._collector is not None and self._collector.forget(task)
             if record is not None:
+                record.added = record.added or added
                 self._undo(record)
 
     def forget_passes(self) -> None:

@@ -444,3 +444,4 @@ def test_a_parameter_first_touched_late_in_a_window_overwrites_what_its_slice_he
     assert opt.skipped_steps == 0
     for a, b in zip([*model.parameters(), extra], [*twin.parameters(), twin_extra]):
         assert torch.isfinite(a).all() and torch.equal(a, b)
+

@@ -19,6 +19,15 @@
 // machinery per gradient (about 1.7 us on a CPU: 7% of a window of 400 small tensors, which is
 // why CPUs keep the node hook).
 //
+// The fast path.  At the start of a pass Python may hand the collector a plan: for each bucket of
+// the compiled backend, the slots whose accumulator is already known (every touched slot, and the
+// untouched slots of a flat bucket, written with first = 1), with the bucket's weight, non-finite
+// flag and, in a window's last micro-batch, its sum of squares.  A planned gradient is then
+// accumulated from here, one `fused_accum::accumulate` call per group of a bucket, without Python;
+// `flush(task)` launches what is left and reports the slots first touched and folded, so that
+// Python's window bookkeeping stays the one record.  The rest (fp32 first gradients, adopted in
+// Python; other backends) goes through the queue as before.
+//
 // Built as its own Python module against the installed torch (full C++ API); without it,
 // fused_accum falls back to a Python hook per parameter.
 #include <torch/extension.h>
@@ -29,6 +38,10 @@
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/variable.h>
 
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+
+#include <atomic>
 #include <memory>
 #include <mutex>
 #include <unordered_map>
@@ -70,6 +83,38 @@ struct Entry {
 struct Slot {
   int64_t bucket, index;   // where Python keeps the parameter
 };
+
+// One bucket's share of a pass's plan, and the planned gradients waiting for its next launch.
+struct FastGroup {
+  at::Tensor weight, found_inf;
+  std::optional<at::Tensor> sumsq;
+  std::vector<at::Tensor> grads, accs;
+  std::vector<int64_t> first, slots;
+  int64_t bytes = 0;
+};
+
+struct Planned {
+  int64_t group = -1;   // index into the plan's groups; -1: not planned
+  at::Tensor acc;
+  bool first = false;
+};
+
+// The compiled accumulate op, looked up once (its library is loaded before any plan is made).
+void accumulate_op(const FastGroup& g) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fused_accum::accumulate", "")
+                       .typed<void(at::TensorList, at::TensorList, at::IntArrayRef,
+                                   const at::Tensor&, const at::Tensor&,
+                                   const std::optional<at::Tensor>&)>();
+  op.call(g.grads, g.accs, g.first, g.weight, g.found_inf, g.sumsq);
+  const c10::Device device = g.accs.front().device();
+  if (device.type() != c10::DeviceType::CPU) {
+    // The gradients are freed after this launch; a side stream that made them must not reuse
+    // their memory before this stream's kernel has read them.
+    const c10::Stream stream = c10::impl::VirtualGuardImpl(device.type()).getStream(device);
+    for (const auto& grad : g.grads) grad.record_stream(stream);
+  }
+}
 
 class SlotHook;
 
@@ -129,7 +174,9 @@ class Collector : public std::enable_shared_from_this<Collector> {
 
   // Forgets pass `task`: its queued gradients are dropped, and a later gradient of that task
   // (a failed pass's other threads) starts it again.
-  void forget(int64_t task) {
+  // Returns whether the planned gradients it launched added into earlier sums (a failed pass
+  // that did so cannot be undone exactly).
+  bool forget(int64_t task) {
     std::lock_guard<std::mutex> guard(mutex_);
     std::vector<Entry> rest;
     for (auto& e : queue_) {
@@ -138,6 +185,64 @@ class Collector : public std::enable_shared_from_this<Collector> {
     }
     queue_ = std::move(rest);
     started_.erase(task);
+    if (plan_task_ != task) return false;
+    const bool added = plan_added_;
+    clear_plan();
+    return added;
+  }
+
+  // The plan of pass `task`: [(slots, accumulators, first flags, weight, found_inf, sumsq or
+  // None)], one entry per bucket.  False (and nothing planned) while another pass has a plan.
+  bool plan(int64_t task, const py::list& entries) {
+    std::lock_guard<std::mutex> guard(mutex_);
+    if (plan_task_ != -1 && plan_task_ != task) return false;
+    clear_plan();
+    plan_task_ = task;
+    for (const auto& item : entries) {
+      auto entry = item.cast<py::tuple>();
+      auto slots = entry[0].cast<std::vector<int64_t>>();
+      auto accs = entry[1].cast<std::vector<at::Tensor>>();
+      auto first = entry[2].cast<std::vector<bool>>();
+      TORCH_CHECK(slots.size() == accs.size() && slots.size() == first.size(),
+                  "Collector.plan: slots, accumulators and first flags differ in length");
+      FastGroup group;
+      group.weight = entry[3].cast<at::Tensor>();
+      group.found_inf = entry[4].cast<at::Tensor>();
+      if (!entry[5].is_none()) group.sumsq = entry[5].cast<at::Tensor>();
+      const int64_t g = static_cast<int64_t>(groups_.size());
+      groups_.push_back(std::move(group));
+      for (size_t i = 0; i < slots.size(); ++i) {
+        TORCH_CHECK(slots[i] >= 0, "Collector.plan: negative slot");
+        if (static_cast<size_t>(slots[i]) >= planned_.size()) planned_.resize(slots[i] + 1);
+        planned_[slots[i]] = {g, std::move(accs[i]), first[i]};
+      }
+    }
+    return true;
+  }
+
+  // Launches what pass `task` has planned and not yet launched; with `final`, the plan ends.
+  // Returns (added into earlier sums, slots first touched, slots folded into a sum of squares)
+  // since the last flush.
+  py::tuple flush(int64_t task, bool final) {
+    std::vector<FastGroup> ready;
+    {
+      std::lock_guard<std::mutex> guard(mutex_);
+      if (plan_task_ != task) return py::make_tuple(false, py::list(), py::list());
+      for (auto& g : groups_) {
+        if (g.grads.empty()) continue;
+        ready.push_back(take_group(g));
+      }
+    }
+    {
+      py::gil_scoped_release no_gil;
+      for (auto& g : ready) launch(g);
+    }
+    std::lock_guard<std::mutex> guard(mutex_);
+    py::tuple out = py::make_tuple(plan_added_, firsts_, folded_);
+    firsts_.clear();
+    folded_.clear();
+    if (final && plan_task_ == task) clear_plan();
+    return out;
   }
 
   void set_bound(int64_t bound) { bound_ = bound; }
@@ -146,14 +251,56 @@ class Collector : public std::enable_shared_from_this<Collector> {
     on_each_ = std::move(on_each);
     each_ = !on_each_.is_none();
   }
-  int64_t queued_bytes() {
+  int64_t queued_bytes() {   // queued for Python and planned, not yet launched
     std::lock_guard<std::mutex> guard(mutex_);
-    return bytes_;
+    int64_t planned = 0;
+    for (const auto& g : groups_) planned += g.bytes;
+    return bytes_ + planned;
   }
 
   void arrived(const at::Tensor& param, int64_t slot, bool from_python);
 
  private:
+  void clear_plan() {   // holds mutex_
+    plan_task_ = -1;
+    plan_added_ = false;
+    planned_.clear();   // the plan's accumulators are released with it
+    groups_.clear();
+    firsts_.clear();
+    folded_.clear();
+  }
+
+  // Moves a group's waiting gradients out, leaving its plan in place.  Holds mutex_.
+  FastGroup take_group(FastGroup& g) {
+    FastGroup out;
+    out.weight = g.weight;
+    out.found_inf = g.found_inf;
+    out.sumsq = g.sumsq;
+    std::swap(out.grads, g.grads);
+    std::swap(out.accs, g.accs);
+    std::swap(out.first, g.first);
+    std::swap(out.slots, g.slots);
+    g.bytes = 0;
+    // Counted before the launch: a launch that fails may have written part of it.
+    for (size_t i = 0; i < out.slots.size(); ++i) {
+      if (out.first[i]) firsts_.push_back(out.slots[i]);
+      else plan_added_ = true;
+      if (out.sumsq) folded_.push_back(out.slots[i]);
+    }
+    return out;
+  }
+
+  void launch(const FastGroup& g) {
+    accumulate_op(g);
+    launches_.fetch_add(1, std::memory_order_relaxed);
+  }
+
+ public:
+  int64_t launches() const { return launches_.load(std::memory_order_relaxed); }
+
+ private:
+  std::atomic<int64_t> launches_{0};   // planned groups launched so far (tests, diagnostics)
+
   py::object on_start_, on_full_, on_each_ = py::none();
   bool each_ = false;
   int64_t bound_;
@@ -167,6 +314,12 @@ class Collector : public std::enable_shared_from_this<Collector> {
     uintptr_t key;
   };
   std::vector<std::pair<int64_t, Hooked>> hooked_;
+  // The plan of one pass at a time (see the fast path above).
+  int64_t plan_task_ = -1;
+  bool plan_added_ = false;
+  std::vector<Planned> planned_;   // by slot
+  std::vector<FastGroup> groups_;
+  std::vector<int64_t> firsts_, folded_;
 };
 
 // A parameter's post-accumulate-grad hook: autograd calls it, holding the GIL, once .grad holds
@@ -263,12 +416,35 @@ void Collector::arrived(const at::Tensor& param, int64_t slot, bool from_python)
     }
   }
   bool full = false, each = false;
+  std::optional<FastGroup> ready;
   {
     std::lock_guard<std::mutex> guard(mutex_);
-    bytes_ += static_cast<int64_t>(taken.nbytes());
-    queue_.push_back({task, slot, std::move(taken)});
-    full = bytes_ >= bound_;
+    const int64_t nbytes = static_cast<int64_t>(taken.nbytes());
+    const bool planned = plan_task_ == task && slot < static_cast<int64_t>(planned_.size()) &&
+                         planned_[slot].group >= 0;
+    if (planned) {
+      const Planned& p = planned_[slot];
+      FastGroup& g = groups_[p.group];
+      g.grads.push_back(taken.is_contiguous() ? std::move(taken) : taken.contiguous());
+      g.accs.push_back(p.acc);
+      g.first.push_back(p.first);
+      g.slots.push_back(slot);
+      g.bytes += nbytes;
+      if (g.bytes >= bound_) ready = take_group(g);
+    } else {
+      bytes_ += nbytes;
+      queue_.push_back({task, slot, std::move(taken)});
+      full = bytes_ >= bound_;
+    }
     each = each_;
+  }
+  if (ready) {
+    if (from_python) {
+      py::gil_scoped_release no_gil;
+      launch(*ready);
+    } else {
+      launch(*ready);
+    }
   }
   if (full) call(from_python, on_full_, task);
   if (each) call(from_python, on_each_, slot, task);
@@ -293,6 +469,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("remove", &Collector::remove, py::arg("slot"))
       .def("take", &Collector::take, py::arg("task"))
       .def("forget", &Collector::forget, py::arg("task"))
+      .def("plan", &Collector::plan, py::arg("task"), py::arg("entries"))
+      .def("flush", &Collector::flush, py::arg("task"), py::arg("final"))
+      .def("launches", &Collector::launches)
       .def("set_bound", &Collector::set_bound, py::arg("bound"))
       .def("set_on_each", &Collector::set_on_each, py::arg("on_each"))
       .def("queued_bytes", &Collector::queued_bytes);

@@ -1,0 +1,111 @@
+"""The collector's plan: gradients of the compiled backend's buckets accumulated from C++, with no
+Python per group (csrc/autograd/collector.cpp), against the Python path that takes the rest."""
+import weakref
+
+import pytest
+import torch
+
+import fused_accum
+from helpers import InjectedFailure, clone, lm_loss, make_batches, make_model
+from test_arrival import _failing_loss
+
+backend = "extension"   # the only backend the collector plans for
+
+
+@pytest.fixture(autouse=True, params=["collector", "collector on the tensor"])
+def hooks(request, monkeypatch):
+    """Both collector hooks: on the AccumulateGrad node (CPUs) and on the tensor (accelerators)."""
+    from fused_accum.gradients import GradBuffers
+    from fused_accum.kernels import availability
+    ok, why = availability("extension", torch.device("cpu"))
+    if not ok:
+        pytest.skip(f"the extension backend is unavailable here: {why}")
+    monkeypatch.setenv("FUSED_ACCUM_HOOKS", "auto")
+    if request.param == "collector on the tensor":
+        monkeypatch.setattr(GradBuffers, "_hook_on_node", staticmethod(lambda param: False))
+    if fused_accum.SGD(make_model(seed=0).parameters())._buffers._collector is None:
+        pytest.fail("the gradient collector did not build")
+    return request.param
+
+
+def _launches(opt) -> int:
+    collector = opt._buffers._collector
+    return 0 if collector is None else collector.launches()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("max_grad_norm", [None, 0.5])
+@pytest.mark.parametrize("num_items", [False, True])
+def test_planned_gradients_give_what_the_python_path_gives(dtype, max_grad_norm, num_items, hooks,
+                                                          monkeypatch):
+    """In a window's later micro-batches (and every micro-batch of a flat bucket) the collector
+    accumulates from C++; the result is the Python path's, bit for bit where no sum of squares is
+    folded (its order of summation differs: the norm, and so clipping, to float rounding)."""
+    monkeypatch.setenv("FUSED_ACCUM_GROUP_MB", "0.004")   # several launches per pass
+    windows = [make_batches(40 + w, 3, 2) for w in range(2)]
+    model = make_model(seed=40, dtype=dtype)
+    twin = clone(model)
+    kwargs = dict(lr=0.05, accumulation_steps=3, max_grad_norm=max_grad_norm, backend=backend)
+    opt = fused_accum.AdamW(model.parameters(), **kwargs)
+    monkeypatch.setenv("FUSED_ACCUM_HOOKS", "python")
+    opt_twin = fused_accum.AdamW(twin.parameters(), **kwargs)
+    for window in windows:
+        for tokens, targets in window:
+            for m, o in ((model, opt), (twin, opt_twin)):
+                loss = lm_loss(m, tokens, targets)
+                o.backward(loss * targets.numel(), num_items=targets.numel()) if num_items else \
+                    o.backward(loss)
+                o.step()
+    assert opt.stepped and _launches(opt) > 0 and _launches(opt_twin) == 0
+    for a, b in zip(model.parameters(), twin.parameters()):
+        if max_grad_norm is None:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-6 if dtype == torch.float32 else 1e-2, atol=0)
+    if max_grad_norm is not None:
+        torch.testing.assert_close(opt.grad_norm, opt_twin.grad_norm, rtol=1e-6, atol=0)
+
+
+def test_planned_gradients_are_freed_before_the_next_layer_delivers(monkeypatch, hooks):
+    monkeypatch.setenv("FUSED_ACCUM_GROUP_MB", "0")   # each planned gradient launched at once
+    model = make_model(seed=41, dtype=torch.bfloat16)   # flat: every gradient is planned
+    opt = fused_accum.SGD(model.parameters(), lr=0.1, accumulation_steps=2, backend=backend)
+    arrived, alive_at_arrival = [], []
+
+    def record(grad):
+        alive_at_arrival.append(sum(r() is not None for r in arrived))
+        arrived.append(weakref.ref(grad))
+
+    for p in model.parameters():
+        p.register_hook(record)
+    for batch in make_batches(41, 2, 3):
+        lm_loss(model, *batch).backward()
+        opt.step()
+    assert opt.stepped and _launches(opt) == 2 * len(list(model.parameters()))
+    assert max(alive_at_arrival) == 0 and all(r() is None for r in arrived)
+
+
+def test_a_failed_pass_whose_planned_gradients_were_not_launched_is_undone_exactly(hooks):
+    """Planned gradients wait for their group's bound like queued ones; a pass that fails before
+    its group launched is dropped whole, and the window goes on as if it had not run."""
+    batches = make_batches(42, 3, 2)
+    model = make_model(seed=42)
+    twin = clone(model)
+    opt = fused_accum.SGD(model.parameters(), lr=0.1, momentum=0.9, accumulation_steps=3,
+                          backend=backend)
+    opt_twin = fused_accum.SGD(twin.parameters(), lr=0.1, momentum=0.9, accumulation_steps=3,
+                               backend=backend)
+    for m, batch in enumerate(batches):
+        if m == 1:   # the second micro-batch fails once after the head's gradients arrived
+            launched = _launches(opt)
+            with pytest.raises(InjectedFailure):
+                lm_loss_fails = _failing_loss(model, batch)
+                lm_loss_fails.backward()
+            assert _launches(opt) == launched and opt._buffers.passes == {}
+        lm_loss(model, *batch).backward()
+        opt.step()
+        lm_loss(twin, *batch).backward()
+        opt_twin.step()
+    assert opt.stepped and opt.skipped_steps == 0 and _launches(opt) > 0
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
