@@ -11,7 +11,8 @@
 // iteration with aligned vector loads and stores (16 or 32 bytes) where the tensor's pointers
 // allow it, else element by element.  Reductions (sum of squares, non-finite flags) go through
 // one partial per chunk and a single-block finishing kernel that adds them in chunk order, so the
-// results are deterministic.  Every value that may change between calls (weights, lr, scales,
+// results are deterministic; an accumulate without a sum of squares needs no partials, and each
+// block raises the 0/1 non-finite flag itself (one launch).  Every value that may change between calls (weights, lr, scales,
 // flags, step counts) is read on the device: no host synchronisation.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -229,9 +230,13 @@ __device__ __forceinline__ float block_sum(float v, float* shared) {
 // ---------------------------------------------------------------------------------------------
 // accumulate and norm
 
-template <typename G>
+// kNorm: each block leaves its sum of squares and non-finite flag in `partial` for finish_kernel
+// (a second launch, and the partials, are what a folded norm costs).  Without it, one launch: a
+// block that saw a non-finite value raises found_inf itself.
+template <typename G, bool kNorm>
 __global__ void __launch_bounds__(kThreads) accumulate_kernel(Meta<2> meta, const float* weight,
-                                                             float* partial, int32_t chunk_base) {
+                                                             float* partial, int32_t chunk_base,
+                                                             float* found_inf) {
   __shared__ float shared[kThreads / 32];
   const Chunk c = locate(meta, blockIdx.x);
   const G* g = slice<const G>(meta, 0, c);
@@ -249,7 +254,7 @@ __global__ void __launch_bounds__(kThreads) accumulate_kernel(Meta<2> meta, cons
         const float x = w * to_f(gv.v[k]);
         const float a = first ? x : av.v[k] + x;
         av.v[k] = a;
-        sq += a * a;
+        if constexpr (kNorm) sq += a * a;
         bad += a * 0.0f;  // NaN exactly when a is inf or NaN
       }
       store_vec(acc + i, av);
@@ -257,15 +262,20 @@ __global__ void __launch_bounds__(kThreads) accumulate_kernel(Meta<2> meta, cons
       const float x = w * to_f(g[i]);
       const float a = first ? x : acc[i] + x;
       acc[i] = a;
-      sq += a * a;
+      if constexpr (kNorm) sq += a * a;
       bad += a * 0.0f;
     }
   });
-  sq = block_sum(sq, shared);
-  bad = block_sum(bad, shared);
-  if (threadIdx.x == 0) {
-    partial[2 * (chunk_base + blockIdx.x)] = sq;
-    partial[2 * (chunk_base + blockIdx.x) + 1] = bad;
+  if constexpr (kNorm) {
+    sq = block_sum(sq, shared);
+    bad = block_sum(bad, shared);
+    if (threadIdx.x == 0) {
+      partial[2 * (chunk_base + blockIdx.x)] = sq;
+      partial[2 * (chunk_base + blockIdx.x) + 1] = bad;
+    }
+  } else {
+    bad = block_sum(bad, shared);
+    if (threadIdx.x == 0 && !(bad == 0.0f)) atomicExch(found_inf, 1.0f);
   }
 }
 
@@ -341,9 +351,14 @@ void accumulate_cuda(std::vector<Tensor> grads, std::vector<Tensor> accs, std::v
   const int32_t device = accs[0].get_device_index();
   torch::stable::accelerator::DeviceGuard guard(device);
   const cudaStream_t stream = current_stream(device);
-  const int64_t chunks = total_chunks(accs);
-  Tensor partial = partial_buffer(accs[0], chunks);
-  float* partial_ptr = static_cast<float*>(partial.data_ptr());
+  const bool fold = sumsq.has_value();
+  float* found_ptr = static_cast<float*>(found_inf.data_ptr());
+  Tensor partial;
+  float* partial_ptr = nullptr;
+  if (fold) {
+    partial = partial_buffer(accs[0], total_chunks(accs));
+    partial_ptr = static_cast<float*>(partial.data_ptr());
+  }
   int32_t chunk_base = 0;
   for (const auto& group : by_dtype(grads)) {
     const std::vector<int64_t>& index = group.second;
@@ -356,17 +371,24 @@ void accumulate_cuda(std::vector<Tensor> grads, std::vector<Tensor> accs, std::v
         for (size_t k = b; k < e; ++k)
           if (first[index[k]]) meta.flags[k - b] |= kFirst;
         if (blocks == 0) continue;
-        accumulate_kernel<G><<<blocks, kThreads, 0, stream>>>(
-            meta, static_cast<const float*>(weight.data_ptr()), partial_ptr, chunk_base);
+        const float* w = static_cast<const float*>(weight.data_ptr());
+        if (fold) {
+          accumulate_kernel<G, true><<<blocks, kThreads, 0, stream>>>(meta, w, partial_ptr,
+                                                                      chunk_base, found_ptr);
+        } else {
+          accumulate_kernel<G, false><<<blocks, kThreads, 0, stream>>>(meta, w, nullptr, 0,
+                                                                       found_ptr);
+        }
         check_launch("accumulate");
         chunk_base += blocks;
       }
     });
   }
-  finish_kernel<<<1, kThreads, 0, stream>>>(
-      partial_ptr, chunk_base, sumsq.has_value() ? static_cast<float*>(sumsq->data_ptr()) : nullptr,
-      static_cast<float*>(found_inf.data_ptr()));
-  check_launch("accumulate");
+  if (fold) {
+    finish_kernel<<<1, kThreads, 0, stream>>>(partial_ptr, chunk_base,
+                                              static_cast<float*>(sumsq->data_ptr()), found_ptr);
+    check_launch("accumulate");
+  }
 }
 
 void norm_cuda(std::vector<Tensor> accs, Tensor sumsq) {
