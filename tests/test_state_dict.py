@@ -88,12 +88,26 @@ def test_torch_sgd_momentum_state_loads_in_and_out(backend):
     assert_same_params(model, expected)
 
 
-def test_state_dict_of_a_fresh_optimizer_is_torch_shaped(backend):
-    model = make_model(seed=24)
-    ours = fused_accum.AdamW(model.parameters(), lr=3e-4, backend=backend)
-    theirs = torch.optim.AdamW(model.parameters(), lr=3e-4)
-    sd = ours.state_dict()
-    assert sd["state"] == {} and sd["param_groups"] == theirs.state_dict()["param_groups"]
+@pytest.mark.parametrize("algorithm", ["AdamW", "SGD"])
+def test_a_fresh_optimizer_s_state_dict_loads_into_torch_as_a_fresh_torch_optimizer(algorithm,
+                                                                                    backend):
+    """A fresh fused optimizer lists every parameter (step 0, zero moments: what DCP needs to load
+    into); torch's optimizer given that dict trains exactly as a fresh one."""
+    kwargs = dict(lr=1e-2, momentum=0.9) if algorithm == "SGD" else dict(lr=1e-2)
+    windows = [make_batches(s, 1, 3) for s in range(24, 27)]
+    base = make_model(seed=24)
+    expected = train_large_batch(clone(base), lambda p: getattr(torch.optim, algorithm)(p, **kwargs),
+                                 windows)
+    model = clone(base)
+    ours = getattr(fused_accum, algorithm)(model.parameters(), backend=backend, **kwargs)
+    sd = _round_trip(ours.state_dict())
+    theirs = getattr(torch.optim, algorithm)(model.parameters(), **kwargs)
+    assert sorted(sd["state"]) == list(range(len(list(model.parameters()))))
+    assert sd["param_groups"] == theirs.state_dict()["param_groups"]
+    ours.remove_hooks()
+    theirs.load_state_dict(sd)
+    train_large_batch(model, lambda p: theirs, windows)
+    assert_same_params(model, expected, rtol=1e-6)
 
 
 def test_a_bad_state_dict_changes_nothing(backend):
@@ -114,5 +128,34 @@ def test_a_bad_state_dict_changes_nothing(backend):
     for key, entry in good["state"].items():
         for name, value in entry.items():
             assert torch.equal(after["state"][key][name], value)
-    for key, value in good["fused_accum"]["accumulated_grads"].items():
-        assert torch.equal(after["fused_accum"]["accumulated_grads"][key], value)
+    for key, value in good["fused_accum"]["rank0"]["accumulated_grads"].items():
+        assert torch.equal(after["fused_accum"]["rank0"]["accumulated_grads"][key], value)
+
+
+def test_a_window_in_progress_is_only_resumed_by_its_own_rank_on_as_many_ranks(backend):
+    """A mid-window state dict keeps its window under its rank; another rank's part, or a changed
+    number of ranks, cannot give this rank its partial sums: refused, and nothing changes."""
+    model = make_model(seed=26)
+    opt = fused_accum.AdamW(model.parameters(), lr=1e-2, accumulation_steps=2, backend=backend)
+    _micro_batches(model, opt, make_batches(3, 1, 2), False)   # half a window in progress
+    good = _round_trip(opt.state_dict())
+    assert good["fused_accum"]["world_size"] == 1 and "rank0" in good["fused_accum"]
+    other_rank = _round_trip(good)
+    other_rank["fused_accum"]["rank1"] = other_rank["fused_accum"].pop("rank0")
+    with pytest.raises(ValueError, match="mid-window.*rank 0"):
+        opt.load_state_dict(other_rank)
+    more_ranks = _round_trip(good)
+    more_ranks["fused_accum"]["world_size"] = 2
+    with pytest.raises(ValueError, match="on 2 ranks, loaded on 1"):
+        opt.load_state_dict(more_ranks)
+    assert opt.micro_batches == 1
+    opt.load_state_dict(good)   # its own part loads
+    _micro_batches(model, opt, make_batches(4, 1, 2), False)
+    assert opt.stepped
+
+
+def test_a_window_boundary_saves_no_per_rank_part(backend):
+    model = make_model(seed=27)
+    opt = fused_accum.SGD(model.parameters(), lr=0.1, accumulation_steps=2, backend=backend)
+    _micro_batches(model, opt, make_batches(5, 2, 2), False)
+    assert opt.stepped and not any(k.startswith("rank") for k in opt.state_dict()["fused_accum"])

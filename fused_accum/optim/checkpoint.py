@@ -1,9 +1,20 @@
 """State dicts of the accumulating optimizers: torch.optim's format, plus the window in progress.
 
 ``state_dict()`` is loadable into the torch optimizer of the same name (its ``"state"`` and
-``"param_groups"`` are torch's); the ``"fused_accum"`` entry holds what a mid-window checkpoint
-needs to resume bit-identically: the accumulated gradients, the micro-batch count and mode, the
-item and non-finite flags, skip counts, the loss scaler and the rounding seed.
+``"param_groups"`` are torch's).  ``"state"`` lists every parameter, also before its first step
+(step 0, zero moments, masters equal to the parameters), as torch's own DCP helpers
+(``torch.distributed.checkpoint.state_dict``) make a fresh torch optimizer's: DCP loads only what
+the loading optimizer's ``state_dict()`` lists, so a freshly built optimizer must list everything.
+The tensors are the optimizer's own (DCP loads into them in place).
+
+The ``"fused_accum"`` entry holds what is the same on every rank (micro-batch count and mode,
+skip counts, loss scaler, rounding seed, the number of ranks) and, while a window is in progress,
+under ``"rank<r>"``, what is this rank's own: its accumulated gradients, item and non-finite
+flags.  A mid-window checkpoint then resumes bit-identically on the same number of ranks, each
+rank loading its own part; DCP, which keeps one copy of a key saved by several ranks, keeps each
+rank's.  Loading a mid-window checkpoint without this rank's part (into a freshly built optimizer
+through DCP, whose state_dict() lists no window, or another rank's file), or on another number of
+ranks, raises: the window's partial sums cannot be recovered or re-split.
 """
 from __future__ import annotations
 
@@ -24,8 +35,14 @@ def index_params(groups: list[dict[str, Any]]) -> list[Tensor]:
 class WindowStateDict:
     """``state_dict`` / ``load_state_dict`` for :class:`~fused_accum.optim.base.AccumulatingOptimizer`."""
 
-    def _stepped_mask(self, bucket: Bucket) -> list[bool]:
-        return (bucket.steps > 0).tolist()
+    def _rank_and_world(self) -> tuple[int, int]:
+        if self._reducer is None:
+            return 0, 1
+        return self._reducer.rank, self._reducer.world_size
+
+    def _window_open(self) -> bool:
+        return (self._micro > 0 or self._buffers.discarded
+                or any(True in b.touched for b in self._buffers.buckets))
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's format (loadable into the torch optimizer of the same name) plus a
@@ -35,27 +52,32 @@ class WindowStateDict:
         state: dict[int, dict[str, Tensor]] = {}
         accumulated: dict[int, Tensor] = {}
         for bucket in self._buffers.buckets:
-            stepped = self._stepped_mask(bucket)
+            steps = bucket.step_views(range(len(bucket.params)))
             for i, p in enumerate(bucket.params):
-                if stepped[i]:
-                    entry = {"step": bucket.steps[i].detach().to("cpu", copy=True)}
-                    entry.update({n: bucket.view(f, i) for n, f in bucket.state.items()})
-                    state[index[p]] = entry
+                entry = {"step": steps[i]}
+                entry.update({n: bucket.view(f, i) for n, f in bucket.state.items()})
+                state[index[p]] = entry
                 if bucket.touched[i]:
                     accumulated[index[p]] = bucket.acc_view(i)
         packed["state"] = state
-        packed["fused_accum"] = {
+        rank, world = self._rank_and_world()
+        window = {
             "accumulation_steps": self.accumulation_steps,
             "micro_batches": self._micro,
             "mode": self._mode,
-            "weight_sum": {str(d): w for d, w in self._weight_sum.items()},
-            "found_inf": {str(d): f for d, f in self._buffers.found_inf.items()},
-            "accumulated_grads": accumulated,
             "skipped_steps": self._skipped,
             "rounding_seed": self._rounding_seed,
             "loss_scaler": None if self._scaler is None else self._scaler.state_dict(),
-            "discarded": self._buffers.discarded,
+            "world_size": world,
         }
+        if self._window_open():
+            window[f"rank{rank}"] = {
+                "weight_sum": {str(d): w for d, w in self._weight_sum.items()},
+                "found_inf": {str(d): f for d, f in self._buffers.found_inf.items()},
+                "accumulated_grads": accumulated,
+                "discarded": self._buffers.discarded,
+            }
+        packed["fused_accum"] = window
         return packed
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -76,7 +98,7 @@ class WindowStateDict:
                                  f"parameters, this optimizer's has {len(ours['params'])}")
         saved_ids = [i for g in saved_groups for i in g["params"]]
         by_param = {p: (state_dict["state"].get(sid, {}), sid) for p, sid in zip(params, saved_ids)}
-        window = state_dict.get("fused_accum")
+        window = self._own_window(state_dict.get("fused_accum"))
         accumulated = window["accumulated_grads"] if window else {}
         for p, (entry, sid) in by_param.items():
             label = self._buffers.label(p)
@@ -106,6 +128,33 @@ class WindowStateDict:
             bucket.touched = [by_param[p][1] in accumulated for p in bucket.params]
             self._publish_state(bucket)
         self._load_window(window)
+
+    def _own_window(self, saved: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The saved window with this rank's part merged in (None for a torch state dict); raises
+        if the window was in progress and this rank's part is missing or cannot be used."""
+        if not saved:
+            return None
+        rank, world = self._rank_and_world()
+        if "accumulated_grads" in saved:   # a single-rank dict of fused_accum 0.1's first format
+            return saved
+        own = saved.get(f"rank{rank}")
+        micro = saved["micro_batches"]
+        if own is None and micro > 0:
+            raise ValueError(
+                f"state_dict: saved mid-window (after {micro} of {saved['accumulation_steps']} "
+                f"micro-batches) without this rank's accumulated gradients (rank {rank}): "
+                "torch.distributed.checkpoint loads only what the loading optimizer's state_dict() "
+                "lists, and a freshly built one lists no window in progress; or this is another "
+                "rank's checkpoint.  Save at a window boundary (after the step) to load it into a "
+                "new optimizer, or load each rank's own torch.save'd state dict")
+        saved_world = saved.get("world_size", 1)
+        if own is not None and saved_world != world:
+            raise ValueError(
+                f"state_dict: saved mid-window on {saved_world} ranks, loaded on {world}: a "
+                "window's per-rank sums cannot be re-split across another number of ranks; save "
+                "at a window boundary (after the step) to change the number of ranks")
+        own = own or {"weight_sum": {}, "found_inf": {}, "accumulated_grads": {}, "discarded": False}
+        return {**saved, **own}
 
     def _load_param_state(self, bucket: Bucket, i: int, entry: dict[str, Any]) -> None:
         step = entry.get("step", self._implied_step(entry))

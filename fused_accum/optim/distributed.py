@@ -62,6 +62,7 @@ class WindowReducer:
                                "torch.distributed.init_process_group first")
         self.group = None if process_group is True else process_group
         self.rank = dist.get_rank(self.group)
+        self.world_size = dist.get_world_size(self.group)
         self.source = dist.get_global_rank(self.group, 0) if self.group is not None else 0
         self.chunk_bytes = int(float(os.environ.get("FUSED_ACCUM_REDUCE_CHUNK_MB", "25")) * 2**20)
         self.buffers: GradBuffers | None = None

@@ -1,0 +1,171 @@
+"""torch.distributed.checkpoint (DCP): dcp.save / dcp.load of a fused optimizer, also into a freshly
+built one and across numbers of ranks, and the state-dict helpers of
+torch.distributed.checkpoint.state_dict."""
+import datetime
+import os
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
+
+import fused_accum
+from helpers import assert_same_params, lm_loss, make_batches, make_model
+
+K = 2
+WINDOWS = 4
+
+
+def _window(w, rank=0, ranks=1):
+    """Window w's micro-batches of ``rank`` (of ``ranks``): K per rank."""
+    return make_batches(100 + w, K * 2, 2)[rank::ranks] if ranks > 1 else make_batches(100 + w, K * 2, 2)
+
+
+def _train(model, opt, windows, rank=0, ranks=1):
+    for w in windows:
+        for batch in _window(w, rank, ranks):
+            opt.backward(lm_loss(model, *batch))
+            opt.step()
+
+
+def _make(seed, dtype, k=K * 2, **kwargs):
+    model = make_model(seed=seed, dtype=dtype)
+    opt = fused_accum.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, accumulation_steps=k,
+                            max_grad_norm=1.0, **kwargs)
+    return model, opt
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dcp_into_a_freshly_built_optimizer_resumes_as_uninterrupted(dtype, tmp_path, backend):
+    straight, opt = _make(1, dtype, backend=backend)
+    _train(straight, opt, range(WINDOWS))
+
+    model, opt = _make(1, dtype, backend=backend)
+    _train(model, opt, range(2))
+    dcp.save({"model": model, "optim": opt}, checkpoint_id=str(tmp_path))
+    resumed, fresh = _make(7, dtype, backend=backend)   # other weights, no state, until loaded
+    dcp.load({"model": resumed, "optim": fresh}, checkpoint_id=str(tmp_path))
+    state = fresh.state_dict()["state"]
+    assert all(entry["step"].item() == 2 for entry in state.values())
+    _train(resumed, fresh, range(2, WINDOWS))
+    for a, b in zip(resumed.parameters(), straight.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_fresh_optimizer_lists_every_parameter_s_state(backend):
+    """What DCP loads into is what state_dict() lists: before any step, every parameter with step
+    0, zero moments (and masters), as torch's DCP helpers make for a fresh torch optimizer."""
+    model, opt = _make(2, torch.bfloat16, backend=backend)
+    state = opt.state_dict()["state"]
+    assert sorted(state) == list(range(len(list(model.parameters()))))
+    for entry, p in zip(state.values(), model.parameters()):
+        assert entry["step"].item() == 0
+        assert not entry["exp_avg"].any() and not entry["exp_avg_sq"].any()
+        assert torch.equal(entry["master_param"], p.float())
+
+
+def test_the_state_dict_helpers_load_into_a_fresh_optimizer(tmp_path, backend):
+    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
+                                                           set_optimizer_state_dict)
+    straight, opt = _make(3, torch.float32, backend=backend)
+    _train(straight, opt, range(WINDOWS))
+    model, opt = _make(3, torch.float32, backend=backend)
+    _train(model, opt, range(2))
+    dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(tmp_path))
+    fresh = fused_accum.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1,
+                              accumulation_steps=K * 2, max_grad_norm=1.0, backend=backend)
+    target = {"optim": get_optimizer_state_dict(model, fresh)}
+    dcp.load(target, checkpoint_id=str(tmp_path))
+    set_optimizer_state_dict(model, fresh, target["optim"])
+    _train(model, fresh, range(2, WINDOWS))
+    assert_same_params(model, straight, rtol=1e-6)
+
+
+def test_a_mid_window_dcp_checkpoint_is_refused_by_a_fresh_optimizer(tmp_path, backend):
+    """DCP loads what the loading optimizer lists; a fresh one lists no window in progress, so the
+    window's sums would be lost silently: refused, naming the cause, and nothing changes."""
+    model, opt = _make(4, torch.float32, backend=backend)
+    _train(model, opt, range(1))
+    opt.backward(lm_loss(model, *_window(1)[0]))
+    opt.step()   # one micro-batch into window 1
+    dcp.save({"optim": opt}, checkpoint_id=str(tmp_path))
+    saved = {k: {n: v.clone() for n, v in e.items()} for k, e in opt.state_dict()["state"].items()}
+    other, fresh = _make(5, torch.float32, backend=backend)
+    with pytest.raises(ValueError, match="mid-window"):
+        dcp.load({"optim": fresh}, checkpoint_id=str(tmp_path))
+    # DCP wrote the checkpoint's tensors into the listed ones before load_state_dict refused: the
+    # optimizer holds the checkpoint's state (steps and moments together) and an empty window.
+    for key, entry in fresh.state_dict()["state"].items():
+        for name, value in entry.items():
+            assert torch.equal(value, saved[key][name]), (key, name)
+    assert fresh.micro_batches == 0
+    _train(other, fresh, range(1))
+    assert fresh.stepped
+
+
+# -- two gloo ranks ---------------------------------------------------------------------------
+
+
+def _worker(rank, phase, init_file, ckpt, out_dir):
+    result = {}
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                                timeout=datetime.timedelta(seconds=30))
+        if phase == "save":
+            model, opt = _make(10, torch.float32, k=K, process_group=True)
+            _train(model, opt, range(2), rank, 2)
+            dcp.save({"model": model, "optim": opt}, checkpoint_id=os.path.join(ckpt, "boundary"))
+            opt.backward(lm_loss(model, *_window(2, rank, 2)[0]))
+            opt.step()
+            dcp.save({"model": model, "optim": opt}, checkpoint_id=os.path.join(ckpt, "mid"))
+            opt.backward(lm_loss(model, *_window(2, rank, 2)[1]))
+            opt.step()
+            _train(model, opt, range(3, WINDOWS), rank, 2)
+        else:
+            model, opt = _make(11 + rank, torch.float32, k=K, process_group=True)
+            dcp.load({"model": model, "optim": opt}, checkpoint_id=os.path.join(ckpt, "boundary"))
+            _train(model, opt, range(2, WINDOWS), rank, 2)
+            _, other = _make(20, torch.float32, k=K, process_group=True)
+            try:
+                dcp.load({"optim": other}, checkpoint_id=os.path.join(ckpt, "mid"))
+            except ValueError as exc:
+                result["mid"] = str(exc)
+        result["params"] = [p.detach().clone() for p in model.parameters()]
+    except BaseException as exc:
+        result["error"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+    finally:
+        torch.save(result, os.path.join(out_dir, f"{phase}{rank}.pt"))
+        if dist.is_initialized():
+            if "error" not in result:
+                dist.barrier()
+            os._exit(0)   # see tests/test_distributed.py: gloo's teardown aborts now and then
+
+
+def _spawn(phase, tmp_path):
+    init = tmp_path / f"init-{phase}"
+    mp.spawn(_worker, args=(phase, str(init), str(tmp_path / "ckpt"), str(tmp_path)), nprocs=2,
+             join=True)
+    results = [torch.load(tmp_path / f"{phase}{r}.pt") for r in range(2)]
+    for r in results:
+        assert "error" not in r, r["error"]
+    return results
+
+
+def test_dcp_on_two_ranks_resumes_on_two_ranks_and_on_one(tmp_path):
+    saved = _spawn("save", tmp_path)
+    loaded = _spawn("load", tmp_path)
+    for a, b in zip(*[r["params"] for r in saved]):
+        assert torch.equal(a, b)   # the data-parallel ranks agree
+    for a, b in zip(loaded[0]["params"], saved[0]["params"]):
+        assert torch.equal(a, b)   # two fresh ranks resume as uninterrupted
+    for r in loaded:   # a mid-window checkpoint is per rank: a fresh optimizer refuses it
+        assert "mid-window" in r["mid"]
+    # One process, the whole window (both ranks' micro-batches) per step: the same training.
+    model, opt = _make(30, torch.float32, k=2 * K)
+    dcp.load({"model": model, "optim": opt}, checkpoint_id=str(tmp_path / "ckpt" / "boundary"))
+    _train(model, opt, range(2, WINDOWS))
+    for a, b in zip(model.parameters(), saved[0]["params"]):
+        scale = b.abs().max().item()
+        torch.testing.assert_close(a.detach(), b, rtol=0, atol=1e-5 * scale)
