@@ -366,6 +366,7 @@ class GradBuffers:
     def _start_pass(self, task: int) -> BackwardPass:
         # May raise, e.g. for a window mixing plain backward() with opt.backward(num_items=).
         self._on_backward_start()(self.micro_kind or "plain", self.micro_kind is not None)
+        guards.install_accelerate()   # accelerate imported after this optimizer was built
         self._serial += 1
         record = BackwardPass(task, self._serial, {d: f.clone() for d, f in self.found_inf.items()},
                               self.arrived)

@@ -91,6 +91,26 @@ def test_follow_refuses_what_would_train_wrongly():
     assert opt.max_grad_norm == 0.5
 
 
+def test_accelerator_clipping_without_follow_is_refused_not_a_norm_of_nothing():
+    """accelerator.clip_grad_norm_ skips parameters whose .grad is None: around a fused optimizer
+    not handed to follow() it would clip nothing and return 0.  Refused; other parameters clip."""
+    accelerator = accelerate.Accelerator(cpu=True)
+    model = _model()
+    inner = fused_accum.AdamW(model.parameters())
+    model, opt = accelerator.prepare(model, inner)
+    tokens, targets = next(iter(_loader()))
+    accelerator.backward(nn.functional.cross_entropy(model(tokens).flatten(0, 1), targets.flatten()))
+    for clip in (lambda: accelerator.clip_grad_norm_(model.parameters(), 1.0),
+                 lambda: accelerator.clip_grad_value_(model.parameters(), 1.0)):
+        with pytest.raises(RuntimeError, match=r"accelerator.clip_grad_(norm|value)_.*max_grad_norm="):
+            clip()
+    other = nn.Linear(3, 3)
+    other(torch.randn(2, 3)).sum().backward()
+    assert accelerator.clip_grad_norm_(other.parameters(), 1e-3) > 0   # not held: clipped as before
+    opt.step()   # the window is still whole
+    assert inner.stepped
+
+
 def test_fp16_grad_scaler_becomes_the_optimizer_s_loss_scaling():
     accelerator = accelerate.Accelerator(gradient_accumulation_steps=K, cpu=True)
     accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)   # fp16 on a GPU does this

@@ -139,6 +139,17 @@ def test_the_stock_trainer_with_a_fused_optimizer_is_refused_not_silently_wrong(
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), _model().parameters()))
 
 
+def test_the_stock_trainer_without_accumulation_refuses_to_clip_nothing(tmp_path):
+    """gradient_accumulation_steps=1 and a fused optimizer with accumulation_steps=1: the windows
+    are right, but Trainer clips through accelerate, which skips parameters without .grad and
+    would report a norm of 0.0 and clip nothing: refused, naming what to use."""
+    model = _model()
+    opt = fused_accum.AdamW(model.parameters(), lr=1e-2)
+    with pytest.raises(RuntimeError, match=r"accelerator.clip_grad_norm_.*max_grad_norm="):
+        _train(transformers.Trainer, tmp_path, model=model, optimizers=(opt, None),
+               args=_args(tmp_path, gradient_accumulation_steps=1))
+
+
 def test_checkpoints_save_and_resume_to_the_uninterrupted_result(tmp_path):
     args = lambda: _args(tmp_path, num_train_epochs=2, save_strategy="steps", save_steps=2)
     straight = _train(FusedAccumTrainer, tmp_path, args=args())
