@@ -10,8 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fused_accum
-from helpers import (IGNORE, FailsInBackward, InjectedFailure, assert_same_params, concat, lm_loss,
-                     make_batches, make_model)
+from helpers import (IGNORE, FailsInBackward, InjectedFailure, assert_same_params, concat,
+                     leave_rank, lm_loss, make_batches, make_model)
 
 WINDOWS = 3
 
@@ -107,14 +107,7 @@ def _worker(rank: int, scenario: str, init_file: str, out_dir: str, backend: str
     except BaseException as exc:   # the parent reads the outcome; never leave the peer hanging
         result["error"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
     finally:
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-        if dist.is_initialized():
-            if "error" not in result:
-                dist.barrier()   # neither rank leaves while the other still uses the group
-            # Leave without tearing gloo down: a group broken by a failed peer cannot be, and
-            # gloo's threads destroyed at teardown abort a process now and then ("terminate
-            # called without an active exception"), with the result already saved.
-            os._exit(0)
+        leave_rank(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def _run(scenario: str, tmp_path, backend: str) -> list[dict]:
