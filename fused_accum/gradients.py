@@ -14,10 +14,10 @@ Then:
 - every other gradient is queued, and the queue is accumulated (one backend call per bucket) as
   soon as it holds ``FUSED_ACCUM_GROUP_MB`` (by default 2 MB on CPUs, 32 MB where a bucket is on a
   GPU) and at the end of the backward pass;
-- with the collector and the compiled backend, the gradients whose accumulator is known when a
-  pass starts (touched slots; every slot of a flat bucket) are planned (:meth:`GradBuffers._plan`):
-  the collector groups and accumulates them itself, with no Python, and reports at the pass's
-  end which slots it touched first or folded into the norm.
+- with the collector and the compiled backend, every gradient of a pass is planned
+  (:meth:`GradBuffers._plan`): the collector adopts fp32 first gradients itself, groups and
+  accumulates the rest with no Python, and reports at the pass's end which slots it touched
+  first, adopted or folded into the norm.
 
 So beyond what autograd itself holds, at most one group of gradients is alive at any moment,
 and the allocator hands their memory to the next layer's weight gradients; many small gradients
@@ -322,31 +322,36 @@ class GradBuffers:
                 if self.fold_norm:
                     sumsq = bucket.sumsq
             touched = bucket.touched
+            indices = [i for i, s in enumerate(slots) if s >= 0]
             if bucket.flat:   # untouched slices too: their first touch overwrites them
-                indices = [i for i, s in enumerate(slots) if s >= 0]
                 accs = bucket.views(bucket.acc, indices)
-            else:             # first gradients are adopted in Python
-                indices = [i for i, s in enumerate(slots) if s >= 0 and touched[i]]
-                accs = [bucket.adopted[i] for i in indices]
+            else:             # None: adopted, or made, by the collector (see _adopt)
+                accs = [bucket.adopted[i] if touched[i] else None for i in indices]
             if not indices:
                 continue
             device = bucket.device
             weight = self.micro_weight[device] if self.micro_weight is not None else self._ones[device]
             entries.append(([slots[i] for i in indices], accs, [not touched[i] for i in indices],
-                            weight, self.found_inf[device], sumsq))
+                            weight, self.found_inf[device], sumsq, self.micro_weight is None))
         if entries:
             self._collector.plan(task, entries)
 
     def _settle_planned(self, record: BackwardPass, final: bool) -> None:
         """Launch what the collector holds of ``record``'s plan, and record what it did."""
-        added, firsts, folded = self._collector.flush(record.task, final)
+        added, firsts, folded, adopted = self._collector.flush(record.task, final)
         if added:
             record.added = True
         slot_list = self._slot_list
-        for slot in firsts:
+        for slot, acc in adopted:
             bucket, i, _ = slot_list[slot]
+            bucket.adopted[i] = acc
             bucket.touched[i] = True
             record.firsts.append((bucket, i))
+        for slot in firsts:
+            bucket, i, _ = slot_list[slot]
+            if not bucket.touched[i]:   # an fp32 accumulator made by the collector came above
+                bucket.touched[i] = True
+                record.firsts.append((bucket, i))
         for slot in folded:
             bucket, i, _ = slot_list[slot]
             bucket.norm_counted[i] = True

@@ -109,3 +109,27 @@ def test_a_failed_pass_whose_planned_gradients_were_not_launched_is_undone_exact
     assert opt.stepped and opt.skipped_steps == 0 and _launches(opt) > 0
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("loss_scale", [None, 1024.0])
+def test_fp32_first_gradients_are_adopted_by_the_collector_without_a_copy(loss_scale, hooks):
+    """Unweighted, an fp32 first gradient becomes its accumulator in C++ (no launch, the very
+    tensor autograd made); weighted (a loss scale's 1 / scale), the collector makes the
+    accumulator and writes w * g into it, one launch per group."""
+    model = make_model(seed=43)
+    made = {}   # what autograd put in .grad: registered first, this hook runs before the optimizer's
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: made.__setitem__(p, p.grad.data_ptr()))
+    opt = fused_accum.AdamW(model.parameters(), accumulation_steps=3, loss_scale=loss_scale,
+                            backend=backend)
+    tokens, targets = make_batches(43, 1, 2)[0]
+    loss = lm_loss(model, tokens, targets)
+    opt.backward(loss)
+    bucket = opt._buffers.buckets[0]
+    assert all(bucket.touched) and len(made) == len(bucket.params)
+    adopted = [bucket.adopted[i].data_ptr() == made[p] for i, p in enumerate(bucket.params)]
+    if loss_scale:
+        assert not any(adopted) and _launches(opt) > 0
+    else:
+        assert all(adopted) and _launches(opt) == 0
+    assert opt.memory_bytes()["accumulators"] == sum(p.nbytes for p in model.parameters())

@@ -95,8 +95,9 @@ struct FastGroup {
 
 struct Planned {
   int64_t group = -1;   // index into the plan's groups; -1: not planned
-  at::Tensor acc;
-  bool first = false;
+  at::Tensor acc;       // undefined: a first gradient of an fp32 bucket, whose accumulator is
+  bool first = false;   // the gradient itself (adopt) or made here
+  bool adopt = false;
 };
 
 // The compiled accumulate op, looked up once (its library is loaded before any plan is made).
@@ -192,7 +193,10 @@ class Collector : public std::enable_shared_from_this<Collector> {
   }
 
   // The plan of pass `task`: [(slots, accumulators, first flags, weight, found_inf, sumsq or
-  // None)], one entry per bucket.  False (and nothing planned) while another pass has a plan.
+  // None, adopt)], one entry per bucket.  An accumulator None is a first touch of an fp32 bucket:
+  // with `adopt`, an fp32 contiguous gradient becomes the accumulator without a launch (as
+  // Python's path does), else a new fp32 accumulator is written with first = 1; `flush` reports
+  // either as (slot, accumulator).  False (and nothing planned) while another pass has a plan.
   bool plan(int64_t task, const py::list& entries) {
     std::lock_guard<std::mutex> guard(mutex_);
     if (plan_task_ != -1 && plan_task_ != task) return false;
@@ -201,7 +205,7 @@ class Collector : public std::enable_shared_from_this<Collector> {
     for (const auto& item : entries) {
       auto entry = item.cast<py::tuple>();
       auto slots = entry[0].cast<std::vector<int64_t>>();
-      auto accs = entry[1].cast<std::vector<at::Tensor>>();
+      auto accs = entry[1].cast<std::vector<std::optional<at::Tensor>>>();
       auto first = entry[2].cast<std::vector<bool>>();
       TORCH_CHECK(slots.size() == accs.size() && slots.size() == first.size(),
                   "Collector.plan: slots, accumulators and first flags differ in length");
@@ -209,25 +213,26 @@ class Collector : public std::enable_shared_from_this<Collector> {
       group.weight = entry[3].cast<at::Tensor>();
       group.found_inf = entry[4].cast<at::Tensor>();
       if (!entry[5].is_none()) group.sumsq = entry[5].cast<at::Tensor>();
+      const bool adopt = entry[6].cast<bool>();
       const int64_t g = static_cast<int64_t>(groups_.size());
       groups_.push_back(std::move(group));
       for (size_t i = 0; i < slots.size(); ++i) {
         TORCH_CHECK(slots[i] >= 0, "Collector.plan: negative slot");
         if (static_cast<size_t>(slots[i]) >= planned_.size()) planned_.resize(slots[i] + 1);
-        planned_[slots[i]] = {g, std::move(accs[i]), first[i]};
+        planned_[slots[i]] = {g, accs[i] ? std::move(*accs[i]) : at::Tensor(), first[i], adopt};
       }
     }
     return true;
   }
 
   // Launches what pass `task` has planned and not yet launched; with `final`, the plan ends.
-  // Returns (added into earlier sums, slots first touched, slots folded into a sum of squares)
-  // since the last flush.
+  // Returns (added into earlier sums, slots first touched, slots folded into a sum of squares,
+  // [(slot, accumulator)] of fp32 first touches) since the last flush.
   py::tuple flush(int64_t task, bool final) {
     std::vector<FastGroup> ready;
     {
       std::lock_guard<std::mutex> guard(mutex_);
-      if (plan_task_ != task) return py::make_tuple(false, py::list(), py::list());
+      if (plan_task_ != task) return py::make_tuple(false, py::list(), py::list(), py::list());
       for (auto& g : groups_) {
         if (g.grads.empty()) continue;
         ready.push_back(take_group(g));
@@ -238,9 +243,12 @@ class Collector : public std::enable_shared_from_this<Collector> {
       for (auto& g : ready) launch(g);
     }
     std::lock_guard<std::mutex> guard(mutex_);
-    py::tuple out = py::make_tuple(plan_added_, firsts_, folded_);
+    py::list adopted;
+    for (auto& a : adopted_) adopted.append(py::make_tuple(a.first, std::move(a.second)));
+    py::tuple out = py::make_tuple(plan_added_, firsts_, folded_, adopted);
     firsts_.clear();
     folded_.clear();
+    adopted_.clear();
     if (final && plan_task_ == task) clear_plan();
     return out;
   }
@@ -268,6 +276,7 @@ class Collector : public std::enable_shared_from_this<Collector> {
     groups_.clear();
     firsts_.clear();
     folded_.clear();
+    adopted_.clear();
   }
 
   // Moves a group's waiting gradients out, leaving its plan in place.  Holds mutex_.
@@ -320,6 +329,7 @@ class Collector : public std::enable_shared_from_this<Collector> {
   std::vector<Planned> planned_;   // by slot
   std::vector<FastGroup> groups_;
   std::vector<int64_t> firsts_, folded_;
+  std::vector<std::pair<int64_t, at::Tensor>> adopted_;
 };
 
 // A parameter's post-accumulate-grad hook: autograd calls it, holding the GIL, once .grad holds
@@ -424,13 +434,22 @@ void Collector::arrived(const at::Tensor& param, int64_t slot, bool from_python)
                          planned_[slot].group >= 0;
     if (planned) {
       const Planned& p = planned_[slot];
-      FastGroup& g = groups_[p.group];
-      g.grads.push_back(taken.is_contiguous() ? std::move(taken) : taken.contiguous());
-      g.accs.push_back(p.acc);
-      g.first.push_back(p.first);
-      g.slots.push_back(slot);
-      g.bytes += nbytes;
-      if (g.bytes >= bound_) ready = take_group(g);
+      at::Tensor acc = p.acc;
+      if (!acc.defined() && p.adopt && taken.scalar_type() == at::kFloat && taken.is_contiguous()) {
+        adopted_.emplace_back(slot, std::move(taken));   // no copy, as autograd's own .grad
+      } else {
+        if (!acc.defined()) {
+          acc = at::empty(taken.sizes(), taken.options().dtype(at::kFloat));
+          adopted_.emplace_back(slot, acc);
+        }
+        FastGroup& g = groups_[p.group];
+        g.grads.push_back(taken.is_contiguous() ? std::move(taken) : taken.contiguous());
+        g.accs.push_back(std::move(acc));
+        g.first.push_back(p.first);
+        g.slots.push_back(slot);
+        g.bytes += nbytes;
+        if (g.bytes >= bound_) ready = take_group(g);
+      }
     } else {
       bytes_ += nbytes;
       queue_.push_back({task, slot, std::move(taken)});
