@@ -18,14 +18,14 @@ K = 2
 WINDOWS = 4
 
 
-def _window(w, rank=0, ranks=1):
-    """Window w's micro-batches of ``rank`` (of ``ranks``): K per rank."""
-    return make_batches(100 + w, K * 2, 2)[rank::ranks] if ranks > 1 else make_batches(100 + w, K * 2, 2)
+def _window(w, rank=0, ranks=1, size=2 * K):
+    """The micro-batches of window w (``size`` in all) that ``rank`` of ``ranks`` trains on."""
+    return make_batches(100 + w, size, 2)[rank::ranks]
 
 
-def _train(model, opt, windows, rank=0, ranks=1):
+def _train(model, opt, windows, rank=0, ranks=1, size=2 * K):
     for w in windows:
-        for batch in _window(w, rank, ranks):
+        for batch in _window(w, rank, ranks, size):
             opt.backward(lm_loss(model, *batch))
             opt.step()
 
@@ -105,29 +105,34 @@ def test_a_mid_window_dcp_checkpoint_is_refused_by_a_fresh_optimizer(tmp_path, b
     assert fresh.stepped
 
 
-# -- two gloo ranks ---------------------------------------------------------------------------
+# -- several gloo ranks -----------------------------------------------------------------------
+
+GLOBAL = 8   # micro-batches of a window over all ranks: k = GLOBAL / ranks on each
 
 
-def _worker(rank, phase, init_file, ckpt, out_dir):
+def _worker(rank, ranks, phase, init_file, ckpt, out_dir):
     result = {}
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                                timeout=datetime.timedelta(seconds=30))
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                world_size=ranks, timeout=datetime.timedelta(seconds=60))
+        k = GLOBAL // ranks
+        window = lambda w: _window(w, rank, ranks, size=GLOBAL)   # noqa: E731
         if phase == "save":
-            model, opt = _make(10, torch.float32, k=K, process_group=True)
-            _train(model, opt, range(2), rank, 2)
+            model, opt = _make(10, torch.float32, k=k, process_group=True)
+            _train(model, opt, range(2), rank, ranks, size=GLOBAL)
             dcp.save({"model": model, "optim": opt}, checkpoint_id=os.path.join(ckpt, "boundary"))
-            opt.backward(lm_loss(model, *_window(2, rank, 2)[0]))
+            opt.backward(lm_loss(model, *window(2)[0]))
             opt.step()
             dcp.save({"model": model, "optim": opt}, checkpoint_id=os.path.join(ckpt, "mid"))
-            opt.backward(lm_loss(model, *_window(2, rank, 2)[1]))
-            opt.step()
-            _train(model, opt, range(3, WINDOWS), rank, 2)
+            for batch in window(2)[1:]:
+                opt.backward(lm_loss(model, *batch))
+                opt.step()
+            _train(model, opt, range(3, WINDOWS), rank, ranks, size=GLOBAL)
         else:
-            model, opt = _make(11 + rank, torch.float32, k=K, process_group=True)
+            model, opt = _make(11 + rank, torch.float32, k=k, process_group=True)
             dcp.load({"model": model, "optim": opt}, checkpoint_id=os.path.join(ckpt, "boundary"))
-            _train(model, opt, range(2, WINDOWS), rank, 2)
-            _, other = _make(20, torch.float32, k=K, process_group=True)
+            _train(model, opt, range(2, WINDOWS), rank, ranks, size=GLOBAL)
+            _, other = _make(20, torch.float32, k=k, process_group=True)
             try:
                 dcp.load({"optim": other}, checkpoint_id=os.path.join(ckpt, "mid"))
             except ValueError as exc:
@@ -139,29 +144,36 @@ def _worker(rank, phase, init_file, ckpt, out_dir):
         leave_rank(result, os.path.join(out_dir, f"{phase}{rank}.pt"))
 
 
-def _spawn(phase, tmp_path):
+def _spawn(phase, ranks, tmp_path):
     init = tmp_path / f"init-{phase}"
-    mp.spawn(_worker, args=(phase, str(init), str(tmp_path / "ckpt"), str(tmp_path)), nprocs=2,
-             join=True)
-    results = [torch.load(tmp_path / f"{phase}{r}.pt") for r in range(2)]
+    mp.spawn(_worker, args=(ranks, phase, str(init), str(tmp_path / "ckpt"), str(tmp_path)),
+             nprocs=ranks, join=True)
+    results = [torch.load(tmp_path / f"{phase}{r}.pt") for r in range(ranks)]
     for r in results:
         assert "error" not in r, r["error"]
     return results
 
 
-def test_dcp_on_two_ranks_resumes_on_two_ranks_and_on_one(tmp_path):
-    saved = _spawn("save", tmp_path)
-    loaded = _spawn("load", tmp_path)
-    for a, b in zip(*[r["params"] for r in saved]):
-        assert torch.equal(a, b)   # the data-parallel ranks agree
-    for a, b in zip(loaded[0]["params"], saved[0]["params"]):
-        assert torch.equal(a, b)   # two fresh ranks resume as uninterrupted
-    for r in loaded:   # a mid-window checkpoint is per rank: a fresh optimizer refuses it
-        assert "mid-window" in r["mid"]
-    # One process, the whole window (both ranks' micro-batches) per step: the same training.
-    model, opt = _make(30, torch.float32, k=2 * K)
-    dcp.load({"model": model, "optim": opt}, checkpoint_id=str(tmp_path / "ckpt" / "boundary"))
-    _train(model, opt, range(2, WINDOWS))
-    for a, b in zip(model.parameters(), saved[0]["params"]):
+def _assert_close(params, expected):
+    for a, b in zip(params, expected):
         scale = b.abs().max().item()
         torch.testing.assert_close(a.detach(), b, rtol=0, atol=1e-5 * scale)
+
+
+def test_dcp_saved_on_four_ranks_resumes_on_two_and_on_one(tmp_path):
+    """Saved at a window boundary on 4 ranks (k = 2 each), resumed by fresh optimizers on 2 ranks
+    (k = 4) and in one process (k = 8): the same windows of 8 micro-batches, so the same training
+    as the 4 ranks uninterrupted (to float rounding: the sums run in other orders)."""
+    saved = _spawn("save", 4, tmp_path)
+    for other in saved[1:]:
+        for a, b in zip(other["params"], saved[0]["params"]):
+            assert torch.equal(a, b)   # the data-parallel ranks agree
+    expected = saved[0]["params"]
+    loaded = _spawn("load", 2, tmp_path)
+    for r in loaded:
+        _assert_close(r["params"], expected)
+        assert "mid-window" in r["mid"]   # a window in progress is per rank: refused, not lost
+    model, opt = _make(30, torch.float32, k=GLOBAL)
+    dcp.load({"model": model, "optim": opt}, checkpoint_id=str(tmp_path / "ckpt" / "boundary"))
+    _train(model, opt, range(2, WINDOWS), size=GLOBAL)
+    _assert_close(list(model.parameters()), expected)
