@@ -53,7 +53,8 @@ def _close(a, b, rtol=1e-6):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_accumulate_on_gpu_matches_reference(gpu_backend, dtype):
+@pytest.mark.parametrize("fold", [True, False])   # with a sum of squares: two launches; without: one
+def test_accumulate_on_gpu_matches_reference(gpu_backend, dtype, fold):
     d = _lists(1, dtype)
     first = [i % 2 == 0 for i in range(len(SIZES))]
     out = []
@@ -62,16 +63,21 @@ def test_accumulate_on_gpu_matches_reference(gpu_backend, dtype):
         for acc, f in zip(x["accs"], first):
             if f:
                 acc.fill_(float("nan"))
-        found, sumsq = torch.zeros((), device=CUDA), torch.full((), 0.5, device=CUDA)
+        found = torch.zeros((), device=CUDA)
+        sumsq = torch.full((), 0.5, device=CUDA) if fold else None
         backend.accumulate(x["grads"], x["accs"], first, torch.full((), 1.3, device=CUDA), found, sumsq)
         out.append((x["accs"], found, sumsq))
     _close(out[1][0], out[0][0])
     assert out[1][1].item() == 0
-    torch.testing.assert_close(out[1][2], out[0][2], rtol=1e-5, atol=0)
-    d["grads"][3][77] = float("inf")
-    found = torch.zeros((), device=CUDA)
-    gpu_backend.accumulate(d["grads"], d["accs"], first, torch.ones((), device=CUDA), found, None)
-    assert found.item() == 1
+    if fold:
+        torch.testing.assert_close(out[1][2], out[0][2], rtol=1e-5, atol=0)
+    for where in (3, len(SIZES) - 1):   # a large tensor, and the last tensor of the last launch
+        x = _clone(d)
+        x["grads"][where][-1] = float("inf")
+        found = torch.zeros((), device=CUDA)
+        gpu_backend.accumulate(x["grads"], x["accs"], first, torch.ones((), device=CUDA), found,
+                               torch.zeros((), device=CUDA) if fold else None)
+        assert found.item() == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -180,6 +186,31 @@ def _fp16_window_setup(backend_name):
             opt.backward(lm_loss(model, tokens[i], targets[i]))
             opt.step()
     return model, opt, window
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_collector_s_plan_on_gpu_gives_the_python_path_s_result(dtype, monkeypatch):
+    """On a GPU the collector (tensor hook) adopts and accumulates the compiled backend's
+    gradients from C++; bit for bit what the Python path gives (CPU version:
+    tests/test_collector_plan.py)."""
+    ok, reason = kernels.availability("extension", CUDA)
+    assert ok, reason
+    windows = [[(x.cuda(), y.cuda()) for x, y in make_batches(s, 3, 2)] for s in range(2)]
+    base = make_model(seed=5, dtype=dtype).cuda()
+    runs = []
+    for hooks in ("auto", "python"):
+        monkeypatch.setenv("FUSED_ACCUM_HOOKS", hooks)
+        monkeypatch.setenv("FUSED_ACCUM_GROUP_MB", "0.004")   # several launches per pass
+        model = clone(base)
+        opt = fused_accum.AdamW(model.parameters(), lr=1e-2, accumulation_steps=3,
+                                backend="extension")
+        train_accumulated(model, opt, windows)
+        collector = opt._buffers._collector
+        runs.append((model, 0 if collector is None else collector.launches()))
+    (planned, launches), (python, none) = runs
+    assert launches > 0 and none == 0
+    for a, b in zip(planned.parameters(), python.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_a_whole_window_runs_without_host_synchronisation(gpu_backend):
