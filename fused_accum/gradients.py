@@ -309,8 +309,9 @@ class GradBuffers:
                 self._plan(task)
 
     def _plan(self, task: int) -> None:
-        """Give the collector what it can accumulate without Python in this pass: the slots of
-        compiled-backend buckets whose accumulator is known (see csrc/autograd/collector.cpp)."""
+        """Give the collector this pass's slots of compiled-backend buckets, to adopt or accumulate
+        without Python: each with its accumulator, or None for an fp32 first touch (the collector
+        adopts the gradient, or makes one); see csrc/autograd/collector.cpp."""
         entries = []
         for bucket, slots in self._bucket_slots.items():
             if bucket.backend is not _compiled_backend():
@@ -321,14 +322,14 @@ class GradBuffers:
                     continue   # adding to a folded slice invalidates the fold: Python's path
                 if self.fold_norm:
                     sumsq = bucket.sumsq
-            touched = bucket.touched
             indices = [i for i, s in enumerate(slots) if s >= 0]
-            if bucket.flat:   # untouched slices too: their first touch overwrites them
-                accs = bucket.views(bucket.acc, indices)
-            else:             # None: adopted, or made, by the collector (see _adopt)
-                accs = [bucket.adopted[i] if touched[i] else None for i in indices]
             if not indices:
                 continue
+            touched = bucket.touched
+            if bucket.flat:   # untouched slices too: their first touch overwrites them
+                accs = bucket.views(bucket.acc, indices)
+            else:             # None: adopted, or made, by the collector (as _adopt does)
+                accs = [bucket.adopted[i] if touched[i] else None for i in indices]
             device = bucket.device
             weight = self.micro_weight[device] if self.micro_weight is not None else self._ones[device]
             entries.append(([slots[i] for i in indices], accs, [not touched[i] for i in indices],

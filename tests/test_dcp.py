@@ -16,6 +16,8 @@ from helpers import assert_same_params, leave_rank, lm_loss, make_batches, make_
 
 K = 2
 WINDOWS = 4
+# One process without a process group is how DCP is used here outside the spawned ranks.
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
 
 def _window(w, rank=0, ranks=1, size=2 * K):
