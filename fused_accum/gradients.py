@@ -339,7 +339,16 @@ class GradBuffers:
 
     def _settle_planned(self, record: BackwardPass, final: bool) -> None:
         """Launch what the collector holds of ``record``'s plan, and record what it did."""
-        added, firsts, folded, adopted = self._collector.flush(record.task, final)
+        try:
+            added, firsts, folded, adopted = self._collector.flush(record.task, final)
+        except BaseException:
+            # A launch failed partway, and what it wrote is unknown: the pass is settled as a
+            # failed one that added (its window discarded, with the warning) and its plan dropped.
+            self._collector.forget(record.task)
+            self.passes.pop(record.task, None)
+            record.added = True
+            self._undo(record)
+            raise
         if added:
             record.added = True
         slot_list = self._slot_list

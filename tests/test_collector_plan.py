@@ -174,3 +174,60 @@ def test_mixed_buckets_and_groups_give_what_the_python_path_gives(loss_scale, ho
     assert launches > 0 and none == 0
     for a, b in zip(planned, python):
         assert torch.equal(a, b)
+
+
+class _OneBadAccumulator:
+    """Stands in for the collector while a plan is made: gives the first slot an accumulator of
+    the wrong size, which the op refuses when the group launches."""
+
+    def __init__(self, collector):
+        self.collector = collector
+
+    def plan(self, task, entries):
+        slots, accs, *rest = entries[0]
+        return self.collector.plan(task, [(slots, [torch.empty(1)] + list(accs[1:]), *rest),
+                                          *entries[1:]])
+
+
+def test_a_launch_that_fails_at_the_pass_s_end_discards_its_window(hooks, monkeypatch):
+    """What a failed launch wrote is unknown: the window is discarded with the warning, the plan
+    is dropped, and the next window trains as if the discarded one had never run."""
+    from fused_accum.gradients import GradBuffers
+    monkeypatch.setenv("FUSED_ACCUM_GROUP_MB", "1000")   # every planned launch at the pass's end
+    model = make_model(seed=45, dtype=torch.bfloat16)
+    twin = clone(model)   # trains on windows 0 and 2 only
+    make = lambda m: fused_accum.SGD(m.parameters(), lr=0.1, momentum=0.9, accumulation_steps=2,
+                                     backend=backend)
+    opt, opt_twin = make(model), make(twin)
+    real_plan = GradBuffers._plan
+
+    def bad_plan(self, task):
+        real, self._collector = self._collector, _OneBadAccumulator(self._collector)
+        try:
+            real_plan(self, task)
+        finally:
+            self._collector = real
+
+    for w, window in enumerate(make_batches(45 + w, 2, 2) for w in range(3)):
+        if w == 1:
+            before = [p.detach().clone() for p in model.parameters()]
+            lm_loss(model, *window[0]).backward()
+            opt.step()
+            monkeypatch.setattr(GradBuffers, "_plan", bad_plan)
+            with pytest.warns(RuntimeWarning, match="window is discarded"):
+                with pytest.raises(RuntimeError):
+                    lm_loss(model, *window[1]).backward()
+            monkeypatch.setattr(GradBuffers, "_plan", real_plan)
+            opt.step()
+            assert opt.stepped and opt.skipped_steps == 1 and opt._buffers.passes == {}
+            for a, b in zip(model.parameters(), before):
+                assert torch.equal(a, b)
+            continue
+        for batch in window:
+            lm_loss(model, *batch).backward()
+            opt.step()
+            lm_loss(twin, *batch).backward()
+            opt_twin.step()
+    assert _launches(opt) > 0
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
