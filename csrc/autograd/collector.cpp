@@ -3,10 +3,11 @@
 // own.  Python is called once per backward pass (at its first gradient: `on_start(task)`, which
 // may refuse the pass by raising), whenever the queue of a pass holds `bound` bytes
 // (`on_full(task)`: accumulate them now), and, when asked, for every gradient (`on_each(slot)`:
-// data parallelism's chunk bookkeeping in a window's last micro-batch).  What to do with each
-// gradient (adopt it, accumulate it, fold its norm) stays in Python (fused_accum/gradients.py),
-// which takes a pass's queue with `take(task)`, grouped by bucket so that its bookkeeping is a
-// few list operations per bucket, not a call per gradient.
+// data parallelism's chunk bookkeeping in a window's last micro-batch).  With the compiled
+// backend a pass is planned (below) and the collector adopts and accumulates its gradients
+// itself; otherwise what to do with each gradient (adopt it, accumulate it, fold its norm) is
+// decided in Python (fused_accum/gradients.py), which takes a pass's queue with `take(task)`,
+// grouped by bucket so that its bookkeeping is a few list operations per bucket.
 //
 // Two kinds of hook, the same work.  On CPU parameters, a post hook on the parameter's
 // AccumulateGrad node (`add`), which the collector keeps alive so that the hook survives: autograd
@@ -16,17 +17,18 @@
 // pass on another stream, CUDA graph capture among them, would make that stream wait on the
 // legacy default stream (torch warns "The AccumulateGrad node's stream does not match", and
 // capture fails; seen on an H200).  That hook costs a call from autograd through Python's call
-// machinery per gradient (about 1.7 us on a CPU: 7% of a window of 400 small tensors, which is
-// why CPUs keep the node hook).
+// machinery per gradient (about 1 us on a CPU, benchmarks/host_overhead.py; 7% of a window of 400
+// small tensors when Python still accumulated each group, which is why CPUs keep the node hook).
 //
-// The fast path.  At the start of a pass Python may hand the collector a plan: for each bucket of
-// the compiled backend, the slots whose accumulator is already known (every touched slot, and the
-// untouched slots of a flat bucket, written with first = 1), with the bucket's weight, non-finite
-// flag and, in a window's last micro-batch, its sum of squares.  A planned gradient is then
-// accumulated from here, one `fused_accum::accumulate` call per group of a bucket, without Python;
-// `flush(task)` launches what is left and reports the slots first touched and folded, so that
-// Python's window bookkeeping stays the one record.  The rest (fp32 first gradients, adopted in
-// Python; other backends) goes through the queue as before.
+// The plan.  At the start of a pass Python hands the collector, for each bucket of the compiled
+// backend, every hooked slot with its accumulator (a touched slot's, or a flat bucket's slice,
+// written with first = 1 when untouched; none for an fp32 first touch, whose gradient the
+// collector adopts, or writes into an fp32 accumulator it makes), with the bucket's weight,
+// non-finite flag and, in a window's last micro-batch, its sum of squares.  Planned gradients are
+// accumulated from here, one `fused_accum::accumulate` call per group of a bucket, without
+// Python; `flush(task)` launches what is left and reports the slots first touched, adopted and
+// folded, so that Python's window bookkeeping stays the one record.  Buckets of other backends,
+// and a bucket whose folded norm an add would invalidate, go through the queue.
 //
 // Built as its own Python module against the installed torch (full C++ API); without it,
 // fused_accum falls back to a Python hook per parameter.
