@@ -504,10 +504,8 @@ class GradBuffers:
                 any_first = True in first
             device = bucket.device
             weight = self.micro_weight[device] if self.micro_weight is not None else self._ones[device]
-            if not any_first:
+            if bucket.flat or not any_first:
                 accs = bucket.acc_views(indices)
-            elif bucket.flat:
-                accs = bucket.views(bucket.acc, indices)
             else:
                 accs = [bucket.new_accumulator(i) if f else bucket.adopted[i]
                         for i, f in zip(indices, first)]

@@ -169,7 +169,7 @@ class WindowReducer:
         return summary[-2].float()
 
     def _check_agreement(self, sums: list[float], ours: list[float]) -> None:
-        ranks = dist.get_world_size(self.group)
+        ranks = self.world_size
         n = len(ours)
         for what, value, total, squares in zip(_AGREED, ours, sums[:n], sums[n:]):
             if ranks * squares != total * total:
