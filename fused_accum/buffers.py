@@ -63,6 +63,14 @@ class Bucket:
         self._views: dict[int, tuple[Tensor, list[Tensor]]] = {}
         self._step_views: list[Tensor] | None = None
 
+    def place(self, offsets: list[int], size: int) -> None:
+        """Lay the slices out at ``offsets`` in flat buffers of ``size`` elements (sharding pads
+        each chunk to a multiple of the ranks).  Only for a flat bucket holding nothing yet."""
+        assert self.flat and not self.state and not any(self.touched), "place() a fresh bucket"
+        self.offsets, self.size = offsets, size
+        self.acc = torch.empty(size, dtype=torch.float32, device=self.device)
+        self._views.clear()
+
     def view(self, flat: Tensor, i: int) -> Tensor:
         """Parameter i's slice of a flat buffer, shaped like the parameter."""
         return flat[self.offsets[i]:self.offsets[i] + self.numels[i]].view(self.params[i].shape)
@@ -125,6 +133,18 @@ class Bucket:
             if name in self.state:
                 return self.views(self.state[name], indices)
         return None
+
+    def param_state(self, i: int) -> dict[str, Tensor]:
+        """Parameter i's state, shaped like the parameter (live views)."""
+        return {name: self.view(flat, i) for name, flat in self.state.items()}
+
+    def full_state(self) -> dict[str, Tensor]:
+        return self.state
+
+    def load_param_state(self, flat: Tensor, i: int, value: Tensor | None) -> None:
+        """Parameter i's slice of ``flat`` from its saved value (None: zeros)."""
+        view = self.view(flat, i)
+        view.zero_() if value is None else view.copy_(value)
 
     def copy_params_to(self, flat: Tensor) -> None:
         """Writes the parameters into their slices of a flat buffer of this bucket, in place, so

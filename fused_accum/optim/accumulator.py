@@ -35,7 +35,8 @@ class FusedAccumulator(AccumulatingOptimizer):
     def __init__(self, optimizer: Optimizer, accumulation_steps: int = 1,
                  max_grad_norm: float | None = None, master_weights: bool | None = None,
                  loss_scale: Any = "auto", nonfinite: str = "skip", stochastic_rounding: bool = False,
-                 process_group: Any = "auto", backend: str = "auto") -> None:
+                 process_group: Any = "auto", shard_state: bool = False,
+                 backend: str = "auto") -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
                             f"{type(optimizer).__name__}")
@@ -48,6 +49,9 @@ class FusedAccumulator(AccumulatingOptimizer):
         if not self.fused and master_weights:
             raise ValueError(f"master_weights=True needs a fused optimizer (torch.optim.SGD, Adam "
                              f"or AdamW); {type(optimizer).__name__} updates the parameters itself")
+        if not self.fused and shard_state:
+            raise ValueError(f"shard_state=True needs a fused optimizer (torch.optim.SGD, Adam or "
+                             f"AdamW); {type(optimizer).__name__} keeps its own state whole")
         self.algorithm = fused if fused is not None else Algorithm(lambda group: [], _no_update)
         for group in optimizer.param_groups:
             refuse_differentiable(group.get("differentiable", False))
@@ -56,7 +60,7 @@ class FusedAccumulator(AccumulatingOptimizer):
                          master_weights=self.fused if master_weights is None else master_weights,
                          loss_scale=loss_scale, nonfinite=nonfinite,
                          stochastic_rounding=stochastic_rounding, process_group=process_group,
-                         backend=backend)
+                         shard_state=shard_state, backend=backend)
         self.param_groups = optimizer.param_groups   # shared: schedulers on either object agree
         if self.fused and optimizer.state:
             self.load_state_dict(optimizer.state_dict())

@@ -21,6 +21,7 @@ from ..gradients import GradBuffers
 from . import data_parallel
 from .checkpoint import WindowStateDict, index_params
 from .distributed import WindowReducer
+from .sharded import ShardedReducer
 from .nonfinite import SkipMonitor
 from ._args import check_accumulation_steps, check_max_grad_norm
 
@@ -66,6 +67,9 @@ class AccumulatingOptimizer(WindowStateDict, Optimizer):
       torch.distributed runs more than one rank, else none), True (the default group), a
       process group, or None (each rank alone).  A DistributedDataParallel wrapper around the
       model is switched off and its group used (see :mod:`fused_accum.optim.data_parallel`).
+    - ``shard_state``: with a process group, each rank keeps 1/d of the fp32 optimizer state
+      (masters, moments), the window is reduce-scattered and the updated parameters all-gathered
+      (see :mod:`fused_accum.optim.sharded`); without one there is nothing to shard.
     - ``backend``: "auto", or a name from ``python -m fused_accum info``.
     """
 
@@ -77,7 +81,8 @@ class AccumulatingOptimizer(WindowStateDict, Optimizer):
     def __init__(self, params: Any, defaults: dict[str, Any], *, accumulation_steps: int = 1,
                  max_grad_norm: float | None = None, master_weights: bool | str = True,
                  loss_scale: Any = "auto", nonfinite: str = "skip", stochastic_rounding: bool = False,
-                 process_group: Any = "auto", backend: str = "auto") -> None:
+                 process_group: Any = "auto", shard_state: bool = False,
+                 backend: str = "auto") -> None:
         self.accumulation_steps = check_accumulation_steps(accumulation_steps)
         if not isinstance(stochastic_rounding, bool):
             raise TypeError(f"stochastic_rounding must be True or False, got {stochastic_rounding!r}")
@@ -96,6 +101,10 @@ class AccumulatingOptimizer(WindowStateDict, Optimizer):
         self.master_weights = master_weights
         self.backend = kernels.validate_name(backend)
         group = data_parallel.resolve(process_group)
+        if not isinstance(shard_state, bool):
+            raise TypeError(f"shard_state must be True or False, got {shard_state!r}")
+        self._sharding = shard_state and group is not None
+        self._reducer: WindowReducer | None = None   # made once the parameters are known
         # Data parallelism reduces flat accumulators; alone, fp32 buckets adopt their gradients.
         self._buffers = GradBuffers(self.backend, self._on_backward_start,
                                     flat_fp32=group is not None)
@@ -118,15 +127,16 @@ class AccumulatingOptimizer(WindowStateDict, Optimizer):
         owners = data_parallel.ddp_owners(index_params(self.param_groups))
         if owners and isinstance(process_group, str):   # "auto"
             group = owners[0].process_group   # reduce over the ranks DDP was given
-        self._reducer = None if group is None else WindowReducer(group)
+        if group is not None:
+            self._reducer = (ShardedReducer if self._sharding else WindowReducer)(group)
         data_parallel.take_over(owners, self._reducer, index_params(self.param_groups))
         # A DDP wrapper made after the optimizer (accelerate, transformers) is found at step 1.
         self._ddp_unchecked = data_parallel.world_size() > 1 and not owners
         if self._reducer is not None:
             self._reducer.broadcast_parameters(index_params(self.param_groups))
+            self._reducer.attach(self._buffers)   # sharding lays the buckets out here
             for bucket in self._buffers.buckets:   # masters were taken before the broadcast
-                self._init_masters(bucket)
-            self._reducer.attach(self._buffers)
+                self._init_bucket_state(bucket, self.param_groups[bucket.group_index])
         self._arm()
 
     # -- parameters --------------------------------------------------------------------------
@@ -152,10 +162,11 @@ class AccumulatingOptimizer(WindowStateDict, Optimizer):
             self.param_groups.pop()   # e.g. no backend for the device: leave the optimizer as it was
             raise
         for bucket in buckets:
-            self._init_bucket_state(bucket, group)
             self._weight_sum.setdefault(bucket.device, torch.zeros((), device=bucket.device))
-        if getattr(self, "_reducer", None) is not None:   # a group added after construction
+        if self._reducer is not None:   # a group added after construction
             self._reducer.attach(self._buffers)
+        for bucket in buckets:
+            self._init_bucket_state(bucket, group)
 
     def _check_new_params(self, params: Any, group_index: int) -> None:
         if not isinstance(params, list):
@@ -177,26 +188,36 @@ class AccumulatingOptimizer(WindowStateDict, Optimizer):
     def validate_group(self, group: dict[str, Any]) -> None:
         """Raise ValueError naming a bad hyper-parameter (subclasses extend)."""
 
+    def _holder(self, bucket: Bucket) -> Any:
+        """Where a bucket's optimizer state lives: the bucket, or with ``shard_state`` this rank's
+        :class:`~fused_accum.optim.sharded.BucketShard` (None until the bucket is laid out)."""
+        if not self._sharding:
+            return bucket
+        return None if self._reducer is None else self._reducer.shards.get(bucket)
+
     def _init_bucket_state(self, bucket: Bucket, group: dict[str, Any]) -> None:
-        for name in self.algorithm.state_names(group):
-            bucket.ensure_state(name)
         bucket.rounding_seed = self._rounding_seed if bucket.dtype == torch.bfloat16 else -1
-        self._init_masters(bucket)
+        holder = self._holder(bucket)
+        if holder is None:
+            return   # shard_state: made once the reducer has laid the bucket out
+        for name in self.algorithm.state_names(group):
+            holder.ensure_state(name)
+        self._init_masters(holder)
         self._publish_state(bucket)
 
-    def _init_masters(self, bucket: Bucket) -> None:
-        """Masters equal to the parameters (allocated on first use)."""
-        if self.master_weights == "compact" and bucket.dtype == torch.bfloat16:
-            bucket.ensure_state("master_remainder", dtype=torch.int16).zero_()   # master = param
-        elif self.master_weights and bucket.dtype != torch.float32:
-            bucket.copy_params_to(bucket.ensure_state("master_param"))
+    def _init_masters(self, holder: Any) -> None:
+        """Masters equal to the parameters (allocated on first use), in a bucket or its shard."""
+        if self.master_weights == "compact" and holder.dtype == torch.bfloat16:
+            holder.ensure_state("master_remainder", dtype=torch.int16).zero_()   # master = param
+        elif self.master_weights and holder.dtype != torch.float32:
+            holder.copy_params_to(holder.ensure_state("master_param"))
 
     def _publish_state(self, bucket: Bucket) -> None:
-        """Point ``self.state[p]`` at live views of the bucket's flat buffers."""
+        """Point ``self.state[p]`` at live views of the state (with ``shard_state``, of this
+        rank's part of it: flat segments)."""
+        holder = self._holder(bucket)
         for i, p in enumerate(bucket.params):
-            entry = {"step": bucket.steps[i]}
-            entry.update({name: bucket.view(flat, i) for name, flat in bucket.state.items()})
-            self.state[p] = entry
+            self.state[p] = {"step": bucket.steps[i], **holder.param_state(i)}
 
     # -- micro-batches -----------------------------------------------------------------------
 
@@ -479,7 +500,7 @@ class AccumulatingOptimizer(WindowStateDict, Optimizer):
             held["accumulators"] += bucket.accumulator_bytes()
             held["step"] += bucket.steps.nbytes
             held["parameters"] += sum(p.nbytes for p in bucket.params)
-            for name, flat in bucket.state.items():
+            for name, flat in self._holder(bucket).state.items():   # with shard_state: this rank's
                 held[name] = held.get(name, 0) + flat.nbytes
         return held
 
@@ -488,8 +509,10 @@ class AccumulatingOptimizer(WindowStateDict, Optimizer):
         """Per device: grad_scale (clip / W) and the non-finite flag of the whole window.
         Sets ``grad_norm``.  Nothing here reads a device value on the host."""
         main = buckets[0].device
-        sumsqs = [self._buffers.window_sumsq(b) for b in buckets]
-        total = torch.stack([s.to(main) for s in sumsqs]).sum()
+        if self._sharding:   # each rank holds the sums of its pieces only
+            total = self._reducer.window_sumsq(buckets, main)
+        else:
+            total = torch.stack([self._buffers.window_sumsq(b).to(main) for b in buckets]).sum()
         self._grad_norm = total.sqrt() * self._inverse_weight(main)
         self._live_grad_norm.copy_(self._grad_norm)
         # The norm covers what no accumulate kernel has checked (adopted first gradients): a
@@ -513,9 +536,14 @@ class AccumulatingOptimizer(WindowStateDict, Optimizer):
     def _apply(self, buckets: list[Bucket], scales: dict[torch.device, float | Tensor],
                found: dict[torch.device, Tensor]) -> None:
         for bucket in buckets:
-            allocated = len(bucket.state)
-            self.algorithm.update(bucket, bucket.touched_indices(),
+            holder = self._holder(bucket)
+            allocated = len(holder.state)
+            self.algorithm.update(holder, holder.touched_indices(),
                                   self.param_groups[bucket.group_index], scales[bucket.device],
                                   found[bucket.device])
-            if len(bucket.state) != allocated:   # state allocated lazily (e.g. momentum set later)
+            if holder is not bucket:
+                holder.count_steps_elsewhere(found[bucket.device])
+            if len(holder.state) != allocated:   # state allocated lazily (e.g. momentum set later)
                 self._publish_state(bucket)
+        if self._sharding:
+            self._reducer.gather_parameters(buckets)

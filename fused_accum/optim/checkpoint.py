@@ -53,9 +53,10 @@ class WindowStateDict:
         accumulated: dict[int, Tensor] = {}
         for bucket in self._buffers.buckets:
             steps = bucket.step_views(range(len(bucket.params)))
+            whole = self._holder(bucket).full_state()   # shard_state: gathered from every rank
             for i, p in enumerate(bucket.params):
                 entry = {"step": steps[i]}
-                entry.update({n: bucket.view(f, i) for n, f in bucket.state.items()})
+                entry.update({n: bucket.view(f, i) for n, f in whole.items()})
                 state[index[p]] = entry
                 if bucket.touched[i]:
                     accumulated[index[p]] = bucket.acc_view(i)
@@ -118,7 +119,7 @@ class WindowStateDict:
         for bucket in self._buffers.buckets:
             group = self.param_groups[bucket.group_index]
             for name in self.algorithm.state_names(group):
-                bucket.ensure_state(name)
+                self._holder(bucket).ensure_state(name)
             bucket.reset_window()
             for i, p in enumerate(bucket.params):
                 entry, sid = by_param[p]
@@ -160,20 +161,24 @@ class WindowStateDict:
         step = entry.get("step", self._implied_step(entry))
         bucket.steps[i].fill_(float(step))
         param = bucket.params[i].detach()
-        for name, flat in bucket.state.items():
-            view = bucket.view(flat, i)
-            if name in entry:
-                view.copy_(entry[name])
-            elif name == "master_param" and "master_remainder" in entry:   # compact -> full
-                view.copy_(reference.compact_master(param, entry["master_remainder"].to(param.device)))
-            elif name == "master_remainder" and "master_param" in entry:   # full -> compact
-                high, remainder = reference.split_master(entry["master_param"].to(param.device, torch.float32))
-                param.view(torch.int16).copy_(high)
-                view.copy_(remainder)
-            elif name == "master_param":
-                view.copy_(param)
-            else:
-                view.zero_()   # moments start at zero; a zero remainder makes the master the parameter
+        holder = self._holder(bucket)   # with shard_state, it keeps this rank's part
+        for name, flat in holder.state.items():
+            holder.load_param_state(flat, i, self._saved_value(name, entry, param))
+
+    @staticmethod
+    def _saved_value(name: str, entry: dict[str, Any], param: Tensor) -> Tensor | None:
+        """State ``name`` of ``param`` from its saved ``entry`` (None: zeros)."""
+        if name in entry:
+            return entry[name]
+        if name == "master_param" and "master_remainder" in entry:   # compact -> full
+            return reference.compact_master(param, entry["master_remainder"].to(param.device))
+        if name == "master_remainder" and "master_param" in entry:   # full -> compact
+            high, remainder = reference.split_master(entry["master_param"].to(param.device, torch.float32))
+            param.view(torch.int16).copy_(high)
+            return remainder
+        if name == "master_param":
+            return param
+        return None   # moments start at zero; a zero remainder makes the master the parameter
 
     def _implied_step(self, entry: dict[str, Any]) -> int:
         """The step count of a saved entry without one (torch's SGD keeps none)."""

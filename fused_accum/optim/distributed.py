@@ -32,30 +32,47 @@ from ..gradients import BackwardPass, GradBuffers
 
 
 class Chunk:
-    """Parameters [first, last] of a bucket, reduced as one contiguous region of its buffer."""
+    """Parameters [first, last] of a bucket, reduced as one contiguous region of its buffer.
 
-    def __init__(self, bucket: Bucket, first: int, last: int, position: int):
+    ``padded``: the region runs on to where the next chunk starts (sharding lays chunks out as
+    whole multiples of the ranks, so that each rank owns one equal piece of each)."""
+
+    def __init__(self, bucket: Bucket, first: int, last: int, position: int, padded: bool = False):
         assert bucket.flat, "data parallelism reduces flat accumulators"
         self.bucket, self.first, self.last, self.position = bucket, first, last, position
-        self.region = bucket.acc[bucket.offsets[first]:bucket.offsets[last] + bucket.numels[last]]
+        end = bucket.offsets[last] + bucket.numels[last]
+        if padded:
+            end = bucket.offsets[last + 1] if last + 1 < len(bucket.params) else bucket.size
+        self.start, self.end = bucket.offsets[first], end
+        self.region = bucket.acc[self.start:end]
         self.params = set(bucket.params[first:last + 1])
 
 
-def make_chunks(buckets: list[Bucket], chunk_bytes: int) -> list[Chunk]:
+def chunk_bounds(numels: list[int], chunk_bytes: int) -> list[tuple[int, int]]:
+    """(first, last) parameters of each chunk of a bucket, from its last parameter to its first:
+    the order in which a backward pass delivers them."""
+    bounds = []
+    last, size = len(numels) - 1, 0
+    for i in range(last, -1, -1):
+        size += numels[i] * 4
+        if size >= chunk_bytes or i == 0:
+            bounds.append((i, last))
+            last, size = i - 1, 0
+    return bounds
+
+
+def make_chunks(buckets: list[Bucket], chunk_bytes: int, padded: bool = False) -> list[Chunk]:
     """Chunks in launch order: buckets in reverse, parameters from last to first."""
     chunks = []
     for bucket in reversed(buckets):
-        last = len(bucket.params) - 1
-        size = 0
-        for i in range(last, -1, -1):
-            size += bucket.numels[i] * 4
-            if size >= chunk_bytes or i == 0:
-                chunks.append(Chunk(bucket, i, last, len(chunks)))
-                last, size = i - 1, 0
+        for first, last in chunk_bounds(bucket.numels, chunk_bytes):
+            chunks.append(Chunk(bucket, first, last, len(chunks), padded))
     return chunks
 
 
 class WindowReducer:
+    sharded = False   # see fused_accum.optim.sharded
+
     def __init__(self, process_group: object):
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("process_group: torch.distributed is not initialized; call "
@@ -73,7 +90,7 @@ class WindowReducer:
     def attach(self, buffers: GradBuffers) -> None:
         """(Re)plan the chunks over the buffers' buckets (after param groups change)."""
         self.buffers = buffers
-        self.chunks = make_chunks(buffers.buckets, self.chunk_bytes)
+        self.chunks = make_chunks(buffers.buckets, self.chunk_bytes, padded=self.sharded)
         self._chunk_of = {p: c for c in self.chunks for p in c.params}
         self._reset()
 

@@ -1,0 +1,260 @@
+"""Sharded optimizer state (``shard_state=True``): each of d ranks keeps 1/d of the fp32 state.
+
+Layout.  Each bucket's flat buffers are cut into the chunks that data parallelism reduces (see
+:mod:`fused_accum.optim.distributed`), each padded to a whole multiple of d * ALIGN elements, and
+rank r owns piece r of every chunk.  Its shard of the optimizer state (moments, fp32 masters or
+compact remainders) is its pieces end to end: 1/d of each state buffer.  The accumulators stay
+whole on every rank, since each rank sums its own micro-batches into them (Megatron-LM's
+distributed optimizer keeps its gradient buffer the same way): a bf16 model with AdamW then holds
+2 (parameter) + 4 (accumulator) + 12/d (master, moments) bytes a parameter on each rank.
+
+Per window, the only communication besides the window's small summary:
+
+1. During the last backward pass each chunk is reduce-scattered as soon as its gradients are in
+   (in place: a rank's piece of the accumulator then holds the sum over all ranks).
+2. The global sum of squares, for clipping, is one scalar all-reduce of each rank's pieces' part.
+3. Each rank steps the parameter segments inside its pieces; the window weight W and the
+   non-finite flag are already global, so a skip is a skip on every rank.
+4. The updated parameters are all-gathered chunk by chunk into the accumulator's own memory
+   (dead until the next window's first touches overwrite it) viewed in the parameters' dtype, so
+   no buffer is allocated for it, then copied into the parameters.
+
+A parameter cut by a piece boundary is stepped in parts by two ranks; its step count is kept on
+every rank.  Stochastic rounding draws its bits per stepped segment, so a sharded run rounds
+differently (as unbiased) from an unsharded one.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..buffers import ALIGN, MASTER_STATES, Bucket
+from .distributed import Chunk, WindowReducer, chunk_bounds
+
+# torch 2.13 renamed the tensor collectives; the GPU machines run 2.11.
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def sharded_layout(numels: list[int], chunk_bytes: int, ranks: int) -> tuple[list[int], int]:
+    """Offsets and size of a bucket's flat buffers whose chunks are whole multiples of
+    ``ranks`` * ALIGN elements (each slice starts on ALIGN, as in the plain layout)."""
+    ends = {last for _, last in chunk_bounds(numels, chunk_bytes)}
+    unit = ranks * ALIGN
+    offsets, total = [], 0
+    for i, n in enumerate(numels):
+        offsets.append(total)
+        total += -(-n // ALIGN) * ALIGN
+        if i in ends:
+            total = -(-total // unit) * unit
+    return offsets, total
+
+
+class Segment(NamedTuple):
+    """The part of a parameter inside this rank's pieces."""
+    param: int   # index in the bucket
+    start: int   # flat position in the bucket's buffers
+    stop: int
+    local: int   # position in this rank's shard of the state
+
+
+class BucketShard:
+    """This rank's part of a bucket: its pieces, its shard of the state, and the parameter
+    segments in them.  The algorithms' update functions take it as they take a bucket, with
+    segment indices in place of parameter indices."""
+
+    def __init__(self, bucket: Bucket, pieces: list[tuple[int, int]], reducer: ShardedReducer):
+        self.bucket = bucket
+        self.pieces = pieces
+        self.reducer = reducer
+        self.backend, self.device, self.dtype = bucket.backend, bucket.device, bucket.dtype
+        self.group_index = bucket.group_index
+        self.segments: list[Segment] = []
+        local = 0
+        for start, stop in pieces:
+            for i, (offset, numel) in enumerate(zip(bucket.offsets, bucket.numels)):
+                lo, hi = max(start, offset), min(stop, offset + numel)
+                if lo < hi:
+                    self.segments.append(Segment(i, lo, hi, local + lo - start))
+            local += stop - start
+        self.size = local
+        self.of_param = {s.param: k for k, s in enumerate(self.segments)}
+        # The parameters' segments, as the kernels write them (parameters are contiguous).
+        self.params = [bucket.params[s.param].detach().view(-1)[s.start - bucket.offsets[s.param]:
+                                                                 s.stop - bucket.offsets[s.param]]
+                       for s in self.segments]
+        self.state: dict[str, Tensor] = {}
+        self._views: dict[int, tuple[Tensor, list[Tensor]]] = {}
+
+    @property
+    def rounding_seed(self) -> int:
+        return self.bucket.rounding_seed
+
+    # -- what an update function reads --------------------------------------------------------
+
+    def views(self, flat: Tensor, indices: list[int]) -> list[Tensor]:
+        """Segments ``indices`` of a shard-sized state buffer."""
+        cached = self._views.get(id(flat))
+        if cached is None or cached[0] is not flat:
+            cached = (flat, [flat[s.local:s.local + s.stop - s.start] for s in self.segments])
+            self._views[id(flat)] = cached
+        return [cached[1][k] for k in indices]
+
+    def acc_views(self, indices: list[int]) -> list[Tensor]:
+        acc = self.bucket.acc
+        return [acc[self.segments[k].start:self.segments[k].stop] for k in indices]
+
+    def step_views(self, indices: list[int]) -> list[Tensor]:
+        return self.bucket.step_views([self.segments[k].param for k in indices])
+
+    def ensure_state(self, name: str, dtype: torch.dtype = torch.float32) -> Tensor:
+        if name not in self.state:
+            self.state[name] = torch.zeros(self.size, dtype=dtype, device=self.device)
+        return self.state[name]
+
+    def master_views(self, indices: list[int]) -> list[Tensor] | None:
+        for name in MASTER_STATES:
+            if name in self.state:
+                return self.views(self.state[name], indices)
+        return None
+
+    def touched_indices(self) -> list[int]:
+        touched = self.bucket.touched
+        return [k for k, s in enumerate(self.segments) if touched[s.param]]
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def copy_params_to(self, flat: Tensor) -> None:
+        if self.segments:
+            torch._foreach_copy_(self.views(flat, list(range(len(self.segments)))), self.params)
+
+    def param_state(self, i: int) -> dict[str, Tensor]:
+        """This rank's part of parameter i's state: flat segments (empty if it has none)."""
+        k = self.of_param.get(i)
+        return {} if k is None else {name: self.views(flat, [k])[0] for name, flat in self.state.items()}
+
+    def full_state(self) -> dict[str, Tensor]:
+        """Every state buffer whole, in the bucket's layout (a collective: every rank calls it)."""
+        return {name: self.reducer.gather_state(self, flat) for name, flat in self.state.items()}
+
+    def load_param_state(self, flat: Tensor, i: int, value: Tensor | None) -> None:
+        """Parameter i's part of ``flat`` from its whole saved value (None: zeros)."""
+        k = self.of_param.get(i)
+        if k is None:
+            return
+        view = self.views(flat, [k])[0]
+        if value is None:
+            view.zero_()
+        else:
+            s = self.segments[k]
+            offset = self.bucket.offsets[i]
+            view.copy_(value.reshape(-1)[s.start - offset:s.stop - offset])
+
+    def count_steps_elsewhere(self, found_inf: Tensor) -> None:
+        """Step counts of the touched parameters stepped on other ranks only, as their kernels
+        counted them (not on a skipped window)."""
+        others = [i for i in self.bucket.touched_indices() if i not in self.of_param]
+        if others:
+            index = torch.tensor(others, device=self.device)
+            counted = (found_inf == 0).to(torch.float32).expand(len(others))
+            self.bucket.steps.index_add_(0, index, counted)
+
+    def gather_buffer(self) -> Tensor:
+        """The accumulator's memory as a flat buffer of the parameters' dtype (bucket.size long)."""
+        acc = self.bucket.acc
+        return acc if self.dtype == torch.float32 else acc.view(self.dtype)[:self.bucket.size]
+
+
+class ShardedReducer(WindowReducer):
+    """The window's reduction for ``shard_state=True``: reduce-scatter, sharded step, all-gather."""
+
+    sharded = True
+
+    def __init__(self, process_group: object):
+        super().__init__(process_group)
+        self.shards: dict[Bucket, BucketShard] = {}
+
+    def attach(self, buffers) -> None:
+        for bucket in buffers.buckets:
+            if bucket not in self.shards:
+                check_shardable(bucket.params, bucket.labels)
+                bucket.place(*sharded_layout(bucket.numels, self.chunk_bytes, self.world_size))
+        super().attach(buffers)
+        for bucket in buffers.buckets:
+            if bucket not in self.shards:
+                pieces = [self._piece(c) for c in self._chunks_in(bucket)]
+                self.shards[bucket] = BucketShard(bucket, pieces, self)
+
+    def _chunks_in(self, bucket: Bucket) -> list[Chunk]:
+        return sorted((c for c in self.chunks if c.bucket is bucket), key=lambda c: c.start)
+
+    def _piece(self, chunk: Chunk) -> tuple[int, int]:
+        n = (chunk.end - chunk.start) // self.world_size
+        return chunk.start + self.rank * n, chunk.start + (self.rank + 1) * n
+
+    def _launch(self, chunk: Chunk) -> None:
+        start, stop = self._piece(chunk)
+        own = chunk.bucket.acc[start:stop]
+        self._works.append(self._collective("reduce-scatter of the accumulators", _REDUCE_SCATTER,
+                                            own, chunk.region, async_op=True))
+        self._next += 1
+
+    def window_sumsq(self, buckets: list[Bucket], main: torch.device) -> Tensor:
+        """The sum of squares of the whole window's sums over all ranks (one scalar all-reduce)."""
+        parts = []
+        for bucket in buckets:
+            shard = self.shards[bucket]
+            bucket.sumsq.zero_()
+            indices = shard.touched_indices()
+            if indices:
+                bucket.backend.norm(shard.acc_views(indices), bucket.sumsq)
+            parts.append(bucket.sumsq.to(main))
+        total = torch.stack(parts).sum()
+        self._collective("all-reduce of the gradient norm", dist.all_reduce, total)
+        return total
+
+    def gather_parameters(self, buckets: list[Bucket]) -> None:
+        """Every rank gets every updated parameter (through the accumulators' memory)."""
+        works, buffers = [], []
+        for bucket in buckets:
+            shard = self.shards[bucket]
+            gathered = shard.gather_buffer()
+            buffers.append((bucket, gathered))
+            if shard.segments:
+                torch._foreach_copy_([gathered[s.start:s.stop] for s in shard.segments], shard.params)
+            for chunk in self._chunks_in(bucket):
+                start, stop = self._piece(chunk)
+                works.append(self._collective("all-gather of the parameters", _ALL_GATHER,
+                                              gathered[chunk.start:chunk.end], gathered[start:stop],
+                                              async_op=True))
+        for work in works:
+            self._collective("all-gather of the parameters", lambda group: work.wait())
+        for bucket, gathered in buffers:
+            torch._foreach_copy_([p.detach() for p in bucket.params],
+                                 [bucket.view(gathered, i) for i in range(len(bucket.params))])
+
+    def gather_state(self, shard: BucketShard, flat: Tensor) -> Tensor:
+        """A shard-sized state buffer made whole, in the bucket's layout."""
+        whole = torch.zeros(shard.bucket.size, dtype=flat.dtype, device=flat.device)
+        # gloo gathers no int16 (compact remainders): move their bits as fp16, which it does
+        sent, into = (flat.view(torch.float16), whole.view(torch.float16)) if flat.dtype == torch.int16 \
+            else (flat, whole)
+        local = 0
+        for chunk in self._chunks_in(shard.bucket):
+            n = (chunk.end - chunk.start) // self.world_size
+            self._collective("all-gather of the optimizer state", _ALL_GATHER,
+                             into[chunk.start:chunk.end], sent[local:local + n])
+            local += n
+        return whole
+
+
+def check_shardable(params: list[Tensor], labels: list[str]) -> None:
+    """Sharding steps flat segments of parameters: each must be contiguous."""
+    for p, label in zip(params, labels):
+        if not p.is_contiguous():
+            raise ValueError(f"shard_state=True: parameter {label} is not contiguous (e.g. "
+                             "channels_last); sharding steps flat segments of each parameter")
+

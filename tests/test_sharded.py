@@ -1,0 +1,173 @@
+"""shard_state=True with gloo on CPU, on 2 and 4 ranks started by the test itself.
+
+Each scenario runs the same windows (8 micro-batches each, split between the ranks) twice on the
+same ranks: sharded, and with today's all-reduce (unsharded), which test_distributed.py already
+holds to one process training on the whole batch.  Sharded must give the same parameters, keep
+1/d of the state on each rank, and reshard through its state dicts.
+"""
+import datetime
+import os
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fused_accum
+from helpers import IGNORE, assert_same_params, concat, leave_rank, lm_loss, make_batches, make_model
+
+WINDOWS = 3
+MICRO = 8   # micro-batches per window, over all ranks
+
+
+def _windows(uneven: bool = False):
+    if uneven:   # different sizes and padded targets: the item mean is not a mean of means
+        return [sum((make_batches(100 * s + m, 1, 1 + m % 3, 0.4) for m in range(MICRO)), [])
+                for s in range(WINDOWS)]
+    return [make_batches(s, MICRO, 2) for s in range(WINDOWS)]
+
+
+def _optimizer(params, scenario: str, shard: bool, ranks: int):
+    k = MICRO // ranks
+    if scenario == "sgd":
+        return fused_accum.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.01, accumulation_steps=k,
+                               shard_state=shard)
+    extra = {}
+    if scenario == "compact":
+        extra["master_weights"] = "compact"
+    if scenario == "overflow":
+        extra["loss_scale"] = fused_accum.DynamicLossScale(init_scale=2.0 ** 8)
+    if scenario == "clip":
+        extra["max_grad_norm"] = 0.05
+    return fused_accum.AdamW(params, lr=1e-2, weight_decay=0.1, accumulation_steps=k,
+                             shard_state=shard, **extra)
+
+
+def _dtype(scenario: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "compact": torch.bfloat16, "overflow": torch.float16}.get(
+        scenario, torch.float32)
+
+
+def _worker(rank: int, ranks: int, scenario: str, shard: bool, tmp: str) -> None:
+    result = {}
+    os.environ["FUSED_ACCUM_REDUCE_CHUNK_MB"] = "0.002"   # ~2 KB chunks: parameters cut by pieces
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/init{int(shard)}", rank=rank,
+                                world_size=ranks, timeout=datetime.timedelta(seconds=15))
+        model = make_model(seed=1 + rank, dtype=_dtype(scenario))   # rank 0's are broadcast
+        if scenario == "ddp":
+            model = torch.nn.parallel.DistributedDataParallel(model)
+        opt = _optimizer(model.parameters(), scenario, shard, ranks)
+        for w, window in enumerate(_windows(scenario == "uneven")):
+            for m, (tokens, targets) in enumerate(window[rank::ranks]):
+                if scenario == "rank fails" and rank == 1 and w == 1:
+                    raise SystemExit("rank 1 stops mid-window")
+                if scenario == "resume" and w == 1 and m == 1:   # mid-window: state and window
+                    saved = {"model": model.state_dict(), "opt": opt.state_dict()}
+                    opt.remove_hooks()
+                    model = make_model(seed=50 + rank, dtype=_dtype(scenario))
+                    opt = _optimizer(model.parameters(), scenario, shard, ranks)
+                    model.load_state_dict(saved["model"])
+                    opt.load_state_dict(saved["opt"])
+                loss = lm_loss(model, tokens, targets)
+                if scenario == "overflow" and rank == 1 and w == 1 and m == 0:
+                    loss = loss * float("inf")
+                items = (targets != IGNORE).sum() if scenario == "uneven" else None
+                opt.backward(loss, num_items=items)
+                opt.step()
+            result.setdefault("stepped", []).append(opt.stepped)
+        result["params"] = [p.detach().clone() for p in model.parameters()]
+        result["memory"] = opt.memory_bytes()
+        result["skipped"] = opt.skipped_steps
+        result["scale"] = opt.loss_scale
+        result["grad_norm"] = opt.grad_norm
+        result["state_dict"] = opt.state_dict()   # sharded: gathered, torch's format
+        result["overlapped"] = opt._reducer.launched_during_backward
+        result["chunks"] = len(opt._reducer.chunks)
+    except BaseException as exc:   # the parent reads the outcome; never leave the peers hanging
+        result["error"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+    finally:
+        leave_rank(result, os.path.join(tmp, f"{int(shard)}rank{rank}.pt"))
+
+
+def _run(scenario: str, ranks: int, shard: bool, tmp_path) -> list[dict]:
+    mp.spawn(_worker, args=(ranks, scenario, shard, str(tmp_path)), nprocs=ranks, join=True)
+    return [torch.load(tmp_path / f"{int(shard)}rank{r}.pt") for r in range(ranks)]
+
+
+def _ok(results: list[dict]) -> None:
+    for r in results:
+        assert "error" not in r, r.get("error")
+
+
+# Every scenario on 2 ranks; the dtypes, clipping and an overflow on 4 as well.
+CASES = [(s, 2) for s in ("sgd", "adamw", "clip", "bf16", "compact", "uneven", "overflow",
+                          "resume", "ddp")] + [(s, 4) for s in ("adamw", "clip", "bf16", "compact",
+                                                                "overflow")]
+
+
+@pytest.mark.parametrize("scenario, ranks", CASES)
+def test_sharded_equals_the_all_reduced_window(scenario, ranks, tmp_path):
+    sharded = _run(scenario, ranks, True, tmp_path)
+    plain = _run(scenario, ranks, False, tmp_path)
+    _ok(sharded + plain)
+    # Two ranks sum in one order either way: bit for bit, unless the clipping norm's sum of
+    # squares (added in pieces) is involved.  On four, gloo's reduce-scatter adds the ranks in
+    # another order than its all-reduce: within fp32 rounding.
+    rtol = 0 if ranks == 2 and scenario != "clip" else 1e-5
+    for r in sharded:
+        assert r["stepped"] == [True] * WINDOWS
+        assert r["skipped"] == plain[0]["skipped"] == (1 if scenario == "overflow" else 0)
+        assert r["scale"] == plain[0]["scale"]
+        for a, b in zip(r["params"], plain[0]["params"]):
+            torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * b.abs().max().item())
+        torch.testing.assert_close(r["grad_norm"], plain[0]["grad_norm"], rtol=1e-6, atol=0)
+        # the chunks were reduce-scattered while the last backward pass ran
+        assert r["chunks"] > 1 and r["overlapped"] >= r["chunks"]
+    start = make_model(seed=1, dtype=_dtype(scenario)).parameters()
+    assert not all(torch.equal(a, b.detach()) for a, b in zip(sharded[0]["params"], start))   # it trained
+    # Each rank keeps 1/d of every state buffer (up to padding of the chunks to d pieces).
+    for name, whole in plain[0]["memory"].items():
+        if name in ("accumulators", "parameters", "step"):
+            continue
+        per_rank = [r["memory"][name] for r in sharded]
+        assert len(set(per_rank)) == 1, per_rank
+        assert whole / ranks <= per_rank[0] <= whole / ranks * 1.25 + 64 * ranks, (name, per_rank, whole)
+    # The gathered state dict is the unsharded one, on every rank.
+    for r in sharded:
+        _assert_same_state(r["state_dict"], plain[0]["state_dict"], rtol)
+
+
+def _assert_same_state(got: dict, expected: dict, rtol: float) -> None:
+    assert got["state"].keys() == expected["state"].keys()
+    for key, entry in expected["state"].items():
+        assert got["state"][key].keys() == entry.keys()
+        for name, value in entry.items():
+            scale = value.abs().max().item() if value.is_floating_point() else 0
+            torch.testing.assert_close(got["state"][key][name], value, rtol=rtol, atol=rtol * scale)
+
+
+def test_sharded_fp32_equals_one_process_on_the_whole_batch(tmp_path):
+    """Against torch.optim.AdamW on one batch of all 8 micro-batches, with clipping."""
+    _ok(results := _run("clip", 4, True, tmp_path))
+    expected = make_model(seed=1)
+    opt = torch.optim.AdamW(expected.parameters(), lr=1e-2, weight_decay=0.1)
+    for window in _windows():
+        lm_loss(expected, *concat(window)).backward()
+        assert torch.nn.utils.clip_grad_norm_(expected.parameters(), 0.05) > 0.05   # clipping acts
+        opt.step()
+        opt.zero_grad()
+    for r in results:
+        model = make_model(seed=1)
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), r["params"]):
+                p.copy_(q)
+        assert_same_params(model, expected)
+
+
+def test_a_rank_that_stops_mid_window_makes_the_others_fail_clearly(tmp_path):
+    results = _run("rank fails", 2, True, tmp_path)
+    assert "rank 1 stops mid-window" in results[1]["error"]
+    assert "fused_accum: the reduce-scatter" in results[0]["error"] or \
+        "fused_accum: the all-reduce" in results[0]["error"], results[0].get("error")
