@@ -15,7 +15,7 @@ WINDOW_KEYS = {"config", "describe", "parameters", "tensors", "dtype", "k", "pip
                "max_rel_diff_vs_torch_best"}
 COMM_KEYS = {"model_dtype", "pipeline", "k", "ranks", "accumulates_in", "parameters",
              "bytes_per_window", "bytes_per_parameter", "collectives_per_window", "time_s",
-             "bytes_vs_fused_accum", "time_vs_fused_accum"}
+             "bytes_vs_fused_accum", "time_vs_fused_accum", "state_bytes_per_parameter"}
 
 
 def test_quick_bench_writes_the_documented_json(tmp_path):
@@ -52,6 +52,11 @@ def test_quick_bench_writes_the_documented_json(tmp_path):
     for r in data["comm"]:
         itemsize = {"bfloat16": 2, "float32": 4}[r["model_dtype"]]
         expected = {"fused_accum": 4, "DDP + fused_accum": 4, "DDP": r["k"] * itemsize,
-                    "DDP no_sync": itemsize}[r["pipeline"]]
+                    "DDP no_sync": itemsize,   # sharded: reduce-scatter fp32, all-gather params
+                    "fused_accum sharded": 4 + itemsize}[r["pipeline"]]
         assert expected <= r["bytes_per_parameter"] < expected + 0.01, r
+        # AdamW's moments (and fp32 masters of bf16 parameters), halved on each of 2 ranks
+        state = {"fused_accum": 12 if itemsize == 2 else 8, "fused_accum sharded": 6 if itemsize == 2 else 4,
+                 "DDP + fused_accum": 12 if itemsize == 2 else 8}.get(r["pipeline"], 2 * itemsize)
+        assert state <= r["state_bytes_per_parameter"] < state * 1.02, r
     assert "Data parallel, communication per window:" in result.stdout

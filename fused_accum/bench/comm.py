@@ -1,12 +1,17 @@
 """Data parallel: bytes communicated per accumulation window, fused_accum against DDP.
 
 Two ranks (gloo on CPU, NCCL on GPUs) train the same model for a few windows of k micro-batches
-in four pipelines: fused_accum on its own (it averages each window over the ranks, with one
-reduction of the fp32 buffers per window), fused_accum on a DDP-wrapped model (the one-line
-change in a DDP script: the optimizer switches DDP's reduction off), DDP reducing in every
-micro-batch, and DDP under ``no_sync()`` for all but the last micro-batch.  Every all-reduce's payload is counted where it is issued, by a wrapper around
+in five pipelines: fused_accum on its own (it averages each window over the ranks, with one
+reduction of the fp32 buffers per window), the same with ``shard_state=True`` (a reduce-scatter
+of the fp32 buffers and an all-gather of the parameters per window), fused_accum on a DDP-wrapped
+model (the one-line change in a DDP script: the optimizer switches DDP's reduction off), DDP
+reducing in every micro-batch, and DDP under ``no_sync()`` for all but the last micro-batch.
+Every collective's payload is counted where it is issued, by wrappers around
 ``torch.distributed.all_reduce`` (DDP reduces through it with its ``allreduce_hook``, documented as
-equivalent to its built-in reduction), so the bytes are measured, not computed; the time per window is the median over the timed windows.
+equivalent to its built-in reduction) and the sharded path's reduce-scatter (its input) and
+all-gather (its output), so the bytes are measured, not computed; the time per window is the
+median over the timed windows, and the optimizer state each rank holds comes from
+``memory_bytes()``.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-PIPELINES = ("fused_accum", "DDP + fused_accum", "DDP", "DDP no_sync")
+PIPELINES = ("fused_accum", "fused_accum sharded", "DDP + fused_accum", "DDP", "DDP no_sync")
 
 
 def _model(dtype: torch.dtype, width: int, depth: int, device: torch.device) -> nn.Module:
@@ -45,18 +50,26 @@ class _Counter:
 
 
 @contextlib.contextmanager
-def _counting_all_reduce(counter: _Counter):
-    original = dist.all_reduce
+def _counting_collectives(counter: _Counter):
+    """Counts all-reduces (their buffer), the sharded path's reduce-scatters (their input) and
+    all-gathers (their output)."""
+    from ..optim import sharded
+    wrapped = [(dist, "all_reduce", 0), (sharded, "_REDUCE_SCATTER", 1), (sharded, "_ALL_GATHER", 0)]
+    originals = [getattr(owner, name) for owner, name, _ in wrapped]
 
-    def all_reduce(tensor, *args, **kwargs):
-        counter.add(tensor)
-        return original(tensor, *args, **kwargs)
+    def counting(original, counted):
+        def collective(*args, **kwargs):
+            counter.add(args[counted])
+            return original(*args, **kwargs)
+        return collective
 
-    dist.all_reduce = all_reduce
+    for (owner, name, counted), original in zip(wrapped, originals):
+        setattr(owner, name, counting(original, counted))
     try:
         yield
     finally:
-        dist.all_reduce = original
+        for (owner, name, _), original in zip(wrapped, originals):
+            setattr(owner, name, original)
 
 
 def _worker(rank: int, pipeline: str, cfg: dict, init_file: str, out: dict) -> None:
@@ -77,21 +90,22 @@ def _worker(rank: int, pipeline: str, cfg: dict, init_file: str, out: dict) -> N
         model = _model(dtype, cfg["width"], cfg["depth"], device)
         counter = _Counter()
         k = cfg["k"]
-        fused = pipeline.endswith("fused_accum")
+        fused = "fused_accum" in pipeline
         net = model
         if pipeline.startswith("DDP"):
             net = DDP(model, device_ids=[rank] if device.type == "cuda" else None)
             # DDP's documented equivalent of its built-in reduction, through dist.all_reduce
             net.register_comm_hook(None, allreduce_hook)
         if fused:   # the default process_group ("auto") averages windows over both ranks
-            opt = fused_accum.AdamW(net.parameters(), lr=1e-4, accumulation_steps=k)
+            opt = fused_accum.AdamW(net.parameters(), lr=1e-4, accumulation_steps=k,
+                                    shard_state=pipeline.endswith("sharded"))
         else:
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         gen = torch.Generator(device="cpu").manual_seed(100 + rank)
         batches = [torch.randn(cfg["batch"], cfg["width"], generator=gen).to(device, dtype)
                    for _ in range(k)]
         times, window_bytes, window_calls = [], [], []
-        with _counting_all_reduce(counter):
+        with _counting_collectives(counter):
             for window in range(cfg["windows"] + 1):     # the first window warms up
                 before_bytes, before_calls = counter.bytes, counter.calls
                 if device.type == "cuda":
@@ -119,7 +133,11 @@ def _worker(rank: int, pipeline: str, cfg: dict, init_file: str, out: dict) -> N
                     window_calls.append(counter.calls - before_calls)
         if rank == 0:
             params = sum(p.numel() for p in model.parameters())
-            out[pipeline] = dict(bytes=statistics.median(window_bytes),
+            state = sum(v for name, v in opt.memory_bytes().items()
+                        if name not in ("accumulators", "parameters", "step")) if fused else \
+                sum(t.nbytes for s in opt.state.values() for t in s.values()
+                    if isinstance(t, torch.Tensor) and t.dim() > 0)
+            out[pipeline] = dict(bytes=statistics.median(window_bytes), state_bytes=state,
                                  calls=statistics.median(window_calls),
                                  time_s=statistics.median(times), parameters=params)
         # Both ranks done before either leaves.  Then leave without tearing gloo down: its
@@ -159,12 +177,13 @@ def run(device: torch.device, quick: bool, k: int = 8) -> list[dict]:
             results[pipeline] = _run_pipeline(pipeline, cfg)
         ours = results["fused_accum"]
         for pipeline, r in results.items():
-            accumulates_in = "float32" if pipeline.endswith("fused_accum") else dtype
+            accumulates_in = "float32" if "fused_accum" in pipeline else dtype
             rows.append(dict(model_dtype=dtype, pipeline=pipeline, k=k, ranks=2,
                              accumulates_in=accumulates_in,
                              parameters=r["parameters"], bytes_per_window=r["bytes"],
                              bytes_per_parameter=r["bytes"] / r["parameters"],
                              collectives_per_window=r["calls"], time_s=r["time_s"],
+                             state_bytes_per_parameter=r["state_bytes"] / r["parameters"],
                              bytes_vs_fused_accum=r["bytes"] / ours["bytes"],
                              time_vs_fused_accum=r["time_s"] / ours["time_s"]))
     return rows

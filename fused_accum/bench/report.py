@@ -40,16 +40,22 @@ def windows_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _state(row: dict) -> str:
+    value = row.get("state_bytes_per_parameter")   # absent from results before 2026-12-04d
+    return "" if value is None else f"{value:.2f}"
+
+
 def comm_table(rows: list[dict]) -> str:
     lines = ["| model | pipeline | k | ranks | accumulates in | bytes/param per window | "
-             "all-reduces per window | bytes vs fused_accum | ms per window | time vs fused_accum |",
-             "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+             "collectives per window | bytes vs fused_accum | ms per window | time vs fused_accum "
+             "| optimizer state bytes/param per rank |",
+             "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {r['model_dtype']}, {r['parameters'] / 1e6:.2f}M | {r['pipeline']} | "
                      f"{r['k']} | {r['ranks']} | {r['accumulates_in']} | "
                      f"{r['bytes_per_parameter']:.2f} | {r['collectives_per_window']:.0f} | "
                      f"{r['bytes_vs_fused_accum']:.2f}x | {r['time_s'] * 1e3:.1f} | "
-                     f"{r['time_vs_fused_accum']:.2f}x |")
+                     f"{r['time_vs_fused_accum']:.2f}x | {_state(r)} |")
     return "\n".join(lines)
 
 
