@@ -29,7 +29,33 @@ def param_label(group_index: int, index: int, names: list[str] | None) -> str:
     return f"'{names[index]}' ({where})" if names else where
 
 
-class Bucket:
+class FlatState:
+    """Flat optimizer state buffers of ``size`` elements, by torch's names: a bucket's, or one
+    rank's shard of it (:class:`fused_accum.optim.sharded.BucketShard`).  ``views(flat,
+    indices)`` gives the kernels' per-tensor views of one."""
+
+    size: int
+    device: torch.device
+    state: dict[str, Tensor]
+
+    def views(self, flat: Tensor, indices: list[int]) -> list[Tensor]:
+        raise NotImplementedError
+
+    def ensure_state(self, name: str, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The flat state buffer ``name`` (fp32 unless said), allocated as zeros on first use."""
+        if name not in self.state:
+            self.state[name] = torch.zeros(self.size, dtype=dtype, device=self.device)
+        return self.state[name]
+
+    def master_views(self, indices: list[int]) -> list[Tensor] | None:
+        """What the kernels take as masters: fp32 masters, int16 remainders (compact), or None."""
+        for name in MASTER_STATES:
+            if name in self.state:
+                return self.views(self.state[name], indices)
+        return None
+
+
+class Bucket(FlatState):
     """The parameters of one param group on one device with one dtype, and their buffers."""
 
     def __init__(self, group_index: int, params: list[Tensor], labels: list[str], backend_name: str,
@@ -120,19 +146,6 @@ class Bucket:
         if self._step_views is None:
             self._step_views = [self.steps[i] for i in range(len(self.params))]
         return [self._step_views[i] for i in indices]
-
-    def ensure_state(self, name: str, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The flat state buffer ``name`` (fp32 unless said), allocated as zeros on first use."""
-        if name not in self.state:
-            self.state[name] = torch.zeros(self.size, dtype=dtype, device=self.device)
-        return self.state[name]
-
-    def master_views(self, indices: list[int]) -> list[Tensor] | None:
-        """What the kernels take as masters: fp32 masters, int16 remainders (compact), or None."""
-        for name in MASTER_STATES:
-            if name in self.state:
-                return self.views(self.state[name], indices)
-        return None
 
     def param_state(self, i: int) -> dict[str, Tensor]:
         """Parameter i's state, shaped like the parameter (live views)."""

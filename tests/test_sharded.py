@@ -58,7 +58,12 @@ def _worker(rank: int, ranks: int, scenario: str, shard: bool, tmp: str) -> None
         model = make_model(seed=1 + rank, dtype=_dtype(scenario))   # rank 0's are broadcast
         if scenario == "ddp":
             model = torch.nn.parallel.DistributedDataParallel(model)
-        opt = _optimizer(model.parameters(), scenario, shard, ranks)
+        params = list(model.parameters())
+        if scenario == "added group":   # a group added after construction is laid out then
+            opt = _optimizer(params[:3], scenario, shard, ranks)
+            opt.add_param_group({"params": params[3:], "lr": 3e-3})
+        else:
+            opt = _optimizer(params, scenario, shard, ranks)
         for w, window in enumerate(_windows(scenario == "uneven")):
             for m, (tokens, targets) in enumerate(window[rank::ranks]):
                 if scenario == "rank fails" and rank == 1 and w == 1:
@@ -103,7 +108,7 @@ def _ok(results: list[dict]) -> None:
 
 # Every scenario on 2 ranks; the dtypes, clipping and an overflow on 4 as well.
 CASES = [(s, 2) for s in ("sgd", "adamw", "clip", "bf16", "compact", "uneven", "overflow",
-                          "resume", "ddp")] + [(s, 4) for s in ("adamw", "clip", "bf16", "compact",
+                          "resume", "ddp", "added group")] + [(s, 4) for s in ("adamw", "clip", "bf16", "compact",
                                                                 "overflow")]
 
 
@@ -116,6 +121,9 @@ def test_sharded_equals_the_all_reduced_window(scenario, ranks, tmp_path):
     # squares (added in pieces) is involved.  On four, gloo's reduce-scatter adds the ranks in
     # another order than its all-reduce: within fp32 rounding.
     rtol = 0 if ranks == 2 and scenario != "clip" else 1e-5
+    for r in plain[1:] + sharded[1:]:   # the ranks agree (a group added later is broadcast too)
+        assert all(torch.equal(a, b) for a, b in zip(r["params"], plain[0]["params"] if r in plain
+                                                      else sharded[0]["params"]))
     for r in sharded:
         assert r["stepped"] == [True] * WINDOWS
         assert r["skipped"] == plain[0]["skipped"] == (1 if scenario == "overflow" else 0)

@@ -163,7 +163,8 @@ class AccumulatingOptimizer(WindowStateDict, Optimizer):
             raise
         for bucket in buckets:
             self._weight_sum.setdefault(bucket.device, torch.zeros((), device=bucket.device))
-        if self._reducer is not None:   # a group added after construction
+        if self._reducer is not None:   # a group added after construction: on every rank
+            self._reducer.broadcast_parameters([p for b in buckets for p in b.params])
             self._reducer.attach(self._buffers)
         for bucket in buckets:
             self._init_bucket_state(bucket, group)

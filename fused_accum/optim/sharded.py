@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..buffers import ALIGN, MASTER_STATES, Bucket
+from ..buffers import ALIGN, Bucket, FlatState
 from .distributed import Chunk, WindowReducer, chunk_bounds
 
 # torch 2.13 renamed the tensor collectives; the GPU machines run 2.11.
@@ -61,7 +61,7 @@ class Segment(NamedTuple):
     local: int   # position in this rank's shard of the state
 
 
-class BucketShard:
+class BucketShard(FlatState):
     """This rank's part of a bucket: its pieces, its shard of the state, and the parameter
     segments in them.  The algorithms' update functions take it as they take a bucket, with
     segment indices in place of parameter indices."""
@@ -109,17 +109,6 @@ class BucketShard:
 
     def step_views(self, indices: list[int]) -> list[Tensor]:
         return self.bucket.step_views([self.segments[k].param for k in indices])
-
-    def ensure_state(self, name: str, dtype: torch.dtype = torch.float32) -> Tensor:
-        if name not in self.state:
-            self.state[name] = torch.zeros(self.size, dtype=dtype, device=self.device)
-        return self.state[name]
-
-    def master_views(self, indices: list[int]) -> list[Tensor] | None:
-        for name in MASTER_STATES:
-            if name in self.state:
-                return self.views(self.state[name], indices)
-        return None
 
     def touched_indices(self) -> list[int]:
         touched = self.bucket.touched
