@@ -121,9 +121,9 @@ def test_sharded_equals_the_all_reduced_window(scenario, ranks, tmp_path):
     # squares (added in pieces) is involved.  On four, gloo's reduce-scatter adds the ranks in
     # another order than its all-reduce: within fp32 rounding.
     rtol = 0 if ranks == 2 and scenario != "clip" else 1e-5
-    for r in plain[1:] + sharded[1:]:   # the ranks agree (a group added later is broadcast too)
-        assert all(torch.equal(a, b) for a, b in zip(r["params"], plain[0]["params"] if r in plain
-                                                      else sharded[0]["params"]))
+    for run in (plain, sharded):   # the ranks agree (a group added later is broadcast too)
+        for r in run[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(r["params"], run[0]["params"]))
     for r in sharded:
         assert r["stepped"] == [True] * WINDOWS
         assert r["skipped"] == plain[0]["skipped"] == (1 if scenario == "overflow" else 0)
