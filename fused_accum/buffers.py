@@ -151,8 +151,9 @@ class Bucket(FlatState):
         """Parameter i's state, shaped like the parameter (live views)."""
         return {name: self.view(flat, i) for name, flat in self.state.items()}
 
-    def full_state(self) -> dict[str, Tensor]:
-        return self.state
+    def state_entries(self, whole: bool = True) -> list[dict[str, Tensor]]:
+        """Per parameter, its state shaped like it (live views)."""
+        return [self.param_state(i) for i in range(len(self.params))]
 
     def load_param_state(self, flat: Tensor, i: int, value: Tensor | None) -> None:
         """Parameter i's slice of ``flat`` from its saved value (None: zeros)."""

@@ -165,19 +165,22 @@ def _assert_close(params, expected):
         torch.testing.assert_close(a.detach(), b, rtol=0, atol=tolerance * scale)
 
 
-@pytest.mark.parametrize("shard, dtype", [(False, torch.float32), (True, torch.float32),
-                                          (True, torch.bfloat16)])
-def test_dcp_saved_on_four_ranks_resumes_on_two_and_on_one(shard, dtype, tmp_path):
+@pytest.mark.parametrize("saved_sharded, loaded_sharded, dtype", [
+    (False, False, torch.float32), (True, True, torch.float32), (True, True, torch.bfloat16),
+    (False, True, torch.float32), (True, False, torch.float32)])
+def test_dcp_saved_on_four_ranks_resumes_on_two_and_on_one(saved_sharded, loaded_sharded, dtype,
+                                                           tmp_path):
     """Saved at a window boundary on 4 ranks (k = 2 each), resumed by fresh optimizers on 2 ranks
     (k = 4) and in one process (k = 8): the same windows of 8 micro-batches, so the same training
     as the 4 ranks uninterrupted (to float rounding: the sums run in other orders).  Sharded
-    (shard_state=True), 4 ranks save their quarters and 2 ranks load halves, one process all."""
-    saved = _spawn("save", 4, tmp_path, shard, dtype)
+    (shard_state=True), 4 ranks save their quarters (blocks of ShardedTensors, nothing gathered)
+    and 2 ranks load halves; unsharded and sharded checkpoints load into either."""
+    saved = _spawn("save", 4, tmp_path, saved_sharded, dtype)
     for other in saved[1:]:
         for a, b in zip(other["params"], saved[0]["params"]):
             assert torch.equal(a, b)   # the data-parallel ranks agree
     expected = saved[0]["params"]
-    loaded = _spawn("load", 2, tmp_path, shard, dtype)
+    loaded = _spawn("load", 2, tmp_path, loaded_sharded, dtype)
     for r in loaded:
         _assert_close(r["params"], expected)
         assert "mid-window" in r["mid"]   # a window in progress is per rank: refused, not lost

@@ -45,7 +45,8 @@ def _optimizer(params, scenario: str, shard: bool, ranks: int):
 
 
 def _dtype(scenario: str) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "compact": torch.bfloat16, "overflow": torch.float16}.get(
+    return {"bf16": torch.bfloat16, "compact": torch.bfloat16, "to compact": torch.bfloat16,
+            "overflow": torch.float16}.get(
         scenario, torch.float32)
 
 
@@ -68,6 +69,19 @@ def _worker(rank: int, ranks: int, scenario: str, shard: bool, tmp: str) -> None
             for m, (tokens, targets) in enumerate(window[rank::ranks]):
                 if scenario == "rank fails" and rank == 1 and w == 1:
                     raise SystemExit("rank 1 stops mid-window")
+                if scenario == "to compact" and w == 1 and m == 1:   # fp32 masters -> compact
+                    saved = {"model": model.state_dict(), "opt": opt.state_dict(),
+                             "whole": opt.full_state_dict()}
+                    opt.remove_hooks()
+                    model = make_model(seed=50 + rank, dtype=_dtype(scenario))
+                    opt = _optimizer(model.parameters(), "compact", shard, ranks)
+                    model.load_state_dict(saved["model"])
+                    try:   # sharded, it holds no whole master to split: refused, unchanged
+                        opt.load_state_dict(saved["opt"])
+                        result["refused"] = None
+                    except ValueError as exc:
+                        result["refused"] = str(exc)
+                    opt.load_state_dict(saved["whole"])
                 if scenario == "resume" and w == 1 and m == 1:   # mid-window: state and window
                     saved = {"model": model.state_dict(), "opt": opt.state_dict()}
                     opt.remove_hooks()
@@ -87,7 +101,11 @@ def _worker(rank: int, ranks: int, scenario: str, shard: bool, tmp: str) -> None
         result["skipped"] = opt.skipped_steps
         result["scale"] = opt.loss_scale
         result["grad_norm"] = opt.grad_norm
-        result["state_dict"] = opt.state_dict()   # sharded: gathered, torch's format
+        result["state_dict"] = opt.full_state_dict()   # sharded: gathered, torch's format
+        own = opt.state_dict()["state"]   # sharded: this rank's blocks (ShardedTensors)
+        result["own_elements"] = sum(
+            sum(s.tensor.numel() for s in v.local_shards()) if hasattr(v, "local_shards") else v.numel()
+            for entry in own.values() for name, v in entry.items() if name == "exp_avg")
         result["overlapped"] = opt._reducer.launched_during_backward
         result["chunks"] = len(opt._reducer.chunks)
     except BaseException as exc:   # the parent reads the outcome; never leave the peers hanging
@@ -108,7 +126,7 @@ def _ok(results: list[dict]) -> None:
 
 # Every scenario on 2 ranks; the dtypes, clipping and an overflow on 4 as well.
 CASES = [(s, 2) for s in ("sgd", "adamw", "clip", "bf16", "compact", "uneven", "overflow",
-                          "resume", "ddp", "added group")] + [(s, 4) for s in ("adamw", "clip", "bf16", "compact",
+                          "resume", "ddp", "added group", "to compact")] + [(s, 4) for s in ("adamw", "clip", "bf16", "compact",
                                                                 "overflow")]
 
 
@@ -124,6 +142,9 @@ def test_sharded_equals_the_all_reduced_window(scenario, ranks, tmp_path):
     for run in (plain, sharded):   # the ranks agree (a group added later is broadcast too)
         for r in run[1:]:
             assert all(torch.equal(a, b) for a, b in zip(r["params"], run[0]["params"]))
+    if scenario == "to compact":
+        assert all(r["refused"] is None for r in plain)
+        assert all("full_state_dict()" in r["refused"] for r in sharded)
     for r in sharded:
         assert r["stepped"] == [True] * WINDOWS
         assert r["skipped"] == plain[0]["skipped"] == (1 if scenario == "overflow" else 0)
@@ -142,9 +163,15 @@ def test_sharded_equals_the_all_reduced_window(scenario, ranks, tmp_path):
         per_rank = [r["memory"][name] for r in sharded]
         assert len(set(per_rank)) == 1, per_rank
         assert whole / ranks <= per_rank[0] <= whole / ranks * 1.25 + 64 * ranks, (name, per_rank, whole)
-    # The gathered state dict is the unsharded one, on every rank.
+    # The gathered state dict is the unsharded one, on every rank; the sharded one holds each
+    # rank's part, the parts adding up to the whole.
     for r in sharded:
         _assert_same_state(r["state_dict"], plain[0]["state_dict"], rtol)
+    if "exp_avg" in plain[0]["memory"]:
+        whole = sum(p.numel() for p in plain[0]["params"])
+        assert plain[0]["own_elements"] == whole
+        assert sum(r["own_elements"] for r in sharded) == whole
+        assert all(r["own_elements"] < whole for r in sharded)
 
 
 def _assert_same_state(got: dict, expected: dict, rtol: float) -> None:
@@ -179,3 +206,24 @@ def test_a_rank_that_stops_mid_window_makes_the_others_fail_clearly(tmp_path):
     assert "rank 1 stops mid-window" in results[1]["error"]
     assert "fused_accum: the reduce-scatter" in results[0]["error"] or \
         "fused_accum: the all-reduce" in results[0]["error"], results[0].get("error")
+
+
+@pytest.mark.parametrize("shape", [[37], [5, 7], [3, 4, 5], [2, 3, 4, 6]])
+def test_a_flat_range_is_cut_into_contiguous_blocks(shape):
+    """What a sharded state dict's ShardedTensors are made of: every flat range of a tensor as
+    rectangular blocks that cover it exactly, in order, each contiguous in memory."""
+    from fused_accum.optim.sharded_checkpoint import blocks
+    numel = torch.Size(shape).numel()
+    flat = torch.arange(numel)
+    tensor = flat.view(shape)
+    g = torch.Generator().manual_seed(len(shape))
+    ranges = [(0, numel), (0, 1), (numel - 1, numel)] + [
+        tuple(sorted(torch.randint(0, numel + 1, (2,), generator=g).tolist())) for _ in range(40)]
+    for start, stop in ranges:
+        got = []
+        for offsets, sizes in blocks(shape, start, stop):
+            block = tensor[tuple(slice(o, o + n) for o, n in zip(offsets, sizes))]
+            values = block.reshape(-1)
+            assert torch.equal(values, torch.arange(values[0], values[0] + values.numel()))   # contiguous
+            got.append(values)
+        assert torch.equal(torch.cat(got) if got else flat[:0], flat[start:stop]), (start, stop)

@@ -92,8 +92,8 @@ class FusedAccumulator(AccumulatingOptimizer):
             for p in handed:
                 p.grad = None
 
-    def state_dict(self) -> dict[str, Any]:
-        packed = super().state_dict()
+    def _packed_state(self, whole: bool) -> dict[str, Any]:
+        packed = super()._packed_state(whole)
         if not self.fused:
             packed["inner"] = self.optimizer.state_dict()
         return packed

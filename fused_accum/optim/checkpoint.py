@@ -15,6 +15,10 @@ rank loading its own part; DCP, which keeps one copy of a key saved by several r
 rank's.  Loading a mid-window checkpoint without this rank's part (into a freshly built optimizer
 through DCP, whose state_dict() lists no window, or another rank's file), or on another number of
 ranks, raises: the window's partial sums cannot be recovered or re-split.
+
+With ``shard_state=True``, ``state_dict()`` holds each parameter's state as a ShardedTensor of
+this rank's part (:mod:`fused_accum.optim.sharded_checkpoint`), which DCP saves without gathering
+and reshards on load; ``full_state_dict()`` gathers torch's whole format.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..buffers import Bucket
+from ..buffers import MASTER_STATES, Bucket
 from ..kernels import reference
 
 
@@ -46,18 +50,27 @@ class WindowStateDict:
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's format (loadable into the torch optimizer of the same name) plus a
-        ``"fused_accum"`` entry with the window in progress."""
+        ``"fused_accum"`` entry with the window in progress.  With ``shard_state=True`` each
+        parameter's state is a ShardedTensor holding this rank's part (what
+        torch.distributed.checkpoint saves and reshards); see :meth:`full_state_dict`."""
+        return self._packed_state(whole=False)
+
+    def full_state_dict(self) -> dict[str, Any]:
+        """:meth:`state_dict` with every parameter's state whole, in torch's format.  With
+        ``shard_state=True`` it is gathered from every rank (call it on every rank), so it
+        holds the whole state for the moment: for models whose state fits on one rank."""
+        return self._packed_state(whole=True)
+
+    def _packed_state(self, whole: bool) -> dict[str, Any]:
         packed = super().state_dict()
         index = {p: i for i, p in enumerate(index_params(self.param_groups))}
         state: dict[int, dict[str, Tensor]] = {}
         accumulated: dict[int, Tensor] = {}
         for bucket in self._buffers.buckets:
             steps = bucket.step_views(range(len(bucket.params)))
-            whole = self._holder(bucket).full_state()   # shard_state: gathered from every rank
+            entries = self._holder(bucket).state_entries(whole)
             for i, p in enumerate(bucket.params):
-                entry = {"step": steps[i]}
-                entry.update({n: bucket.view(f, i) for n, f in whole.items()})
-                state[index[p]] = entry
+                state[index[p]] = {"step": steps[i], **entries[i]}
                 if bucket.touched[i]:
                     accumulated[index[p]] = bucket.acc_view(i)
         packed["state"] = state
@@ -107,6 +120,15 @@ class WindowStateDict:
                 if name != "step" and isinstance(value, Tensor) and value.shape != p.shape:
                     raise ValueError(f"state_dict: state {name!r} of parameter {label} has "
                                      f"shape {tuple(value.shape)}, expected {tuple(p.shape)}")
+            saved_masters = [n for n in MASTER_STATES if n in entry]
+            bucket, _ = self._buffers.slots[p]
+            holder = self._holder(bucket)
+            ours = [n for n in MASTER_STATES if holder is not None and n in holder.state]
+            if (saved_masters and ours and saved_masters != ours
+                    and type(entry[saved_masters[0]]) not in (Tensor, torch.nn.Parameter)):
+                raise ValueError(f"state_dict: parameter {label} was saved sharded with other "
+                                 "masters (fp32 or compact) than this optimizer's; converting "
+                                 "needs its whole state: save it with full_state_dict()")
             if sid in accumulated and accumulated[sid].shape != p.shape:
                 raise ValueError(f"state_dict: accumulated gradient of parameter {label} has "
                                  f"shape {tuple(accumulated[sid].shape)}, expected {tuple(p.shape)}")

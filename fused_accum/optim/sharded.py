@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ..buffers import ALIGN, Bucket, FlatState
 from .distributed import Chunk, WindowReducer, chunk_bounds
+from .sharded_checkpoint import ShardedTensor, load_sharded, sharded_entries
 
 # torch 2.13 renamed the tensor collectives; the GPU machines run 2.11.
 _REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -125,21 +126,29 @@ class BucketShard(FlatState):
         k = self.of_param.get(i)
         return {} if k is None else {name: self.views(flat, [k])[0] for name, flat in self.state.items()}
 
-    def full_state(self) -> dict[str, Tensor]:
-        """Every state buffer whole, in the bucket's layout (a collective: every rank calls it)."""
-        return {name: self.reducer.gather_state(self, flat) for name, flat in self.state.items()}
+    def state_entries(self, whole: bool) -> list[dict[str, Tensor]]:
+        """Per parameter, its state: whole (gathered from every rank, in torch's format) or as
+        ShardedTensors of this rank's blocks (see :mod:`.sharded_checkpoint`).  Both are
+        collectives: every rank calls this."""
+        if not whole:
+            return sharded_entries(self)
+        gathered = {name: self.reducer.gather_state(self, flat) for name, flat in self.state.items()}
+        return [{name: self.bucket.view(flat, i) for name, flat in gathered.items()}
+                for i in range(len(self.bucket.params))]
 
     def load_param_state(self, flat: Tensor, i: int, value: Tensor | None) -> None:
-        """Parameter i's part of ``flat`` from its whole saved value (None: zeros)."""
+        """Parameter i's part of ``flat`` from its saved value: whole, sharded, or None (zeros)."""
         k = self.of_param.get(i)
         if k is None:
             return
         view = self.views(flat, [k])[0]
+        s = self.segments[k]
+        offset = self.bucket.offsets[i]
         if value is None:
             view.zero_()
+        elif isinstance(value, ShardedTensor):
+            load_sharded(view, s.start - offset, s.stop - offset, value, self.bucket.labels[i])
         else:
-            s = self.segments[k]
-            offset = self.bucket.offsets[i]
             view.copy_(value.reshape(-1)[s.start - offset:s.stop - offset])
 
     def count_steps_elsewhere(self, found_inf: Tensor) -> None:
@@ -224,6 +233,29 @@ class ShardedReducer(WindowReducer):
         for bucket, gathered in buffers:
             torch._foreach_copy_([p.detach() for p in bucket.params],
                                  [bucket.view(gathered, i) for i in range(len(bucket.params))])
+
+    def param_ranges(self, bucket: Bucket, i: int) -> list[tuple[int, int, int]]:
+        """(rank, start, stop): which elements of parameter i each rank owns."""
+        chunk = self._chunk_of[bucket.params[i]]
+        n = (chunk.end - chunk.start) // self.world_size
+        offset, numel = bucket.offsets[i], bucket.numels[i]
+        ranges = []
+        for rank in range(self.world_size):
+            lo = max(offset, chunk.start + rank * n)
+            hi = min(offset + numel, chunk.start + (rank + 1) * n)
+            if lo < hi:
+                ranges.append((rank, lo - offset, hi - offset))
+        return ranges
+
+    def from_owner(self, shard: BucketShard, flat: Tensor, i: int, owner: int) -> Tensor:
+        """Parameter i's part of ``flat`` as its owner holds it, on every rank (a broadcast)."""
+        k = shard.of_param.get(i)
+        value = shard.views(flat, [k])[0].clone() if owner == self.rank else \
+            torch.empty(shard.bucket.numels[i], dtype=flat.dtype, device=flat.device)
+        sent = value.view(torch.float16) if value.dtype == torch.int16 else value   # see gather_state
+        source = dist.get_global_rank(self.group, owner) if self.group is not None else owner
+        self._collective("broadcast of the optimizer state", dist.broadcast, sent, src=source)
+        return value
 
     def gather_state(self, shard: BucketShard, flat: Tensor) -> Tensor:
         """A shard-sized state buffer made whole, in the bucket's layout."""
