@@ -149,24 +149,33 @@ def test_bad_process_group_argument():
         fused_accum.SGD(make_model(0).parameters(), process_group=False)
 
 
-def _dtensor_worker(rank: int, init_file: str, out_dir: str) -> None:
+def _dtensor_worker(rank: int, ranks: int, init_file: str, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import distribute_tensor
     result = {}
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
-        mesh = init_device_mesh("cpu", (1,))
-        param = torch.nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh))
-        fused_accum.AdamW([param])
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                world_size=ranks)
+        mesh = init_device_mesh("cpu", (ranks,))
+        if ranks == 1:   # a bare DTensor (tensor parallel)
+            params = [torch.nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh))]
+        else:            # a model sharded with FSDP2 on a CPU mesh
+            model = make_model(0)
+            fully_shard(model, mesh=mesh)
+            params = list(model.parameters())
+        fused_accum.AdamW(params)
     except BaseException as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
     finally:
-        torch.save(result, os.path.join(out_dir, "rank0.pt"))
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_rank(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def test_dtensor_parameters_are_refused(tmp_path):
-    mp.spawn(_dtensor_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=1, join=True)
-    error = torch.load(tmp_path / "rank0.pt")["error"]
-    assert error.startswith("TypeError") and "DTensor" in error and "FSDP2" in error
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_dtensor_and_fsdp2_parameters_are_refused_naming_what_is_missing(ranks, tmp_path):
+    mp.spawn(_dtensor_worker, args=(ranks, str(tmp_path / "init"), str(tmp_path)), nprocs=ranks,
+             join=True)
+    for rank in range(ranks):
+        error = torch.load(tmp_path / f"rank{rank}.pt")["error"]
+        assert error.startswith("TypeError") and "DTensor" in error and "FSDP2" in error
+        assert "accumulate those shards" in error and "shard_state=True" in error

@@ -56,10 +56,19 @@ def check_parameter(param: Tensor, label: str) -> None:
     if getattr(param, "_is_flat_param", False) or getattr(param, "_fsdp_flattened", False):
         raise TypeError(f"fused_accum: parameter {label} belongs to an FSDP module "
                         "(FullyShardedDataParallel reduce-scatters its gradients itself); "
-                        "fused_accum supports plain and DistributedDataParallel models, not FSDP")
+                        "fused_accum supports plain and DistributedDataParallel models, not FSDP. "
+                        + _SHARDED_INSTEAD)
     if _is_dtensor(param):
         raise TypeError(f"fused_accum: parameter {label} is a DTensor (FSDP2 fully_shard or "
-                        "tensor parallel); fused_accum does not handle sharded parameters yet")
+                        "tensor parallel), which fused_accum does not train yet: FSDP2 "
+                        "reduce-scatters every micro-batch's gradients into sharded .grad itself, "
+                        "and fused_accum cannot yet accumulate those shards in fp32, take the "
+                        "clipping norm over all shards, or weigh items across ranks. "
+                        + _SHARDED_INSTEAD)
+
+
+_SHARDED_INSTEAD = ("To shard the optimizer state, keep the model unsharded (plain or "
+                    "DistributedDataParallel) and pass shard_state=True")
 
 
 def _is_dtensor(param: Tensor) -> bool:
