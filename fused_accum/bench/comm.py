@@ -11,7 +11,10 @@ Every collective's payload is counted where it is issued, by wrappers around
 equivalent to its built-in reduction) and the sharded path's reduce-scatter (its input) and
 all-gather (its output), so the bytes are measured, not computed; the time per window is the
 median over the timed windows, and the optimizer state each rank holds comes from
-``memory_bytes()``.
+``memory_bytes()``.  The fp32 buffers are reduced in chunks of ``CHUNK_MB``, so that the model
+has several: each fused row says how many chunks' reductions started during the last backward
+pass, and the sharded row how many all-gathers had completed while later chunks were stepped
+(the overlap, observed rather than assumed).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 PIPELINES = ("fused_accum", "fused_accum sharded", "DDP + fused_accum", "DDP", "DDP no_sync")
+CHUNK_MB = 4.0
 
 
 def _model(dtype: torch.dtype, width: int, depth: int, device: torch.device) -> nn.Module:
@@ -78,6 +82,7 @@ def _worker(rank: int, pipeline: str, cfg: dict, init_file: str, out: dict) -> N
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))   # two ranks share the cores
+    os.environ["FUSED_ACCUM_REDUCE_CHUNK_MB"] = str(CHUNK_MB)
     device = torch.device(cfg["device"])
     if device.type == "cuda":
         torch.cuda.set_device(rank)
@@ -137,7 +142,15 @@ def _worker(rank: int, pipeline: str, cfg: dict, init_file: str, out: dict) -> N
                         if name not in ("accumulators", "parameters", "step")) if fused else \
                 sum(t.nbytes for s in opt.state.values() for t in s.values()
                     if isinstance(t, torch.Tensor) and t.dim() > 0)
-            out[pipeline] = dict(bytes=statistics.median(window_bytes), state_bytes=state,
+            overlap = {}
+            if fused:
+                reducer = opt._reducer
+                windows = cfg["windows"] + 1
+                overlap = dict(chunks=len(reducer.chunks),
+                               reduced_during_backward=reducer.launched_during_backward / windows)
+                if pipeline.endswith("sharded"):
+                    overlap["gathered_during_step"] = reducer.gathered_during_step / windows
+            out[pipeline] = dict(bytes=statistics.median(window_bytes), state_bytes=state, **overlap,
                                  calls=statistics.median(window_calls),
                                  time_s=statistics.median(times), parameters=params)
         # Both ranks done before either leaves.  Then leave without tearing gloo down: its
@@ -184,6 +197,8 @@ def run(device: torch.device, quick: bool, k: int = 8) -> list[dict]:
                              bytes_per_parameter=r["bytes"] / r["parameters"],
                              collectives_per_window=r["calls"], time_s=r["time_s"],
                              state_bytes_per_parameter=r["state_bytes"] / r["parameters"],
+                             **{key: r[key] for key in ("chunks", "reduced_during_backward",
+                                                        "gathered_during_step") if key in r},
                              bytes_vs_fused_accum=r["bytes"] / ours["bytes"],
                              time_vs_fused_accum=r["time_s"] / ours["time_s"]))
     return rows

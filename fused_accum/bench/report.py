@@ -45,17 +45,30 @@ def _state(row: dict) -> str:
     return "" if value is None else f"{value:.2f}"
 
 
+def _overlap(row: dict) -> str:
+    """Chunks whose reduction started during the last backward pass, and (sharded) all-gathers
+    complete while later chunks were stepped, per window, out of how many could."""
+    if "chunks" not in row:
+        return " | "
+    chunks = row["chunks"]
+    text = f"{row['reduced_during_backward']:.1f} of {chunks} | "
+    if "gathered_during_step" in row:
+        text += f"{row['gathered_during_step']:.1f} of {chunks - 1}"
+    return text
+
+
 def comm_table(rows: list[dict]) -> str:
     lines = ["| model | pipeline | k | ranks | accumulates in | bytes/param per window | "
              "collectives per window | bytes vs fused_accum | ms per window | time vs fused_accum "
-             "| optimizer state bytes/param per rank |",
-             "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| optimizer state bytes/param per rank | chunks reduced during backward | "
+             "all-gathers done during the step |",
+             "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {r['model_dtype']}, {r['parameters'] / 1e6:.2f}M | {r['pipeline']} | "
                      f"{r['k']} | {r['ranks']} | {r['accumulates_in']} | "
                      f"{r['bytes_per_parameter']:.2f} | {r['collectives_per_window']:.0f} | "
                      f"{r['bytes_vs_fused_accum']:.2f}x | {r['time_s'] * 1e3:.1f} | "
-                     f"{r['time_vs_fused_accum']:.2f}x | {_state(r)} |")
+                     f"{r['time_vs_fused_accum']:.2f}x | {_state(r)} | {_overlap(r)} |")
     return "\n".join(lines)
 
 

@@ -539,12 +539,14 @@ class AccumulatingOptimizer(WindowStateDict, Optimizer):
         for bucket in buckets:
             holder = self._holder(bucket)
             allocated = len(holder.state)
-            self.algorithm.update(holder, holder.touched_indices(),
-                                  self.param_groups[bucket.group_index], scales[bucket.device],
-                                  found[bucket.device])
-            if holder is not bucket:
-                holder.count_steps_elsewhere(found[bucket.device])
+            group = self.param_groups[bucket.group_index]
+            if holder is bucket:
+                self.algorithm.update(bucket, bucket.touched_indices(), group,
+                                      scales[bucket.device], found[bucket.device])
+            else:   # this rank's shard; every rank's updates are gathered below
+                self._reducer.step_shard(holder, self.algorithm.update, group,
+                                         scales[bucket.device], found[bucket.device])
             if len(holder.state) != allocated:   # state allocated lazily (e.g. momentum set later)
                 self._publish_state(bucket)
         if self._sharding:
-            self._reducer.gather_parameters(buckets)
+            self._reducer.finish_gathers()

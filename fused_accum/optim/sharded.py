@@ -15,9 +15,11 @@ Per window, the only communication besides the window's small summary:
 2. The global sum of squares, for clipping, is one scalar all-reduce of each rank's pieces' part.
 3. Each rank steps the parameter segments inside its pieces; the window weight W and the
    non-finite flag are already global, so a skip is a skip on every rank.
-4. The updated parameters are all-gathered chunk by chunk into the accumulator's own memory
-   (dead until the next window's first touches overwrite it) viewed in the parameters' dtype, so
-   no buffer is allocated for it, then copied into the parameters.
+4. The pieces are stepped chunk by chunk, and each chunk's updated parameters are all-gathered
+   as soon as it is stepped (overlapping the next chunk's step) into the accumulator's own
+   memory (dead until the next window's first touches overwrite it) viewed in the parameters'
+   dtype, so no buffer is allocated for it; once all have arrived, before ``step()`` returns,
+   they are copied into the parameters.
 
 A parameter cut by a piece boundary is stepped in parts by two ranks; its step count is kept on
 every rank.  Stochastic rounding draws its bits per stepped segment, so a sharded run rounds
@@ -74,11 +76,14 @@ class BucketShard(FlatState):
         self.backend, self.device, self.dtype = bucket.backend, bucket.device, bucket.dtype
         self.group_index = bucket.group_index
         self.segments: list[Segment] = []
+        self.in_piece: list[list[int]] = []   # per piece, the indices of its segments
         local = 0
         for start, stop in pieces:
+            self.in_piece.append([])
             for i, (offset, numel) in enumerate(zip(bucket.offsets, bucket.numels)):
                 lo, hi = max(start, offset), min(stop, offset + numel)
                 if lo < hi:
+                    self.in_piece[-1].append(len(self.segments))
                     self.segments.append(Segment(i, lo, hi, local + lo - start))
             local += stop - start
         self.size = local
@@ -174,6 +179,9 @@ class ShardedReducer(WindowReducer):
     def __init__(self, process_group: object):
         super().__init__(process_group)
         self.shards: dict[Bucket, BucketShard] = {}
+        self._gathers: list = []    # this window's all-gathers in flight
+        self._gathered: list[tuple[Bucket, Tensor]] = []
+        self.gathered_during_step = 0   # all-gathers complete before the step's last chunk
 
     def attach(self, buffers) -> None:
         for bucket in buffers.buckets:
@@ -214,20 +222,37 @@ class ShardedReducer(WindowReducer):
         self._collective("all-reduce of the gradient norm", dist.all_reduce, total)
         return total
 
-    def gather_parameters(self, buckets: list[Bucket]) -> None:
-        """Every rank gets every updated parameter (through the accumulators' memory)."""
-        works, buffers = [], []
-        for bucket in buckets:
-            shard = self.shards[bucket]
-            gathered = shard.gather_buffer()
-            buffers.append((bucket, gathered))
-            if shard.segments:
-                torch._foreach_copy_([gathered[s.start:s.stop] for s in shard.segments], shard.params)
-            for chunk in self._chunks_in(bucket):
-                start, stop = self._piece(chunk)
-                works.append(self._collective("all-gather of the parameters", _ALL_GATHER,
-                                              gathered[chunk.start:chunk.end], gathered[start:stop],
-                                              async_op=True))
+    def step_shard(self, shard: BucketShard, update, group: dict, grad_scale, found_inf: Tensor) -> None:
+        """Step this rank's pieces of a bucket chunk by chunk, each chunk's all-gather of the
+        updated parameters starting as soon as it is stepped, so that it overlaps the next
+        chunk's step; :meth:`finish_gathers` then waits and writes the parameters.
+
+        The gathers go through the accumulator's memory viewed in the parameters' dtype, the
+        chunks in ascending order: a chunk's bf16 region lies in the fp32 bytes of itself and
+        of chunks below it, all stepped already."""
+        touched = shard.bucket.touched
+        gathered = shard.gather_buffer()
+        for chunk, (start, stop), segments in zip(self._chunks_in(shard.bucket), shard.pieces,
+                                                  shard.in_piece):
+            stepped = [k for k in segments if touched[shard.segments[k].param]]
+            if stepped:
+                update(shard, stepped, group, grad_scale, found_inf)
+            if segments:
+                torch._foreach_copy_([gathered[shard.segments[k].start:shard.segments[k].stop]
+                                      for k in segments], [shard.params[k] for k in segments])
+            work = self._collective("all-gather of the parameters", _ALL_GATHER,
+                                    gathered[chunk.start:chunk.end], gathered[start:stop],
+                                    async_op=True)
+            self._gathers.append(work)
+        shard.count_steps_elsewhere(found_inf)
+        self._gathered.append((shard.bucket, gathered))
+
+    def finish_gathers(self) -> None:
+        """Wait for the window's all-gathers and write every rank's updates into the parameters."""
+        works, self._gathers = self._gathers, []
+        buffers, self._gathered = self._gathered, []
+        # Overlap, measured: gathers already complete when the last chunk had been stepped.
+        self.gathered_during_step += sum(work.is_completed() for work in works[:-1])
         for work in works:
             self._collective("all-gather of the parameters", lambda group: work.wait())
         for bucket, gathered in buffers:
