@@ -34,6 +34,13 @@ def _optimizer(params, scenario: str, shard: bool, ranks: int):
         return fused_accum.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.01, accumulation_steps=k,
                                shard_state=shard)
     extra = {}
+    if scenario == "wrapped":   # torch's AdamW, stepped by the kernels on this rank's shard
+        inner = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+        return fused_accum.FusedAccumulator(inner, accumulation_steps=k, shard_state=shard)
+    if scenario == "driven":   # windows driven from outside, as the framework integrations do
+        k = 1
+    if scenario == "raise":
+        extra["nonfinite"] = "raise"
     if scenario == "compact":
         extra["master_weights"] = "compact"
     if scenario == "overflow":
@@ -90,8 +97,27 @@ def _worker(rank: int, ranks: int, scenario: str, shard: bool, tmp: str) -> None
                     model.load_state_dict(saved["model"])
                     opt.load_state_dict(saved["opt"])
                 loss = lm_loss(model, tokens, targets)
-                if scenario == "overflow" and rank == 1 and w == 1 and m == 0:
+                if scenario in ("overflow", "raise") and rank == 1 and w == 1 and m == 0:
                     loss = loss * float("inf")
+                if scenario == "flush" and w == WINDOWS - 1:   # a short last window: 1 of 4
+                    opt.backward(loss)
+                    opt.step()
+                    assert not opt.stepped and opt.flush()
+                    break
+                if scenario == "driven":
+                    last = m == MICRO // ranks - 1
+                    opt.final_micro_batch = last
+                    (loss / (MICRO // ranks)).backward()
+                    if last:
+                        opt.step()
+                    continue
+                if scenario == "raise" and w == 1 and m == MICRO // ranks - 1:
+                    opt.backward(loss)
+                    try:
+                        opt.step()
+                    except FloatingPointError as exc:
+                        result["raised"] = str(exc)
+                    continue
                 items = (targets != IGNORE).sum() if scenario == "uneven" else None
                 opt.backward(loss, num_items=items)
                 opt.step()
@@ -126,7 +152,8 @@ def _ok(results: list[dict]) -> None:
 
 # Every scenario on 2 ranks; the dtypes, clipping and an overflow on 4 as well.
 CASES = [(s, 2) for s in ("sgd", "adamw", "clip", "bf16", "compact", "uneven", "overflow",
-                          "resume", "ddp", "added group", "to compact")] + [(s, 4) for s in ("adamw", "clip", "bf16", "compact",
+                          "resume", "ddp", "added group", "to compact", "flush", "driven",
+                          "wrapped", "raise")] + [(s, 4) for s in ("adamw", "clip", "bf16", "compact",
                                                                 "overflow")]
 
 
@@ -142,11 +169,15 @@ def test_sharded_equals_the_all_reduced_window(scenario, ranks, tmp_path):
     for run in (plain, sharded):   # the ranks agree (a group added later is broadcast too)
         for r in run[1:]:
             assert all(torch.equal(a, b) for a, b in zip(r["params"], run[0]["params"]))
+    if scenario == "raise":   # the same names on every rank, sharded or not
+        assert all("non-finite" in r["raised"] for r in sharded + plain)
+        assert len({r["raised"] for r in sharded + plain}) == 1
+        assert "no single parameter" not in sharded[0]["raised"]
     if scenario == "to compact":
         assert all(r["refused"] is None for r in plain)
         assert all("full_state_dict()" in r["refused"] for r in sharded)
     for r in sharded:
-        assert r["stepped"] == [True] * WINDOWS
+        assert r["stepped"] == [scenario != "raise" or w != 1 for w in range(WINDOWS)]
         assert r["skipped"] == plain[0]["skipped"] == (1 if scenario == "overflow" else 0)
         assert r["scale"] == plain[0]["scale"]
         for a, b in zip(r["params"], plain[0]["params"]):

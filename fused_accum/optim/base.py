@@ -340,9 +340,11 @@ class AccumulatingOptimizer(WindowStateDict, Optimizer):
         self._micro += 1
         self._buffers.arrived = False
         self.stepped = False
-        if self._micro >= self.accumulation_steps:
-            self._end_window()
-        self._arm()
+        try:
+            if self._micro >= self.accumulation_steps:
+                self._end_window()
+        finally:   # also after a raise (nonfinite="raise"): the next micro-batch starts a window
+            self._arm()
         return loss
 
     @property
@@ -389,9 +391,11 @@ class AccumulatingOptimizer(WindowStateDict, Optimizer):
             self._micro += 1
             self._buffers.arrived = False
         self.stepped = False
-        if self._micro > 0:
-            self._end_window()
-        self._arm()
+        try:
+            if self._micro > 0:
+                self._end_window()
+        finally:
+            self._arm()
         return self.stepped
 
     def remove_hooks(self) -> None:
@@ -462,8 +466,11 @@ class AccumulatingOptimizer(WindowStateDict, Optimizer):
         """nonfinite='raise': read the flag on the host and name the parameters concerned."""
         if not any(flag.item() != 0 for flag in found.values()):
             return
-        names = [bucket.labels[i] for bucket in buckets for i in bucket.touched_indices()
-                 if not torch.isfinite(bucket.acc_view(i)).all()]
+        if self._sharding:   # each rank holds the sums of its pieces only
+            names = self._reducer.nonfinite_labels(buckets)
+        else:
+            names = [bucket.labels[i] for bucket in buckets for i in bucket.touched_indices()
+                     if not torch.isfinite(bucket.acc_view(i)).all()]
         raise FloatingPointError(
             "fused_accum: non-finite gradients in this window, in "
             + (", ".join(names) if names else "no single parameter (zero items in the window)")

@@ -259,6 +259,22 @@ class ShardedReducer(WindowReducer):
             torch._foreach_copy_([p.detach() for p in bucket.params],
                                  [bucket.view(gathered, i) for i in range(len(bucket.params))])
 
+    def nonfinite_labels(self, buckets: list[Bucket]) -> list[str]:
+        """The parameters with a non-finite sum anywhere, from every rank's pieces (for
+        ``nonfinite="raise"``, which reads the device anyway)."""
+        found = set()
+        for bucket in buckets:
+            shard = self.shards[bucket]
+            indices = shard.touched_indices()
+            for k, acc in zip(indices, shard.acc_views(indices)):
+                if not torch.isfinite(acc).all():
+                    found.add(bucket.labels[shard.segments[k].param])
+        everyone: list = [None] * self.world_size
+        self._collective("all-gather of the non-finite parameters", dist.all_gather_object,
+                         everyone, sorted(found))
+        union = set().union(*everyone)
+        return [label for bucket in buckets for label in bucket.labels if label in union]
+
     def param_ranges(self, bucket: Bucket, i: int) -> list[tuple[int, int, int]]:
         """(rank, start, stop): which elements of parameter i each rank owns."""
         chunk = self._chunk_of[bucket.params[i]]
