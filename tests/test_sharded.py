@@ -119,6 +119,8 @@ def _worker(rank: int, ranks: int, scenario: str, shard: bool, tmp: str) -> None
                         result["raised"] = str(exc)
                     continue
                 items = (targets != IGNORE).sum() if scenario == "uneven" else None
+                # the norm comes after the reduction: none is folded into the last accumulate
+                result["folds"] = result.get("folds", False) or opt._buffers.fold_norm
                 opt.backward(loss, num_items=items)
                 opt.step()
             result.setdefault("stepped", []).append(opt.stepped)
@@ -176,6 +178,7 @@ def test_sharded_equals_the_all_reduced_window(scenario, ranks, tmp_path):
     if scenario == "to compact":
         assert all(r["refused"] is None for r in plain)
         assert all("full_state_dict()" in r["refused"] for r in sharded)
+    assert not any(r["folds"] for r in sharded + plain)
     for r in sharded:
         assert r["stepped"] == [scenario != "raise" or w != 1 for w in range(WINDOWS)]
         assert r["skipped"] == plain[0]["skipped"] == (1 if scenario == "overflow" else 0)

@@ -355,8 +355,8 @@ class AccumulatingOptimizer(WindowStateDict, Optimizer):
         do) sets True before a window's last backward pass and False before the others (it
         applies until the window ends), or a function asked at the start of every backward pass
         (kept until replaced), e.g. ``lambda: accelerator.sync_gradients``.  The last pass folds
-        the clipping norm into its accumulate and, with data parallelism, starts the reduction
-        of what is complete; the result does not depend on it."""
+        the clipping norm into its accumulate or, with data parallelism, starts the reduction of
+        what is complete; the result does not depend on it."""
         return self._final_hint
 
     @final_micro_batch.setter
@@ -369,13 +369,15 @@ class AccumulatingOptimizer(WindowStateDict, Optimizer):
 
     def _arm(self) -> None:
         """Prepare the gradient path for the coming micro-batch: in a window's last one, fold the
-        norm into its accumulate and (data parallel) reduce chunks as they complete."""
+        norm into its accumulate or (data parallel) reduce chunks as they complete.  With data
+        parallelism the norm is taken after the reduction: a folded one, of this rank's sums
+        only, would be thrown away."""
         hint = self._final_hint
         if hint is None:
             last = self._micro == self.accumulation_steps - 1
         else:
             last = bool(hint()) if callable(hint) else hint
-        self._buffers.fold_norm = last
+        self._buffers.fold_norm = last and self._reducer is None
         self._buffers.on_arrival = self._reducer.on_arrival if self._reducer and last else None
 
     @torch.no_grad()
