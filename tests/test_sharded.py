@@ -235,6 +235,26 @@ def test_sharded_fp32_equals_one_process_on_the_whole_batch(tmp_path):
         assert_same_params(model, expected)
 
 
+def test_sharded_bf16_equals_one_process_on_the_same_micro_batches(tmp_path):
+    """4 ranks, bf16 with fp32 masters, against one process accumulating all 8 micro-batches of
+    each window: the fp32 sums run in another order, so the bf16 parameters agree to within one
+    bf16 step of the largest."""
+    _ok(results := _run("bf16", 4, True, tmp_path))
+    model = make_model(seed=1, dtype=torch.bfloat16)
+    opt = _optimizer(model.parameters(), "bf16", False, 1)
+    for window in _windows():
+        for tokens, targets in window:
+            opt.backward(lm_loss(model, tokens, targets))
+            opt.step()
+        assert opt.stepped
+    start = list(make_model(seed=1, dtype=torch.bfloat16).parameters())
+    for r in results:
+        for a, b, a0 in zip(r["params"], model.parameters(), start):
+            tolerance = 2.0 ** -8 * b.detach().float().abs().max().item()
+            torch.testing.assert_close(a.float(), b.detach().float(), rtol=0, atol=tolerance)
+            assert (a.float() - a0.detach().float()).abs().max() > 2 * tolerance   # it trained
+
+
 def test_a_rank_that_stops_mid_window_makes_the_others_fail_clearly(tmp_path):
     results = _run("rank fails", 2, True, tmp_path)
     assert "rank 1 stops mid-window" in results[1]["error"]
