@@ -123,6 +123,7 @@ def _worker(rank, ranks, phase, init_file, ckpt, out_dir, shard, dtype):
             model, opt = _make(10, dtype, k=k, process_group=True, shard_state=shard)
             _train(model, opt, range(2), rank, ranks, size=GLOBAL)
             dcp.save({"model": model, "optim": opt}, checkpoint_id=os.path.join(ckpt, "boundary"))
+            result["state"] = _copied(opt.full_state_dict()["state"])   # live views: copied now
             opt.backward(lm_loss(model, *window(2)[0]))
             opt.step()
             dcp.save({"model": model, "optim": opt}, checkpoint_id=os.path.join(ckpt, "mid"))
@@ -133,6 +134,7 @@ def _worker(rank, ranks, phase, init_file, ckpt, out_dir, shard, dtype):
         else:
             model, opt = _make(11 + rank, dtype, k=k, process_group=True, shard_state=shard)
             dcp.load({"model": model, "optim": opt}, checkpoint_id=os.path.join(ckpt, "boundary"))
+            result["state"] = _copied(opt.full_state_dict()["state"])
             _train(model, opt, range(2, WINDOWS), rank, ranks, size=GLOBAL)
             _, other = _make(20, dtype, k=k, process_group=True, shard_state=shard)
             try:
@@ -154,6 +156,18 @@ def _spawn(phase, ranks, tmp_path, shard=False, dtype=torch.float32):
     for r in results:
         assert "error" not in r, r["error"]
     return results
+
+
+def _copied(state):
+    return {key: {name: value.clone() for name, value in entry.items()} for key, entry in state.items()}
+
+
+def _assert_same_state(got, expected):
+    assert got.keys() == expected.keys()
+    for key, entry in expected.items():
+        assert got[key].keys() == entry.keys()
+        for name, value in entry.items():
+            assert torch.equal(got[key][name], value), (key, name)
 
 
 def _assert_close(params, expected):
@@ -181,10 +195,12 @@ def test_dcp_saved_on_four_ranks_resumes_on_two_and_on_one(saved_sharded, loaded
             assert torch.equal(a, b)   # the data-parallel ranks agree
     expected = saved[0]["params"]
     loaded = _spawn("load", 2, tmp_path, loaded_sharded, dtype)
-    for r in loaded:
+    for r in loaded:   # the state itself came through unchanged, bit for bit
+        _assert_same_state(r["state"], saved[0]["state"])
         _assert_close(r["params"], expected)
         assert "mid-window" in r["mid"]   # a window in progress is per rank: refused, not lost
     model, opt = _make(30, dtype, k=GLOBAL)
     dcp.load({"model": model, "optim": opt}, checkpoint_id=str(tmp_path / "ckpt" / "boundary"))
+    _assert_same_state(opt.state_dict()["state"], saved[0]["state"])
     _train(model, opt, range(2, WINDOWS), size=GLOBAL)
     _assert_close(list(model.parameters()), expected)

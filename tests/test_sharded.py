@@ -30,9 +30,10 @@ def _windows(uneven: bool = False):
 
 def _optimizer(params, scenario: str, shard: bool, ranks: int):
     k = MICRO // ranks
-    if scenario == "sgd":
-        return fused_accum.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.01, accumulation_steps=k,
-                               shard_state=shard)
+    if scenario in ("sgd", "momentum later"):
+        momentum = 0.9 if scenario == "sgd" else 0.0
+        return fused_accum.SGD(params, lr=0.1, momentum=momentum, weight_decay=0.01,
+                               accumulation_steps=k, shard_state=shard)
     extra = {}
     if scenario == "wrapped":   # torch's AdamW, stepped by the kernels on this rank's shard
         inner = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
@@ -72,6 +73,9 @@ def _worker(rank: int, ranks: int, scenario: str, shard: bool, tmp: str) -> None
             opt.add_param_group({"params": params[3:], "lr": 3e-3})
         else:
             opt = _optimizer(params, scenario, shard, ranks)
+        if scenario == "momentum later":   # a group of 8 elements: one rank owns only padding
+            extra = torch.nn.Parameter(torch.linspace(-1, 1, 8))
+            opt.add_param_group({"params": [extra]})
         for w, window in enumerate(_windows(scenario == "uneven")):
             for m, (tokens, targets) in enumerate(window[rank::ranks]):
                 if scenario == "rank fails" and rank == 1 and w == 1:
@@ -97,6 +101,13 @@ def _worker(rank: int, ranks: int, scenario: str, shard: bool, tmp: str) -> None
                     model.load_state_dict(saved["model"])
                     opt.load_state_dict(saved["opt"])
                 loss = lm_loss(model, tokens, targets)
+                # the norm comes after the reduction: none is folded into the last accumulate
+                result["folds"] = result.get("folds", False) or opt._buffers.fold_norm
+                if scenario == "momentum later":
+                    loss = loss + (extra * tokens.float().mean()).square().sum()
+                    if w == 1 and m == 0:   # state made after construction, e.g. by a scheduler
+                        for group in opt.param_groups:
+                            group["momentum"] = 0.9
                 if scenario in ("overflow", "raise") and rank == 1 and w == 1 and m == 0:
                     loss = loss * float("inf")
                 if scenario == "flush" and w == WINDOWS - 1:   # a short last window: 1 of 4
@@ -119,12 +130,12 @@ def _worker(rank: int, ranks: int, scenario: str, shard: bool, tmp: str) -> None
                         result["raised"] = str(exc)
                     continue
                 items = (targets != IGNORE).sum() if scenario == "uneven" else None
-                # the norm comes after the reduction: none is folded into the last accumulate
-                result["folds"] = result.get("folds", False) or opt._buffers.fold_norm
                 opt.backward(loss, num_items=items)
                 opt.step()
             result.setdefault("stepped", []).append(opt.stepped)
         result["params"] = [p.detach().clone() for p in model.parameters()]
+        if scenario == "momentum later":
+            result["params"].append(extra.detach().clone())
         result["memory"] = opt.memory_bytes()
         result["skipped"] = opt.skipped_steps
         result["scale"] = opt.loss_scale
@@ -155,7 +166,7 @@ def _ok(results: list[dict]) -> None:
 # Every scenario on 2 ranks; the dtypes, clipping and an overflow on 4 as well.
 CASES = [(s, 2) for s in ("sgd", "adamw", "clip", "bf16", "compact", "uneven", "overflow",
                           "resume", "ddp", "added group", "to compact", "flush", "driven",
-                          "wrapped", "raise")] + [(s, 4) for s in ("adamw", "clip", "bf16", "compact",
+                          "wrapped", "raise", "momentum later")] + [(s, 4) for s in ("adamw", "clip", "bf16", "compact",
                                                                 "overflow")]
 
 
@@ -281,3 +292,63 @@ def test_a_flat_range_is_cut_into_contiguous_blocks(shape):
             assert torch.equal(values, torch.arange(values[0], values[0] + values.numel()))   # contiguous
             got.append(values)
         assert torch.equal(torch.cat(got) if got else flat[:0], flat[start:stop]), (start, stop)
+
+
+def _special_worker(rank: int, ranks: int, case: str, tmp: str) -> None:
+    result = {}
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/init-{case}", rank=rank,
+                                world_size=ranks, timeout=datetime.timedelta(seconds=15))
+        torch.manual_seed(100 + rank)   # each rank's generator differs, as in a real run
+        if case == "subgroup":   # ranks 1 and 2 train together; rank 0 is elsewhere
+            group = dist.new_group([1, 2])
+            if rank == 0:
+                return
+            model = make_model(seed=rank)
+            opt = fused_accum.AdamW(model.parameters(), lr=1e-2, accumulation_steps=2,
+                                    process_group=group, shard_state=True)
+            for tokens, targets in make_batches(rank, 2, 2):
+                opt.backward(lm_loss(model, tokens, targets))
+                opt.step()
+            saved = opt.state_dict()   # ShardedTensors placed by global rank
+            result["whole"] = opt.full_state_dict()
+            fresh = fused_accum.AdamW(make_model(seed=9).parameters(), lr=1e-2, accumulation_steps=2,
+                                      process_group=group, shard_state=True)
+            fresh.load_state_dict(saved)
+            result["reloaded"] = fresh.full_state_dict()
+        else:   # stochastic rounding: two parameters with the same gradient, in separate chunks
+            os.environ["FUSED_ACCUM_REDUCE_CHUNK_MB"] = "0.0005"   # a chunk per parameter
+            p, q = (torch.nn.Parameter(torch.ones(256, dtype=torch.bfloat16)) for _ in range(2))
+            opt = fused_accum.SGD([p, q], lr=1e-3, master_weights=False, stochastic_rounding=True,
+                                  shard_state=case == "rounding, sharded")
+            (p.float().sum() * 0.37 + q.float().sum() * 0.37).backward()
+            opt.step()
+            result["p"], result["q"] = p.detach().clone(), q.detach().clone()
+    except BaseException as exc:
+        result["error"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+    finally:
+        leave_rank(result, os.path.join(tmp, f"{case}{rank}.pt"))
+
+
+def _run_special(case: str, ranks: int, tmp_path) -> list[dict]:
+    mp.spawn(_special_worker, args=(ranks, case, str(tmp_path)), nprocs=ranks, join=True)
+    results = [torch.load(tmp_path / f"{case}{r}.pt") for r in range(ranks)]
+    _ok(results)
+    return results
+
+
+def test_a_subgroup_shards_and_saves_by_global_rank(tmp_path):
+    """A process group of ranks 1 and 2 of 3: ShardedTensors name blocks by global rank."""
+    _, one, two = _run_special("subgroup", 3, tmp_path)
+    for r in (one, two):
+        _assert_same_state(r["reloaded"], one["whole"], 0)
+
+
+@pytest.mark.parametrize("case", ["rounding", "rounding, sharded"])
+def test_stochastic_rounding_agrees_across_ranks_and_differs_across_parameters(case, tmp_path):
+    """Every rank draws rank 0's seed (each drew its own before); sharded, each chunk piece gets
+    a seed of its own, so two parameters stepped alike do not round alike."""
+    results = _run_special(case, 2, tmp_path)
+    for r in results:
+        assert torch.equal(r["p"], results[0]["p"]) and torch.equal(r["q"], results[0]["q"])
+        assert not torch.equal(r["p"], r["q"])

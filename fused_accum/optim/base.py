@@ -134,6 +134,8 @@ class AccumulatingOptimizer(WindowStateDict, Optimizer):
         self._ddp_unchecked = data_parallel.world_size() > 1 and not owners
         if self._reducer is not None:
             self._reducer.broadcast_parameters(index_params(self.param_groups))
+            if self._rounding_seed >= 0:   # the same random bits on every rank
+                self._rounding_seed = self._reducer.broadcast_number(self._rounding_seed, main)
             self._reducer.attach(self._buffers)   # sharding lays the buckets out here
             for bucket in self._buffers.buckets:   # masters were taken before the broadcast
                 self._init_bucket_state(bucket, self.param_groups[bucket.group_index])
@@ -553,6 +555,8 @@ class AccumulatingOptimizer(WindowStateDict, Optimizer):
                 self.algorithm.update(bucket, bucket.touched_indices(), group,
                                       scales[bucket.device], found[bucket.device])
             else:   # this rank's shard; every rank's updates are gathered below
+                for name in self.algorithm.state_names(group):   # on every rank, stepped or not
+                    holder.ensure_state(name)
                 self._reducer.step_shard(holder, self.algorithm.update, group,
                                          scales[bucket.device], found[bucket.device])
             if len(holder.state) != allocated:   # state allocated lazily (e.g. momentum set later)

@@ -135,6 +135,12 @@ class WindowReducer:
                 f"fused_accum: the {what} failed on rank {self.rank} (did another rank fail, or end "
                 f"its window at a different step?): {type(exc).__name__}: {exc}") from exc
 
+    def broadcast_number(self, value: int, device: torch.device) -> int:
+        """Rank 0's ``value`` on every rank (read on the host: at construction only)."""
+        tensor = torch.tensor([value], dtype=torch.int64, device=device)
+        self._collective("broadcast of the rounding seed", dist.broadcast, tensor, src=self.source)
+        return int(tensor.item())
+
     def broadcast_parameters(self, params: list[Tensor]) -> None:
         """Every rank starts from rank 0's parameters."""
         for p in params:

@@ -22,8 +22,8 @@ Per window, the only communication besides the window's small summary:
    they are copied into the parameters.
 
 A parameter cut by a piece boundary is stepped in parts by two ranks; its step count is kept on
-every rank.  Stochastic rounding draws its bits per stepped segment, so a sharded run rounds
-differently (as unbiased) from an unsharded one.
+every rank.  Stochastic rounding draws its bits with a seed of its own for each rank's piece of
+each chunk, so a sharded run rounds differently (as unbiased) from an unsharded one.
 """
 from __future__ import annotations
 
@@ -40,6 +40,14 @@ from .sharded_checkpoint import ShardedTensor, load_sharded, sharded_entries
 # torch 2.13 renamed the tensor collectives; the GPU machines run 2.11.
 _REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _mix(seed: int, *values: int) -> int:
+    """A 31-bit seed from ``seed`` and ``values`` (a multiplicative hash)."""
+    h = seed
+    for value in values:
+        h = ((h ^ (h >> 15)) * 0x2C1B3C6D + value * 0x297A2D39 + 0x9E3779B9) & 0xFFFFFFFF
+    return (h ^ (h >> 16)) & 0x7FFFFFFF
 
 
 def sharded_layout(numels: list[int], chunk_bytes: int, ranks: int) -> tuple[list[int], int]:
@@ -88,16 +96,19 @@ class BucketShard(FlatState):
             local += stop - start
         self.size = local
         self.of_param = {s.param: k for k, s in enumerate(self.segments)}
-        # The parameters' segments, as the kernels write them (parameters are contiguous).
+        self.params: list[Tensor] = []
+        self.refresh_params()
+        self.state: dict[str, Tensor] = {}
+        self._views: dict[int, tuple[Tensor, list[Tensor]]] = {}
+        self.rounding_seed = bucket.rounding_seed   # per stepped chunk: see ShardedReducer.step_shard
+
+    def refresh_params(self) -> None:
+        """The parameters' segments, as the kernels write them (parameters are contiguous);
+        taken again at every step, in case a parameter's ``.data`` was replaced."""
+        bucket = self.bucket
         self.params = [bucket.params[s.param].detach().view(-1)[s.start - bucket.offsets[s.param]:
                                                                  s.stop - bucket.offsets[s.param]]
                        for s in self.segments]
-        self.state: dict[str, Tensor] = {}
-        self._views: dict[int, tuple[Tensor, list[Tensor]]] = {}
-
-    @property
-    def rounding_seed(self) -> int:
-        return self.bucket.rounding_seed
 
     # -- what an update function reads --------------------------------------------------------
 
@@ -232,10 +243,15 @@ class ShardedReducer(WindowReducer):
         of chunks below it, all stepped already."""
         touched = shard.bucket.touched
         gathered = shard.gather_buffer()
+        shard.refresh_params()
+        seed = shard.bucket.rounding_seed
         for chunk, (start, stop), segments in zip(self._chunks_in(shard.bucket), shard.pieces,
                                                   shard.in_piece):
             stepped = [k for k in segments if touched[shard.segments[k].param]]
             if stepped:
+                # Stochastic rounding keys its bits on the position in the call: a seed of each
+                # rank's piece of each chunk keeps the calls' first segments from sharing bits.
+                shard.rounding_seed = seed if seed < 0 else _mix(seed, chunk.position, self.rank)
                 update(shard, stepped, group, grad_scale, found_inf)
             if segments:
                 torch._foreach_copy_([gathered[shard.segments[k].start:shard.segments[k].stop]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
@@ -53,6 +54,13 @@ def _flat_index(shape: list[int], offsets: list[int]) -> int:
     return index
 
 
+def _placement(reducer, rank: int, device: torch.device) -> str:
+    """ShardedTensor places blocks by global rank.  Other ranks' devices are not known here: on
+    GPUs each is assumed to be the one of this rank's index (DCP reads local blocks only)."""
+    global_rank = dist.get_global_rank(reducer.group, rank) if reducer.group is not None else rank
+    return f"rank:{global_rank}/{device}"
+
+
 def sharded_entries(shard) -> list[dict[str, Tensor]]:
     """Per parameter of ``shard``'s bucket: its state as ShardedTensors (this rank's blocks are
     views of the shard's buffers)."""
@@ -75,13 +83,13 @@ def sharded_entries(shard) -> list[dict[str, Tensor]]:
                     # It sits past the last row: DCP deduplicates blocks by offset across ranks.
                     empty = ShardMetadata(shard_offsets=[shape[0]] + [0] * (len(shape) - 1),
                                           shard_sizes=[0] * len(shape),
-                                          placement=f"rank:{rank}/{flat.device}")
+                                          placement=_placement(reducer, rank, flat.device))
                     metadata.append(empty)
                     if rank == reducer.rank:
                         local.append(Shard(flat.new_empty([0] * len(shape)), empty))
             for rank, start, stop in ranges:
                 for offsets, sizes in blocks(shape, start, stop):
-                    placement = f"rank:{rank}/{flat.device}"
+                    placement = _placement(reducer, rank, flat.device)
                     block = ShardMetadata(shard_offsets=offsets, shard_sizes=sizes, placement=placement)
                     metadata.append(block)
                     if rank == reducer.rank:
