@@ -2,7 +2,8 @@
 
 A subclass supplies an :class:`Algorithm`: which flat state buffers a group needs, and the
 functional update of one bucket.  Everything else (micro-batch counting, the window weight,
-clipping, first-touch bookkeeping, state dicts) lives here, written once.
+clipping, first-touch bookkeeping) lives here, written once; where the state lives is
+:mod:`.state`, state dicts :mod:`.checkpoint`, sharding :mod:`.sharded`.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from ..buffers import Bucket, param_label
 from ..gradients import GradBuffers
 from . import data_parallel
 from .checkpoint import WindowStateDict, index_params
+from .state import BucketState
 from .distributed import WindowReducer
 from .sharded import ShardedReducer
 from .nonfinite import SkipMonitor
@@ -35,7 +37,7 @@ class Algorithm(NamedTuple):
     update: UpdateFn
 
 
-class AccumulatingOptimizer(WindowStateDict, Optimizer):
+class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
     """Base of SGD, Adam, AdamW and FusedAccumulator.
 
     ``step()`` ends a micro-batch; every ``accumulation_steps``-th call applies the update of the
@@ -190,37 +192,6 @@ class AccumulatingOptimizer(WindowStateDict, Optimizer):
 
     def validate_group(self, group: dict[str, Any]) -> None:
         """Raise ValueError naming a bad hyper-parameter (subclasses extend)."""
-
-    def _holder(self, bucket: Bucket) -> Any:
-        """Where a bucket's optimizer state lives: the bucket, or with ``shard_state`` this rank's
-        :class:`~fused_accum.optim.sharded.BucketShard` (None until the bucket is laid out)."""
-        if not self._sharding:
-            return bucket
-        return None if self._reducer is None else self._reducer.shards.get(bucket)
-
-    def _init_bucket_state(self, bucket: Bucket, group: dict[str, Any]) -> None:
-        bucket.rounding_seed = self._rounding_seed if bucket.dtype == torch.bfloat16 else -1
-        holder = self._holder(bucket)
-        if holder is None:
-            return   # shard_state: made once the reducer has laid the bucket out
-        for name in self.algorithm.state_names(group):
-            holder.ensure_state(name)
-        self._init_masters(holder)
-        self._publish_state(bucket)
-
-    def _init_masters(self, holder: Any) -> None:
-        """Masters equal to the parameters (allocated on first use), in a bucket or its shard."""
-        if self.master_weights == "compact" and holder.dtype == torch.bfloat16:
-            holder.ensure_state("master_remainder", dtype=torch.int16).zero_()   # master = param
-        elif self.master_weights and holder.dtype != torch.float32:
-            holder.copy_params_to(holder.ensure_state("master_param"))
-
-    def _publish_state(self, bucket: Bucket) -> None:
-        """Point ``self.state[p]`` at live views of the state (with ``shard_state``, of this
-        rank's part of it: flat segments)."""
-        holder = self._holder(bucket)
-        for i, p in enumerate(bucket.params):
-            self.state[p] = {"step": bucket.steps[i], **holder.param_state(i)}
 
     # -- micro-batches -----------------------------------------------------------------------
 
@@ -503,18 +474,6 @@ class AccumulatingOptimizer(WindowStateDict, Optimizer):
     def loss_scale(self) -> float | None:
         """The current loss scale (reads the device value), or None without loss scaling."""
         return None if self._scaler is None else self._scaler.scale.item()
-
-    def memory_bytes(self) -> dict[str, int]:
-        """Bytes the optimizer holds, by kind: the fp32 accumulators, each optimizer state (fp32
-        masters as "master_param"), step counts, and the parameters themselves."""
-        held: dict[str, int] = {"accumulators": 0, "parameters": 0, "step": 0}
-        for bucket in self._buffers.buckets:
-            held["accumulators"] += bucket.accumulator_bytes()
-            held["step"] += bucket.steps.nbytes
-            held["parameters"] += sum(p.nbytes for p in bucket.params)
-            for name, flat in self._holder(bucket).state.items():   # with shard_state: this rank's
-                held[name] = held.get(name, 0) + flat.nbytes
-        return held
 
     def _window_scales(self, buckets: list[Bucket]) -> tuple[dict[torch.device, float | Tensor],
                                                               dict[torch.device, Tensor]]:
