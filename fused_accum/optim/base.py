@@ -137,7 +137,7 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
         if self._reducer is not None:
             self._reducer.broadcast_parameters(index_params(self.param_groups))
             if self._rounding_seed >= 0:   # the same random bits on every rank
-                self._rounding_seed = self._reducer.broadcast_number(self._rounding_seed, main)
+                self._rounding_seed = self._reducer.broadcast_seed(self._rounding_seed, main)
             self._reducer.attach(self._buffers)   # sharding lays the buckets out here
             for bucket in self._buffers.buckets:   # masters were taken before the broadcast
                 self._init_bucket_state(bucket, self.param_groups[bucket.group_index])

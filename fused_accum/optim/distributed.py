@@ -80,7 +80,7 @@ class WindowReducer:
         self.group = None if process_group is True else process_group
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
-        self.source = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        self.source = self.global_rank(0)
         self.chunk_bytes = int(float(os.environ.get("FUSED_ACCUM_REDUCE_CHUNK_MB", "25")) * 2**20)
         self.buffers: GradBuffers | None = None
         self.chunks: list[Chunk] = []
@@ -135,9 +135,14 @@ class WindowReducer:
                 f"fused_accum: the {what} failed on rank {self.rank} (did another rank fail, or end "
                 f"its window at a different step?): {type(exc).__name__}: {exc}") from exc
 
-    def broadcast_number(self, value: int, device: torch.device) -> int:
-        """Rank 0's ``value`` on every rank (read on the host: at construction only)."""
-        tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    def global_rank(self, rank: int) -> int:
+        """The global rank of ``rank`` of the group (what torch.distributed's ``src=`` and
+        ShardedTensor placements name)."""
+        return rank if self.group is None else dist.get_global_rank(self.group, rank)
+
+    def broadcast_seed(self, seed: int, device: torch.device) -> int:
+        """Rank 0's ``seed`` on every rank (read on the host: at construction only)."""
+        tensor = torch.tensor([seed], dtype=torch.int64, device=device)
         self._collective("broadcast of the rounding seed", dist.broadcast, tensor, src=self.source)
         return int(tensor.item())
 

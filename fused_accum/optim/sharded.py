@@ -190,6 +190,7 @@ class ShardedReducer(WindowReducer):
     def __init__(self, process_group: object):
         super().__init__(process_group)
         self.shards: dict[Bucket, BucketShard] = {}
+        self._ascending: dict[Bucket, list[Chunk]] = {}   # each bucket's chunks, lowest first
         self._gathers: list = []    # this window's all-gathers in flight
         self._gathered: list[tuple[Bucket, Tensor]] = []
         self.gathered_during_step = 0   # all-gathers complete before the step's last chunk
@@ -200,17 +201,18 @@ class ShardedReducer(WindowReducer):
                 check_shardable(bucket.params, bucket.labels)
                 bucket.place(*sharded_layout(bucket.numels, self.chunk_bytes, self.world_size))
         super().attach(buffers)
+        self._ascending = {bucket: sorted((c for c in self.chunks if c.bucket is bucket),
+                                          key=lambda c: c.start) for bucket in buffers.buckets}
         for bucket in buffers.buckets:
             if bucket not in self.shards:
-                pieces = [self._piece(c) for c in self._chunks_in(bucket)]
+                pieces = [self._piece(c) for c in self._ascending[bucket]]
                 self.shards[bucket] = BucketShard(bucket, pieces, self)
 
-    def _chunks_in(self, bucket: Bucket) -> list[Chunk]:
-        return sorted((c for c in self.chunks if c.bucket is bucket), key=lambda c: c.start)
-
-    def _piece(self, chunk: Chunk) -> tuple[int, int]:
+    def _piece(self, chunk: Chunk, rank: int | None = None) -> tuple[int, int]:
+        """The flat range of ``chunk`` that ``rank`` (this one by default) owns."""
+        rank = self.rank if rank is None else rank
         n = (chunk.end - chunk.start) // self.world_size
-        return chunk.start + self.rank * n, chunk.start + (self.rank + 1) * n
+        return chunk.start + rank * n, chunk.start + (rank + 1) * n
 
     def _launch(self, chunk: Chunk) -> None:
         start, stop = self._piece(chunk)
@@ -245,7 +247,7 @@ class ShardedReducer(WindowReducer):
         gathered = shard.gather_buffer()
         shard.refresh_params()
         seed = shard.bucket.rounding_seed
-        for chunk, (start, stop), segments in zip(self._chunks_in(shard.bucket), shard.pieces,
+        for chunk, (start, stop), segments in zip(self._ascending[shard.bucket], shard.pieces,
                                                   shard.in_piece):
             stepped = [k for k in segments if touched[shard.segments[k].param]]
             if stepped:
@@ -294,12 +296,11 @@ class ShardedReducer(WindowReducer):
     def param_ranges(self, bucket: Bucket, i: int) -> list[tuple[int, int, int]]:
         """(rank, start, stop): which elements of parameter i each rank owns."""
         chunk = self._chunk_of[bucket.params[i]]
-        n = (chunk.end - chunk.start) // self.world_size
         offset, numel = bucket.offsets[i], bucket.numels[i]
         ranges = []
         for rank in range(self.world_size):
-            lo = max(offset, chunk.start + rank * n)
-            hi = min(offset + numel, chunk.start + (rank + 1) * n)
+            start, stop = self._piece(chunk, rank)
+            lo, hi = max(offset, start), min(offset + numel, stop)
             if lo < hi:
                 ranges.append((rank, lo - offset, hi - offset))
         return ranges
@@ -310,8 +311,8 @@ class ShardedReducer(WindowReducer):
         value = shard.views(flat, [k])[0].clone() if owner == self.rank else \
             torch.empty(shard.bucket.numels[i], dtype=flat.dtype, device=flat.device)
         sent = value.view(torch.float16) if value.dtype == torch.int16 else value   # see gather_state
-        source = dist.get_global_rank(self.group, owner) if self.group is not None else owner
-        self._collective("broadcast of the optimizer state", dist.broadcast, sent, src=source)
+        self._collective("broadcast of the optimizer state", dist.broadcast, sent,
+                         src=self.global_rank(owner))
         return value
 
     def gather_state(self, shard: BucketShard, flat: Tensor) -> Tensor:
@@ -321,11 +322,10 @@ class ShardedReducer(WindowReducer):
         sent, into = (flat.view(torch.float16), whole.view(torch.float16)) if flat.dtype == torch.int16 \
             else (flat, whole)
         local = 0
-        for chunk in self._chunks_in(shard.bucket):
-            n = (chunk.end - chunk.start) // self.world_size
+        for chunk, (start, stop) in zip(self._ascending[shard.bucket], shard.pieces):
             self._collective("all-gather of the optimizer state", _ALL_GATHER,
-                             into[chunk.start:chunk.end], sent[local:local + n])
-            local += n
+                             into[chunk.start:chunk.end], sent[local:local + stop - start])
+            local += stop - start
         return whole
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
@@ -57,8 +56,7 @@ def _flat_index(shape: list[int], offsets: list[int]) -> int:
 def _placement(reducer, rank: int, device: torch.device) -> str:
     """ShardedTensor places blocks by global rank.  Other ranks' devices are not known here: on
     GPUs each is assumed to be the one of this rank's index (DCP reads local blocks only)."""
-    global_rank = dist.get_global_rank(reducer.group, rank) if reducer.group is not None else rank
-    return f"rank:{global_rank}/{device}"
+    return f"rank:{reducer.global_rank(rank)}/{device}"
 
 
 def sharded_entries(shard) -> list[dict[str, Tensor]]:
