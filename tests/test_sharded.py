@@ -316,6 +316,8 @@ def _special_worker(rank: int, ranks: int, case: str, tmp: str) -> None:
                                       process_group=group, shard_state=True)
             fresh.load_state_dict(saved)
             result["reloaded"] = fresh.full_state_dict()
+        elif case == "mixed":   # one rank sharded, the other not: refused when built, on both
+            fused_accum.AdamW(make_model(seed=rank).parameters(), shard_state=rank == 0)
         else:   # stochastic rounding: two parameters with the same gradient, in separate chunks
             os.environ["FUSED_ACCUM_REDUCE_CHUNK_MB"] = "0.0005"   # a chunk per parameter
             p, q = (torch.nn.Parameter(torch.ones(256, dtype=torch.bfloat16)) for _ in range(2))
@@ -330,11 +332,18 @@ def _special_worker(rank: int, ranks: int, case: str, tmp: str) -> None:
         leave_rank(result, os.path.join(tmp, f"{case}{rank}.pt"))
 
 
-def _run_special(case: str, ranks: int, tmp_path) -> list[dict]:
+def _run_special(case: str, ranks: int, tmp_path, ok: bool = True) -> list[dict]:
     mp.spawn(_special_worker, args=(ranks, case, str(tmp_path)), nprocs=ranks, join=True)
     results = [torch.load(tmp_path / f"{case}{r}.pt") for r in range(ranks)]
-    _ok(results)
+    if ok:
+        _ok(results)
     return results
+
+
+def test_ranks_that_disagree_on_shard_state_are_refused_when_the_optimizer_is_built(tmp_path):
+    """A sharded rank would reduce-scatter where the other all-reduces."""
+    for r in _run_special("mixed", 2, tmp_path, ok=False):
+        assert "ranks disagree on shard_state" in r.get("error", ""), r.get("error")
 
 
 def test_a_subgroup_shards_and_saves_by_global_rank(tmp_path):

@@ -135,6 +135,9 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
         # A DDP wrapper made after the optimizer (accelerate, transformers) is found at step 1.
         self._ddp_unchecked = data_parallel.world_size() > 1 and not owners
         if self._reducer is not None:
+            # a sharded rank reduce-scatters where the others all-reduce: their collectives pair
+            self._reducer.check_same({"shard_state": float(self._sharding)}, main,
+                                     "Every rank must build its optimizer with the same shard_state")
             self._reducer.broadcast_parameters(index_params(self.param_groups))
             if self._rounding_seed >= 0:   # the same random bits on every rank
                 self._rounding_seed = self._reducer.broadcast_seed(self._rounding_seed, main)

@@ -174,16 +174,17 @@ class WindowReducer:
             self._collective("all-reduce of the accumulators", lambda group: work.wait())
         weight = items[main] if items is not None else torch.tensor(float(micro_batches), device=main)
         found = torch.stack([f.to(main) for f in buffers.found_inf.values()]).amax()
-        # What every rank must agree on, with its square: the sums over ranks are equal to
-        # d * value and d * value**2 exactly when all d ranks hold the same value.  float64 keeps
-        # the sums exact.
+        # What every rank must agree on, with its square (see _check_agreement); float64 keeps the
+        # sums exact.
         agreed = [float(accumulation_steps), float(items is not None)]
         summary = torch.tensor(touched + [float(buffers.discarded)] + agreed + [a * a for a in agreed],
                                dtype=torch.float64, device=main)
         summary = torch.cat([summary, weight.reshape(1).double(), found.reshape(1).double()])
         self._collective("all-reduce of the window's summary", dist.all_reduce, summary)
         totals = summary[:-2].tolist()   # the window's one host synchronisation
-        self._check_agreement(totals[len(touched) + 1:], agreed)
+        self._check_agreement(totals[len(touched) + 1:], agreed, _AGREED,
+                              "Every rank must use the same accumulation_steps, and num_items for "
+                              "all micro-batches or for none; this window's update was not applied")
         anywhere = [t > 0 for t in totals[:len(touched) + 1]]
         buffers.discarded = anywhere.pop()   # a failed pass on any rank discards the window on all
         start = 0
@@ -196,16 +197,23 @@ class WindowReducer:
             flag.copy_(global_found.to(device))
         return summary[-2].float()
 
-    def _check_agreement(self, sums: list[float], ours: list[float]) -> None:
+    def check_same(self, settings: dict[str, float], device: torch.device, remedy: str) -> None:
+        """Raise on every rank if the ranks' ``settings`` differ (one small all-reduce)."""
+        ours = list(settings.values())
+        summary = torch.tensor(ours + [v * v for v in ours], dtype=torch.float64, device=device)
+        self._collective("all-reduce of the ranks' settings", dist.all_reduce, summary)
+        self._check_agreement(summary.tolist(), ours, list(settings), remedy)
+
+    def _check_agreement(self, sums: list[float], ours: list[float], names, remedy: str) -> None:
+        """``sums``: each value, then its square, summed over the ranks; these equal d * value
+        and d * value**2 exactly when all d ranks hold the same value."""
         ranks = self.world_size
         n = len(ours)
-        for what, value, total, squares in zip(_AGREED, ours, sums[:n], sums[n:]):
+        for what, value, total, squares in zip(names, ours, sums[:n], sums[n:]):
             if ranks * squares != total * total:
                 raise RuntimeError(
                     f"fused_accum: the ranks disagree on {what}: this rank (rank {self.rank}) has "
-                    f"{value:g}, the mean over the {ranks} ranks is {total / ranks:g}.  Every rank "
-                    "must use the same accumulation_steps, and num_items for all micro-batches or "
-                    "for none; this window's update was not applied")
+                    f"{value:g}, the mean over the {ranks} ranks is {total / ranks:g}.  {remedy}")
 
 
 _AGREED = ("accumulation_steps", "opt.backward(num_items=) (1: used in this window, 0: not)")
