@@ -85,26 +85,30 @@ def test_the_state_dict_helpers_load_into_a_fresh_optimizer(tmp_path, backend):
     assert_same_params(model, straight, rtol=1e-6)
 
 
-def test_a_mid_window_dcp_checkpoint_is_refused_by_a_fresh_optimizer(tmp_path, backend):
-    """DCP loads what the loading optimizer lists; a fresh one lists no window in progress, so the
-    window's sums would be lost silently: refused, naming the cause, and nothing changes."""
-    model, opt = _make(4, torch.float32, backend=backend)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_mid_window_dcp_checkpoint_resumes_its_window_in_a_fresh_optimizer(dtype, tmp_path,
+                                                                              backend):
+    """DCP loads what the loading optimizer lists: the window in progress is one entry that a
+    fresh optimizer lists too (empty), so its sums come through, and training goes on bit for bit
+    as if uninterrupted."""
+    straight, opt = _make(4, dtype, backend=backend)
+    _train(straight, opt, range(WINDOWS))
+    model, opt = _make(4, dtype, backend=backend)
     _train(model, opt, range(1))
-    opt.backward(lm_loss(model, *_window(1)[0]))
+    first, *rest = _window(1)
+    opt.backward(lm_loss(model, *first))
     opt.step()   # one micro-batch into window 1
-    dcp.save({"optim": opt}, checkpoint_id=str(tmp_path))
-    saved = {k: {n: v.clone() for n, v in e.items()} for k, e in opt.state_dict()["state"].items()}
-    other, fresh = _make(5, torch.float32, backend=backend)
-    with pytest.raises(ValueError, match="mid-window"):
-        dcp.load({"optim": fresh}, checkpoint_id=str(tmp_path))
-    # DCP wrote the checkpoint's tensors into the listed ones before load_state_dict refused: the
-    # optimizer holds the checkpoint's state (steps and moments together) and an empty window.
-    for key, entry in fresh.state_dict()["state"].items():
-        for name, value in entry.items():
-            assert torch.equal(value, saved[key][name]), (key, name)
-    assert fresh.micro_batches == 0
-    _train(other, fresh, range(1))
-    assert fresh.stepped
+    dcp.save({"model": model, "optim": opt}, checkpoint_id=str(tmp_path))
+    resumed, fresh = _make(5, dtype, backend=backend)
+    assert fresh.state_dict()["fused_accum"]["window"] is None
+    dcp.load({"model": resumed, "optim": fresh}, checkpoint_id=str(tmp_path))
+    assert fresh.micro_batches == 1
+    for batch in rest:
+        fresh.backward(lm_loss(resumed, *batch))
+        fresh.step()
+    _train(resumed, fresh, range(2, WINDOWS))
+    for a, b in zip(resumed.parameters(), straight.parameters()):
+        assert torch.equal(a, b)
 
 
 # -- several gloo ranks -----------------------------------------------------------------------
@@ -136,16 +140,30 @@ def _worker(rank, ranks, phase, init_file, ckpt, out_dir, shard, dtype):
             dcp.load({"model": model, "optim": opt}, checkpoint_id=os.path.join(ckpt, "boundary"))
             result["state"] = _copied(opt.full_state_dict()["state"])
             _train(model, opt, range(2, WINDOWS), rank, ranks, size=GLOBAL)
-            _, other = _make(20, dtype, k=k, process_group=True, shard_state=shard)
-            try:
-                dcp.load({"optim": other}, checkpoint_id=os.path.join(ckpt, "mid"))
-            except ValueError as exc:
-                result["mid"] = str(exc)
+            result["mid"] = _resume_mid_window(rank, ranks, ckpt, dtype, k, shard)
         result["params"] = [p.detach().clone() for p in model.parameters()]
     except BaseException as exc:
         result["error"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
     finally:
         leave_rank(result, os.path.join(out_dir, f"{phase}{rank}.pt"))
+
+
+SAVED_RANKS = 4   # the save phase's ranks: the mid-window checkpoint follows one micro-batch on each
+
+
+def _resume_mid_window(rank, ranks, ckpt, dtype, k, shard=False):
+    """Load the checkpoint saved one micro-batch into window 2 on SAVED_RANKS ranks, train the
+    window's other micro-batches (split over this run's ranks) and the windows after it; returns
+    the parameters."""
+    model, opt = _make(20 + rank, dtype, k=k, process_group=ranks > 1 or None, shard_state=shard)
+    dcp.load({"model": model, "optim": opt}, checkpoint_id=os.path.join(ckpt, "mid"))
+    assert opt.micro_batches == SAVED_RANKS // ranks, opt.micro_batches
+    for batch in make_batches(102, GLOBAL, 2)[SAVED_RANKS:][rank::ranks]:
+        opt.backward(lm_loss(model, *batch))
+        opt.step()
+    assert opt.micro_batches == 0 and opt.stepped
+    _train(model, opt, range(3, WINDOWS), rank, ranks, size=GLOBAL)
+    return [p.detach().clone() for p in model.parameters()]
 
 
 def _spawn(phase, ranks, tmp_path, shard=False, dtype=torch.float32):
@@ -188,7 +206,9 @@ def test_dcp_saved_on_four_ranks_resumes_on_two_and_on_one(saved_sharded, loaded
     (k = 4) and in one process (k = 8): the same windows of 8 micro-batches, so the same training
     as the 4 ranks uninterrupted (to float rounding: the sums run in other orders).  Sharded
     (shard_state=True), 4 ranks save their quarters (blocks of ShardedTensors, nothing gathered)
-    and 2 ranks load halves; unsharded and sharded checkpoints load into either."""
+    and 2 ranks load halves; unsharded and sharded checkpoints load into either.  A checkpoint
+    saved one micro-batch into a window (4 of its 8 micro-batches ended) resumes there: at
+    micro-batch 2 of 4 on each of 2 ranks, at 4 of 8 in one process."""
     saved = _spawn("save", 4, tmp_path, saved_sharded, dtype)
     for other in saved[1:]:
         for a, b in zip(other["params"], saved[0]["params"]):
@@ -198,9 +218,10 @@ def test_dcp_saved_on_four_ranks_resumes_on_two_and_on_one(saved_sharded, loaded
     for r in loaded:   # the state itself came through unchanged, bit for bit
         _assert_same_state(r["state"], saved[0]["state"])
         _assert_close(r["params"], expected)
-        assert "mid-window" in r["mid"]   # a window in progress is per rank: refused, not lost
+        _assert_close(r["mid"], expected)   # the window in progress came through too
     model, opt = _make(30, dtype, k=GLOBAL)
     dcp.load({"model": model, "optim": opt}, checkpoint_id=str(tmp_path / "ckpt" / "boundary"))
     _assert_same_state(opt.state_dict()["state"], saved[0]["state"])
     _train(model, opt, range(2, WINDOWS), size=GLOBAL)
     _assert_close(list(model.parameters()), expected)
+    _assert_close(_resume_mid_window(0, 1, str(tmp_path / "ckpt"), dtype, GLOBAL), expected)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fused_accum
+from fused_accum.optim.window_checkpoint import resumed_position, unpack
 from helpers import (IGNORE, assert_same_params, clone, lm_loss, make_batches, make_model,
                      train_accumulated, train_large_batch)
 
@@ -14,6 +15,12 @@ def _round_trip(obj):
     torch.save(obj, buffer)
     buffer.seek(0)
     return torch.load(buffer)   # weights_only=True, the default: checkpoints need no pickled code
+
+
+def _packed(window):
+    buffer = io.BytesIO()
+    torch.save(window, buffer)
+    return buffer.getvalue()
 
 
 def _micro_batches(model, opt, batches, num_items):
@@ -128,34 +135,44 @@ def test_a_bad_state_dict_changes_nothing(backend):
     for key, entry in good["state"].items():
         for name, value in entry.items():
             assert torch.equal(after["state"][key][name], value)
-    for key, value in good["fused_accum"]["rank0"]["accumulated_grads"].items():
-        assert torch.equal(after["fused_accum"]["rank0"]["accumulated_grads"][key], value)
+    saved, kept = (unpack(d["fused_accum"]["window"])["accumulated_grads"] for d in (good, after))
+    assert saved.keys() == kept.keys() and saved
+    for key, value in saved.items():
+        assert torch.equal(kept[key], value)
 
 
-def test_a_window_in_progress_is_only_resumed_by_its_own_rank_on_as_many_ranks(backend):
-    """A mid-window state dict keeps its window under its rank; another rank's part, or a changed
-    number of ranks, cannot give this rank its partial sums: refused, and nothing changes."""
+def test_a_window_saved_on_more_ranks_resumes_at_its_share_of_the_micro_batches(backend):
+    """A mid-window state dict holds the window summed over the ranks that saved it; loaded on
+    fewer ranks (here one), the window resumes at the micro-batches ended over all ranks divided
+    by the ranks now, so that it ends after as many; where that is past the window, or cannot be
+    split evenly, it raises and nothing changes."""
     model = make_model(seed=26)
-    opt = fused_accum.AdamW(model.parameters(), lr=1e-2, accumulation_steps=2, backend=backend)
-    _micro_batches(model, opt, make_batches(3, 1, 2), False)   # half a window in progress
+    opt = fused_accum.AdamW(model.parameters(), lr=1e-2, accumulation_steps=4, backend=backend)
+    _micro_batches(model, opt, make_batches(3, 1, 2), False)   # 1 of 4 micro-batches
     good = _round_trip(opt.state_dict())
-    assert good["fused_accum"]["world_size"] == 1 and "rank0" in good["fused_accum"]
-    other_rank = _round_trip(good)
-    other_rank["fused_accum"]["rank1"] = other_rank["fused_accum"].pop("rank0")
-    with pytest.raises(ValueError, match="mid-window.*rank 0"):
-        opt.load_state_dict(other_rank)
-    more_ranks = _round_trip(good)
-    more_ranks["fused_accum"]["world_size"] = 2
-    with pytest.raises(ValueError, match="on 2 ranks, loaded on 1"):
-        opt.load_state_dict(more_ranks)
+    window = unpack(good["fused_accum"]["window"])
+    assert window["ranks"] == 1 and good["fused_accum"]["micro_batches"] == 1
+    window["ranks"] = 2   # as if 2 ranks had saved it after 1 micro-batch each
+    from_two = _round_trip(good)
+    from_two["fused_accum"]["window"] = _packed(window)
+    window["ranks"] = 4   # 4 ranks: the 4 micro-batches of this optimizer's window are done
+    from_four = _round_trip(good)
+    from_four["fused_accum"]["window"] = _packed(window)
+    with pytest.raises(ValueError, match="4 micro-batches over all ranks.*accumulation_steps=4"):
+        opt.load_state_dict(from_four)
     assert opt.micro_batches == 1
-    opt.load_state_dict(good)   # its own part loads
-    _micro_batches(model, opt, make_batches(4, 1, 2), False)
-    assert opt.stepped
+    opt.load_state_dict(from_two)
+    assert opt.micro_batches == 2
+    _micro_batches(model, opt, make_batches(4, 2, 2), False)
+    assert opt.stepped and opt.micro_batches == 0
+    with pytest.raises(ValueError, match="after 1 micro-batches on each of 3 ranks .3 in all., "
+                                         "which 2 ranks cannot continue evenly"):
+        resumed_position(1, 3, 2, 8)
+    assert resumed_position(1, 4, 2, 8) == 2 and resumed_position(3, 2, 3, 8) == 2
 
 
-def test_a_window_boundary_saves_no_per_rank_part(backend):
+def test_a_window_boundary_saves_no_window(backend):
     model = make_model(seed=27)
     opt = fused_accum.SGD(model.parameters(), lr=0.1, accumulation_steps=2, backend=backend)
     _micro_batches(model, opt, make_batches(5, 2, 2), False)
-    assert opt.stepped and not any(k.startswith("rank") for k in opt.state_dict()["fused_accum"])
+    assert opt.stepped and opt.state_dict()["fused_accum"]["window"] is None

@@ -8,13 +8,9 @@ the loading optimizer's ``state_dict()`` lists, so a freshly built optimizer mus
 The tensors are the optimizer's own (DCP loads into them in place).
 
 The ``"fused_accum"`` entry holds what is the same on every rank (micro-batch count and mode,
-skip counts, loss scaler, rounding seed, the number of ranks) and, while a window is in progress,
-under ``"rank<r>"``, what is this rank's own: its accumulated gradients, item and non-finite
-flags.  A mid-window checkpoint then resumes bit-identically on the same number of ranks, each
-rank loading its own part; DCP, which keeps one copy of a key saved by several ranks, keeps each
-rank's.  Loading a mid-window checkpoint without this rank's part (into a freshly built optimizer
-through DCP, whose state_dict() lists no window, or another rank's file), or on another number of
-ranks, raises: the window's partial sums cannot be recovered or re-split.
+skip counts, loss scaler, rounding seed) and ``"window"``: None between windows, else the window
+in progress summed over the ranks (:mod:`fused_accum.optim.window_checkpoint`), which resumes on
+any number of ranks.  Under data parallelism a mid-window ``state_dict()`` is a collective.
 
 With ``shard_state=True``, ``state_dict()`` holds each parameter's state as a ShardedTensor of
 this rank's part (:mod:`fused_accum.optim.sharded_checkpoint`), which DCP saves without gathering
@@ -29,6 +25,7 @@ from torch import Tensor
 
 from ..buffers import MASTER_STATES, Bucket
 from ..kernels import reference
+from . import window_checkpoint
 
 
 def index_params(groups: list[dict[str, Any]]) -> list[Tensor]:
@@ -39,18 +36,10 @@ def index_params(groups: list[dict[str, Any]]) -> list[Tensor]:
 class WindowStateDict:
     """``state_dict`` / ``load_state_dict`` for :class:`~fused_accum.optim.base.AccumulatingOptimizer`."""
 
-    def _rank_and_world(self) -> tuple[int, int]:
-        if self._reducer is None:
-            return 0, 1
-        return self._reducer.rank, self._reducer.world_size
-
-    def _window_open(self) -> bool:
-        return (self._micro > 0 or self._buffers.discarded
-                or any(True in b.touched for b in self._buffers.buckets))
-
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's format (loadable into the torch optimizer of the same name) plus a
-        ``"fused_accum"`` entry with the window in progress.  With ``shard_state=True`` each
+        ``"fused_accum"`` entry with the window in progress (a collective mid-window under data
+        parallelism: call it on every rank).  With ``shard_state=True`` each
         parameter's state is a ShardedTensor holding this rank's part (what
         torch.distributed.checkpoint saves and reshards); see :meth:`full_state_dict`."""
         return self._packed_state(whole=False)
@@ -65,33 +54,21 @@ class WindowStateDict:
         packed = super().state_dict()
         index = {p: i for i, p in enumerate(index_params(self.param_groups))}
         state: dict[int, dict[str, Tensor]] = {}
-        accumulated: dict[int, Tensor] = {}
         for bucket in self._buffers.buckets:
             steps = bucket.step_views(range(len(bucket.params)))
             entries = self._holder(bucket).state_entries(whole)
             for i, p in enumerate(bucket.params):
                 state[index[p]] = {"step": steps[i], **entries[i]}
-                if bucket.touched[i]:
-                    accumulated[index[p]] = bucket.acc_view(i)
         packed["state"] = state
-        rank, world = self._rank_and_world()
-        window = {
+        packed["fused_accum"] = {
             "accumulation_steps": self.accumulation_steps,
             "micro_batches": self._micro,
             "mode": self._mode,
             "skipped_steps": self._skipped,
             "rounding_seed": self._rounding_seed,
             "loss_scaler": None if self._scaler is None else self._scaler.state_dict(),
-            "world_size": world,
+            "window": window_checkpoint.pack(self, index),
         }
-        if self._window_open():
-            window[f"rank{rank}"] = {
-                "weight_sum": {str(d): w for d, w in self._weight_sum.items()},
-                "found_inf": {str(d): f for d, f in self._buffers.found_inf.items()},
-                "accumulated_grads": accumulated,
-                "discarded": self._buffers.discarded,
-            }
-        packed["fused_accum"] = window
         return packed
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -112,7 +89,8 @@ class WindowStateDict:
                                  f"parameters, this optimizer's has {len(ours['params'])}")
         saved_ids = [i for g in saved_groups for i in g["params"]]
         by_param = {p: (state_dict["state"].get(sid, {}), sid) for p, sid in zip(params, saved_ids)}
-        window = self._own_window(state_dict.get("fused_accum"))
+        common = state_dict.get("fused_accum")
+        window = self._saved_window(common)
         accumulated = window["accumulated_grads"] if window else {}
         for p, (entry, sid) in by_param.items():
             label = self._buffers.label(p)
@@ -144,40 +122,28 @@ class WindowStateDict:
                 self._holder(bucket).ensure_state(name)
             bucket.reset_window()
             for i, p in enumerate(bucket.params):
-                entry, sid = by_param[p]
-                self._load_param_state(bucket, i, entry)
-                if sid in accumulated:
-                    bucket.load_accumulator(i, accumulated[sid])
-            bucket.touched = [by_param[p][1] in accumulated for p in bucket.params]
+                self._load_param_state(bucket, i, by_param[p][0])
             self._publish_state(bucket)
-        self._load_window(window)
+        by_id = {by_param[p][1]: self._buffers.slots[p] for p in params}
+        window_checkpoint.restore(self, window, by_id)
+        self._load_common(common, window)
 
-    def _own_window(self, saved: dict[str, Any] | None) -> dict[str, Any] | None:
-        """The saved window with this rank's part merged in (None for a torch state dict); raises
-        if the window was in progress and this rank's part is missing or cannot be used."""
-        if not saved:
+    def _saved_window(self, common: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The saved window in progress (None: none, or a torch state dict), with the position
+        this rank resumes it at; raises if it cannot be resumed here."""
+        if not common:
             return None
-        rank, world = self._rank_and_world()
-        if "accumulated_grads" in saved:   # a single-rank dict of fused_accum 0.1's first format
-            return saved
-        own = saved.get(f"rank{rank}")
-        micro = saved["micro_batches"]
-        if own is None and micro > 0:
-            raise ValueError(
-                f"state_dict: saved mid-window (after {micro} of {saved['accumulation_steps']} "
-                f"micro-batches) without this rank's accumulated gradients (rank {rank}): "
-                "torch.distributed.checkpoint loads only what the loading optimizer's state_dict() "
-                "lists, and a freshly built one lists no window in progress; or this is another "
-                "rank's checkpoint.  Save at a window boundary (after the step) to load it into a "
-                "new optimizer, or load each rank's own torch.save'd state dict")
-        saved_world = saved.get("world_size", 1)
-        if own is not None and saved_world != world:
-            raise ValueError(
-                f"state_dict: saved mid-window on {saved_world} ranks, loaded on {world}: a "
-                "window's per-rank sums cannot be re-split across another number of ranks; save "
-                "at a window boundary (after the step) to change the number of ranks")
-        own = own or {"weight_sum": {}, "found_inf": {}, "accumulated_grads": {}, "discarded": False}
-        return {**saved, **own}
+        if "window" not in common:
+            if common["micro_batches"] > 0:
+                raise ValueError("state_dict: saved mid-window by an earlier fused_accum, whose "
+                                 "window this one cannot read; save at a window boundary")
+            return None
+        window = window_checkpoint.unpack(common["window"])
+        if window is not None:
+            ranks = 1 if self._reducer is None else self._reducer.world_size
+            window["position"] = window_checkpoint.resumed_position(
+                common["micro_batches"], window["ranks"], ranks, self.accumulation_steps)
+        return window
 
     def _load_param_state(self, bucket: Bucket, i: int, entry: dict[str, Any]) -> None:
         step = entry.get("step", self._implied_step(entry))
@@ -206,23 +172,18 @@ class WindowStateDict:
         """The step count of a saved entry without one (torch's SGD keeps none)."""
         return 1 if entry else 0
 
-    def _load_window(self, window: dict[str, Any] | None) -> None:
-        if window and window.get("rounding_seed", -1) >= 0 and self.stochastic_rounding:
-            self._rounding_seed = window["rounding_seed"]
+    def _load_common(self, common: dict[str, Any] | None, window: dict[str, Any] | None) -> None:
+        if common and common.get("rounding_seed", -1) >= 0 and self.stochastic_rounding:
+            self._rounding_seed = common["rounding_seed"]
             for bucket in self._buffers.buckets:
                 if bucket.dtype == torch.bfloat16:
                     bucket.rounding_seed = self._rounding_seed
-        if window and window.get("skipped_steps") is not None:
-            self._skipped.copy_(window["skipped_steps"])
-        if window and window.get("loss_scaler") is not None and self._scaler is not None:
-            self._scaler.load_state_dict(window["loss_scaler"])
-        self._micro = window["micro_batches"] if window else 0
-        self._mode = window["mode"] if window else None
-        for table, saved in ((self._weight_sum, window and window["weight_sum"]),
-                             (self._buffers.found_inf, window and window["found_inf"])):
-            for device, value in table.items():
-                value.copy_(saved[str(device)]) if saved and str(device) in saved else value.zero_()
+        if common and common.get("skipped_steps") is not None:
+            self._skipped.copy_(common["skipped_steps"])
+        if common and common.get("loss_scaler") is not None and self._scaler is not None:
+            self._scaler.load_state_dict(common["loss_scaler"])
+        self._micro = window["position"] if window else 0
+        self._mode = common["mode"] if window else None
         self._buffers.forget_passes()   # a pass that raised before the load belongs to no window
-        self._buffers.discarded = bool(window and window.get("discarded", False))
         self._buffers.arrived = False
         self._arm()

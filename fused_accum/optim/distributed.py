@@ -197,6 +197,33 @@ class WindowReducer:
             flag.copy_(global_found.to(device))
         return summary[-2].float()
 
+    def sum_accumulators_to_host(self) -> tuple[list[Tensor], list[list[bool]]]:
+        """For a checkpoint: each bucket's accumulators summed over the ranks, as a flat host
+        tensor, and which parameters any rank touched.  One chunk at a time goes through a device
+        copy, so the live sums stay as they are and little memory is added."""
+        buckets = self.buffers.buckets
+        flags = torch.tensor([float(t) for b in buckets for t in b.touched], dtype=torch.float64,
+                             device=buckets[0].device)
+        self._collective("all-reduce of the window's touched parameters", dist.all_reduce, flags)
+        anywhere = iter(flags.tolist())
+        touched = [[next(anywhere) > 0 for _ in b.params] for b in buckets]
+        flats = {id(b): torch.zeros(b.size, dtype=torch.float32) for b in buckets}
+        for chunk in self.chunks:
+            bucket, region = chunk.bucket, chunk.region.clone()
+            for i in range(chunk.first, chunk.last + 1):
+                if not bucket.touched[i]:   # zeros, not stale values, as at the window's end
+                    start = bucket.offsets[i] - chunk.start
+                    region[start:start + bucket.numels[i]].zero_()
+            self._collective("all-reduce of the accumulators", dist.all_reduce, region)
+            flats[id(bucket)][chunk.start:chunk.end].copy_(region)
+        return [flats[id(b)] for b in buckets], touched
+
+    def sum_numbers(self, numbers: Tensor) -> Tensor:
+        """``numbers`` summed over the ranks (in float64)."""
+        total = numbers.double()
+        self._collective("all-reduce of the window's summary", dist.all_reduce, total)
+        return total
+
     def check_same(self, settings: dict[str, float], device: torch.device, remedy: str) -> None:
         """Raise on every rank if the ranks' ``settings`` differ (one small all-reduce)."""
         ours = list(settings.values())
