@@ -1,0 +1,133 @@
+"""``python -m fused_accum demo``: the scripts of ``examples/`` trained on real data, as curves.
+
+Each example trains one model several ways on the same data (``large batch``, ``fused_accum``
+and the hand-written loops that go wrong) and returns tasks of held-out loss curves.  The demo
+prints each curve's final loss and its largest gap to the large batch, writes every curve to
+``demo.json`` (``{"tasks": [{"name", "curves": {...}, ...}]}``) and plots one PNG per task from
+that data.  Its exit status is 1 when a fused_accum curve strays more than 1% from the large
+batch's at any point, where they should agree.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+# module, what it needs beyond fused_accum's own requirements
+SCRIPTS = [("digits", "scikit-learn"), ("byte_gpt", None), ("hf_trainer", "transformers")]
+TOLERANCE = 0.01   # fused_accum against the large batch, relative, at every point
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="short runs (under two minutes on 2 CPU cores)")
+    parser.add_argument("--out", type=Path, default=Path("fused_accum_demo"),
+                        help="folder for demo.json and the PNG plots (default: ./fused_accum_demo)")
+
+
+def load_example(name: str):
+    path = EXAMPLES / f"{name}.py"
+    if not path.exists():
+        raise FileNotFoundError(f"demo: {path} not found: the examples are in fused_accum's source "
+                                "tree; run the demo from a clone of the repository")
+    spec = importlib.util.spec_from_file_location(f"fused_accum_examples.{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def largest_gap(curve: list[float], reference: list[float]) -> float:
+    """The largest relative difference between two curves, point by point."""
+    return max(abs(a - b) / abs(b) for a, b in zip(curve, reference))
+
+
+def plot(task: dict, path: Path) -> None:
+    """The curves (top) and each one's difference to the large batch's, in percent (bottom)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 2]})
+    styles = {"large batch": dict(color="black", linewidth=4, alpha=0.3),
+              "fused_accum": dict(color="tab:blue", linewidth=1.6)}
+    others = iter(["tab:orange", "tab:red", "tab:green", "tab:purple", "tab:brown"])
+    reference = task["curves"]["large batch"]
+    for name, curve in task["curves"].items():
+        steps = [i * task["x_step"] for i in range(len(curve))]
+        style = styles.get(name) or dict(color=next(others), linewidth=1.2, linestyle="--")
+        top.plot(steps, curve, label=name, **style)
+        bottom.plot(steps, [100 * (a - b) / b for a, b in zip(curve, reference)], **style)
+    top.set_title(task["name"], fontsize=10)
+    top.set_ylabel(task["y_label"])
+    top.set_yscale("log")
+    top.legend()
+    bottom.set_ylabel("difference to the\nlarge batch (%)")
+    bottom.set_xlabel(task["x_label"])
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def run(args: argparse.Namespace) -> int:
+    modules = []
+    for name, needs in SCRIPTS:
+        try:
+            modules.append(load_example(name))
+        except ImportError as exc:
+            print(f"demo: examples/{name}.py needs {needs}: pip install {needs} ({exc})",
+                  file=sys.stderr)
+            return 2
+        except FileNotFoundError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"quick": args.quick, "fused_accum": __version__, "torch": torch.__version__,
+              "tasks": []}
+    strayed = []
+    for module in modules:
+        started = time.perf_counter()
+        tasks = module.run(quick=args.quick)
+        seconds = time.perf_counter() - started
+        for task in tasks:
+            task["seconds"] = round(seconds / len(tasks), 1)
+            reference = task["curves"]["large batch"]
+            task["largest_gap"] = {name: largest_gap(curve, reference)
+                                   for name, curve in task["curves"].items() if curve is not reference}
+            result["tasks"].append(task)
+            report(task)
+            if "expect_gap" not in task and task["largest_gap"]["fused_accum"] > TOLERANCE:
+                strayed.append(task["name"])
+    (args.out / "demo.json").write_text(json.dumps(result, indent=1) + "\n")
+    for task in result["tasks"]:
+        plot(task, args.out / f"{slug(task['name'])}.png")
+    print(f"\nwrote {args.out / 'demo.json'} and {len(result['tasks'])} plots in {args.out}")
+    if strayed:
+        print(f"demo: fused_accum strayed more than {TOLERANCE:.0%} from the large batch in: "
+              + "; ".join(strayed), file=sys.stderr)
+        return 1
+    return 0
+
+
+def report(task: dict) -> None:
+    print(f"\n{task['name']}  ({task['seconds']} s)")
+    for name, curve in task["curves"].items():
+        gap = task["largest_gap"].get(name)
+        against = "" if gap is None else f"   largest gap to the large batch {gap:8.3%}"
+        print(f"  {name:>22}: final {task['y_label']} {curve[-1]:.4f}{against}")
+    if "expect_gap" in task:
+        print(f"  (a gap is expected here: {task['expect_gap']})")

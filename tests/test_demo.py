@@ -1,0 +1,50 @@
+"""``python -m fused_accum demo --quick``: the examples train on real data; fused_accum's curves
+stay on the large batch's, and the hand-written loops that go wrong do not."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fused_accum.cli import demo
+
+pytest.importorskip("sklearn", reason="examples/digits.py needs scikit-learn")
+pytest.importorskip("matplotlib", reason="the demo's plots need matplotlib")
+pytest.importorskip("transformers", reason="examples/hf_trainer.py needs transformers")
+
+
+def test_the_quick_demo_puts_fused_accum_on_the_large_batch_and_the_pitfalls_elsewhere(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "fused_accum", "demo", "--quick", "--out",
+                          str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads((tmp_path / "demo.json").read_text())
+    tasks = {task["name"]: task for task in result["tasks"]}
+    assert len(tasks) == 4
+    for name, task in tasks.items():
+        curves = task["curves"]
+        lengths = {len(c) for c in curves.values()}
+        assert len(lengths) == 1 and lengths.pop() >= 6, name
+        for curve in curves.values():   # they learn: the loss falls well below its start
+            assert curve[-1] < 0.75 * curve[0], name
+        gaps = task["largest_gap"]
+        assert gaps["fused_accum"] == demo.largest_gap(curves["fused_accum"], curves["large batch"])
+        if "expect_gap" in task:   # BatchNorm: one image's statistics are not 32's
+            assert gaps["fused_accum"] > 0.05, name
+        else:
+            assert gaps["fused_accum"] < demo.TOLERANCE, name
+        assert (tmp_path / f"{demo.slug(name)}.png").stat().st_size > 10_000
+    groupnorm = next(t for n, t in tasks.items() if "GroupNorm" in n)["largest_gap"]
+    assert groupnorm["article's loop"] > 0.05 and groupnorm["clip each micro-batch"] > 0.05
+    gpt = next(t for n, t in tasks.items() if "bf16" in n)["largest_gap"]
+    assert gpt["plain bf16 loop"] > 0.01 and gpt["fused_accum"] < 0.001
+
+
+def test_largest_gap_is_relative_and_point_by_point():
+    assert demo.largest_gap([1.0, 2.2, 3.0], [1.0, 2.0, 3.0]) == pytest.approx(0.1)
+    assert demo.largest_gap([1.0, 2.0], [1.0, 2.0]) == 0.0
+
+
+def test_a_demo_without_its_examples_says_where_they_are(monkeypatch, tmp_path):
+    monkeypatch.setattr(demo, "EXAMPLES", tmp_path)
+    with pytest.raises(FileNotFoundError, match="clone of the repository"):
+        demo.load_example("digits")
