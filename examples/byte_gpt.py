@@ -5,7 +5,7 @@ Every optimizer step sees one window of 16 sequences of 8 to 64 bytes; each way 
 the same windows, and the loss per byte on held-out text is measured after every few steps:
 
 - ``large batch``: the window's 16 sequences as one padded batch, the loss a mean over all its
-  bytes, and the fused AdamW stepping every batch (fp32 master weights): the reference;
+  bytes, and ``torch.optim.AdamW`` on fp32 master copies of the weights: the reference;
 - ``fused_accum``: 8 micro-batches of 2 sequences, ``opt.backward(loss, num_items=bytes)`` and
   ``accumulation_steps=8``: the mean over all the window's bytes, summed in fp32;
 - ``mean of means``: the same without ``num_items``: the mean of the 8 micro-batches' means,
@@ -113,10 +113,18 @@ def micro_batches(window):
 # Each method trains on ``data`` (a list of windows) and yields after every optimizer step.
 
 def large_batch(model, data):
-    opt = fused_accum.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+    """torch's AdamW on fp32 master copies of the bf16 weights, copied back after each step."""
+    params = list(model.parameters())
+    masters = [p.detach().float() for p in params]
+    opt = torch.optim.AdamW(masters, lr=LR, weight_decay=0.1)
     for window in data:
-        opt.backward(loss_of(model, *batch(window)))
+        loss_of(model, *batch(window)).backward()
+        for p, master in zip(params, masters):
+            master.grad, p.grad = p.grad.float(), None
         opt.step()
+        with torch.no_grad():
+            for p, master in zip(params, masters):
+                p.copy_(master)
         yield
 
 
