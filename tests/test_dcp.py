@@ -12,7 +12,7 @@ import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 
 import fused_accum
-from helpers import assert_same_params, leave_rank, lm_loss, make_batches, make_model
+from helpers import IGNORE, assert_same_params, leave_rank, lm_loss, make_batches, make_model
 
 K = 2
 WINDOWS = 4
@@ -20,16 +20,23 @@ WINDOWS = 4
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
 
-def _window(w, rank=0, ranks=1, size=2 * K):
-    """The micro-batches of window w (``size`` in all) that ``rank`` of ``ranks`` trains on."""
-    return make_batches(100 + w, size, 2)[rank::ranks]
+def _window(w, rank=0, ranks=1, size=2 * K, items=False):
+    """The micro-batches of window w (``size`` in all) that ``rank`` of ``ranks`` trains on
+    (``items``: with targets ignored at random, so that their item counts differ)."""
+    return make_batches(100 + w, size, 2, pad_fraction=0.3 if items else 0.0)[rank::ranks]
 
 
-def _train(model, opt, windows, rank=0, ranks=1, size=2 * K):
+def _micro_batch(model, opt, batch, items=False):
+    tokens, targets = batch
+    opt.backward(lm_loss(model, tokens, targets),
+                 num_items=(targets != IGNORE).sum() if items else None)
+    opt.step()
+
+
+def _train(model, opt, windows, rank=0, ranks=1, size=2 * K, items=False):
     for w in windows:
-        for batch in _window(w, rank, ranks, size):
-            opt.backward(lm_loss(model, *batch))
-            opt.step()
+        for batch in _window(w, rank, ranks, size, items):
+            _micro_batch(model, opt, batch, items)
 
 
 def _make(seed, dtype, k=K * 2, **kwargs):
@@ -85,6 +92,28 @@ def test_the_state_dict_helpers_load_into_a_fresh_optimizer(tmp_path, backend):
     assert_same_params(model, straight, rtol=1e-6)
 
 
+def test_the_state_dict_helpers_refuse_a_window_they_dropped(tmp_path, backend):
+    """get_optimizer_state_dict keeps only "state" and "param_groups": a mid-window checkpoint
+    through it would lose the window's sums silently, so loading it raises, naming the helpers."""
+    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
+                                                           set_optimizer_state_dict)
+    model, opt = _make(6, torch.float32, backend=backend)
+    _train(model, opt, range(1))
+    boundary = get_optimizer_state_dict(model, opt)
+    opt.backward(lm_loss(model, *_window(1)[0]))
+    opt.step()   # one micro-batch into window 1
+    dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(tmp_path))
+    fresh = fused_accum.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1,
+                              accumulation_steps=K * 2, max_grad_norm=1.0, backend=backend)
+    target = {"optim": get_optimizer_state_dict(model, fresh)}
+    dcp.load(target, checkpoint_id=str(tmp_path))
+    with pytest.raises(ValueError, match="without its .fused_accum. entry.*get_optimizer_state_dict"):
+        set_optimizer_state_dict(model, fresh, target["optim"])
+    set_optimizer_state_dict(model, fresh, boundary)   # at a boundary nothing is lost: it loads
+    assert fresh.micro_batches == 0
+    assert "fused_accum_mid_window" not in fresh.param_groups[0]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_mid_window_dcp_checkpoint_resumes_its_window_in_a_fresh_optimizer(dtype, tmp_path,
                                                                               backend):
@@ -116,31 +145,29 @@ def test_a_mid_window_dcp_checkpoint_resumes_its_window_in_a_fresh_optimizer(dty
 GLOBAL = 8   # micro-batches of a window over all ranks: k = GLOBAL / ranks on each
 
 
-def _worker(rank, ranks, phase, init_file, ckpt, out_dir, shard, dtype):
+def _worker(rank, ranks, phase, init_file, ckpt, out_dir, shard, dtype, items):
     result = {}
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                                 world_size=ranks, timeout=datetime.timedelta(seconds=60))
         k = GLOBAL // ranks
-        window = lambda w: _window(w, rank, ranks, size=GLOBAL)   # noqa: E731
+        window = lambda w: _window(w, rank, ranks, GLOBAL, items)   # noqa: E731
         if phase == "save":
             model, opt = _make(10, dtype, k=k, process_group=True, shard_state=shard)
-            _train(model, opt, range(2), rank, ranks, size=GLOBAL)
+            _train(model, opt, range(2), rank, ranks, GLOBAL, items)
             dcp.save({"model": model, "optim": opt}, checkpoint_id=os.path.join(ckpt, "boundary"))
             result["state"] = _copied(opt.full_state_dict()["state"])   # live views: copied now
-            opt.backward(lm_loss(model, *window(2)[0]))
-            opt.step()
+            _micro_batch(model, opt, window(2)[0], items)
             dcp.save({"model": model, "optim": opt}, checkpoint_id=os.path.join(ckpt, "mid"))
             for batch in window(2)[1:]:
-                opt.backward(lm_loss(model, *batch))
-                opt.step()
-            _train(model, opt, range(3, WINDOWS), rank, ranks, size=GLOBAL)
+                _micro_batch(model, opt, batch, items)
+            _train(model, opt, range(3, WINDOWS), rank, ranks, GLOBAL, items)
         else:
             model, opt = _make(11 + rank, dtype, k=k, process_group=True, shard_state=shard)
             dcp.load({"model": model, "optim": opt}, checkpoint_id=os.path.join(ckpt, "boundary"))
             result["state"] = _copied(opt.full_state_dict()["state"])
-            _train(model, opt, range(2, WINDOWS), rank, ranks, size=GLOBAL)
-            result["mid"] = _resume_mid_window(rank, ranks, ckpt, dtype, k, shard)
+            _train(model, opt, range(2, WINDOWS), rank, ranks, GLOBAL, items)
+            result["mid"] = _resume_mid_window(rank, ranks, ckpt, dtype, k, shard, items)
         result["params"] = [p.detach().clone() for p in model.parameters()]
     except BaseException as exc:
         result["error"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
@@ -151,25 +178,24 @@ def _worker(rank, ranks, phase, init_file, ckpt, out_dir, shard, dtype):
 SAVED_RANKS = 4   # the save phase's ranks: the mid-window checkpoint follows one micro-batch on each
 
 
-def _resume_mid_window(rank, ranks, ckpt, dtype, k, shard=False):
+def _resume_mid_window(rank, ranks, ckpt, dtype, k, shard=False, items=False):
     """Load the checkpoint saved one micro-batch into window 2 on SAVED_RANKS ranks, train the
     window's other micro-batches (split over this run's ranks) and the windows after it; returns
     the parameters."""
     model, opt = _make(20 + rank, dtype, k=k, process_group=ranks > 1 or None, shard_state=shard)
     dcp.load({"model": model, "optim": opt}, checkpoint_id=os.path.join(ckpt, "mid"))
     assert opt.micro_batches == SAVED_RANKS // ranks, opt.micro_batches
-    for batch in make_batches(102, GLOBAL, 2)[SAVED_RANKS:][rank::ranks]:
-        opt.backward(lm_loss(model, *batch))
-        opt.step()
+    for batch in _window(2, size=GLOBAL, items=items)[SAVED_RANKS:][rank::ranks]:
+        _micro_batch(model, opt, batch, items)
     assert opt.micro_batches == 0 and opt.stepped
-    _train(model, opt, range(3, WINDOWS), rank, ranks, size=GLOBAL)
+    _train(model, opt, range(3, WINDOWS), rank, ranks, size=GLOBAL, items=items)
     return [p.detach().clone() for p in model.parameters()]
 
 
-def _spawn(phase, ranks, tmp_path, shard=False, dtype=torch.float32):
+def _spawn(phase, ranks, tmp_path, shard=False, dtype=torch.float32, items=False):
     init = tmp_path / f"init-{phase}"
     mp.spawn(_worker, args=(ranks, phase, str(init), str(tmp_path / "ckpt"), str(tmp_path), shard,
-                            dtype), nprocs=ranks, join=True)
+                            dtype, items), nprocs=ranks, join=True)
     results = [torch.load(tmp_path / f"{phase}{r}.pt") for r in range(ranks)]
     for r in results:
         assert "error" not in r, r["error"]
@@ -197,24 +223,26 @@ def _assert_close(params, expected):
         torch.testing.assert_close(a.detach(), b, rtol=0, atol=tolerance * scale)
 
 
-@pytest.mark.parametrize("saved_sharded, loaded_sharded, dtype", [
-    (False, False, torch.float32), (True, True, torch.float32), (True, True, torch.bfloat16),
-    (False, True, torch.float32), (True, False, torch.float32)])
+@pytest.mark.parametrize("saved_sharded, loaded_sharded, dtype, items", [
+    (False, False, torch.float32, False), (True, True, torch.float32, False),
+    (True, True, torch.bfloat16, False), (False, True, torch.float32, True),
+    (True, False, torch.float32, False)])
 def test_dcp_saved_on_four_ranks_resumes_on_two_and_on_one(saved_sharded, loaded_sharded, dtype,
-                                                           tmp_path):
+                                                           items, tmp_path):
     """Saved at a window boundary on 4 ranks (k = 2 each), resumed by fresh optimizers on 2 ranks
     (k = 4) and in one process (k = 8): the same windows of 8 micro-batches, so the same training
     as the 4 ranks uninterrupted (to float rounding: the sums run in other orders).  Sharded
     (shard_state=True), 4 ranks save their quarters (blocks of ShardedTensors, nothing gathered)
     and 2 ranks load halves; unsharded and sharded checkpoints load into either.  A checkpoint
     saved one micro-batch into a window (4 of its 8 micro-batches ended) resumes there: at
-    micro-batch 2 of 4 on each of 2 ranks, at 4 of 8 in one process."""
-    saved = _spawn("save", 4, tmp_path, saved_sharded, dtype)
+    micro-batch 2 of 4 on each of 2 ranks, at 4 of 8 in one process.  One case weighs the
+    micro-batches by their items (num_items), whose count rank 0 alone carries over."""
+    saved = _spawn("save", 4, tmp_path, saved_sharded, dtype, items)
     for other in saved[1:]:
         for a, b in zip(other["params"], saved[0]["params"]):
             assert torch.equal(a, b)   # the data-parallel ranks agree
     expected = saved[0]["params"]
-    loaded = _spawn("load", 2, tmp_path, loaded_sharded, dtype)
+    loaded = _spawn("load", 2, tmp_path, loaded_sharded, dtype, items)
     for r in loaded:   # the state itself came through unchanged, bit for bit
         _assert_same_state(r["state"], saved[0]["state"])
         _assert_close(r["params"], expected)
@@ -222,6 +250,52 @@ def test_dcp_saved_on_four_ranks_resumes_on_two_and_on_one(saved_sharded, loaded
     model, opt = _make(30, dtype, k=GLOBAL)
     dcp.load({"model": model, "optim": opt}, checkpoint_id=str(tmp_path / "ckpt" / "boundary"))
     _assert_same_state(opt.state_dict()["state"], saved[0]["state"])
-    _train(model, opt, range(2, WINDOWS), size=GLOBAL)
+    _train(model, opt, range(2, WINDOWS), size=GLOBAL, items=items)
     _assert_close(list(model.parameters()), expected)
-    _assert_close(_resume_mid_window(0, 1, str(tmp_path / "ckpt"), dtype, GLOBAL), expected)
+    _assert_close(_resume_mid_window(0, 1, str(tmp_path / "ckpt"), dtype, GLOBAL, items=items),
+                  expected)
+
+
+def _refusals_worker(rank, init_file, out_dir):
+    result = {}
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                world_size=2, timeout=datetime.timedelta(seconds=60))
+        first, last = _window(0, rank, 2, size=4)
+        model, opt = _make(40, torch.float32, k=2, process_group=True)
+        _micro_batch(model, opt, first)
+        opt.backward(lm_loss(model, *last))   # the window's last: its reduction is under way
+        try:
+            opt.state_dict()
+        except RuntimeError as exc:
+            result["in reduction"] = str(exc)
+        opt.step()
+        result["stepped"] = opt.stepped
+        model, opt = _make(41, torch.float32, k=1, process_group=True)   # driven from outside
+        opt.final_micro_batch = False
+        (lm_loss(model, *first) / 2).backward()
+        try:
+            opt.state_dict()
+        except RuntimeError as exc:
+            result["driven"] = str(exc)
+        opt.final_micro_batch = True
+        (lm_loss(model, *last) / 2).backward()
+        opt.step()
+        result["driven stepped"] = opt.stepped
+    except BaseException as exc:
+        result["error"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+    finally:
+        leave_rank(result, os.path.join(out_dir, f"refusals{rank}.pt"))
+
+
+def test_data_parallel_windows_that_cannot_be_summed_now_are_refused_on_every_rank(tmp_path):
+    """Under data parallelism a mid-window state_dict() sums the window over the ranks; between
+    the last backward pass and step() (the reduction under way) or in a window driven from outside
+    (no micro-batch counted), every rank raises before any collective, and training goes on."""
+    mp.spawn(_refusals_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        r = torch.load(tmp_path / f"refusals{rank}.pt")
+        assert "error" not in r, r["error"]
+        assert "between a window's last backward pass and its step()" in r["in reduction"]
+        assert "before any micro-batch of the window was counted" in r["driven"]
+        assert r["stepped"] and r["driven stepped"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fused_accum
-from fused_accum.optim.window_checkpoint import resumed_position, unpack
+from fused_accum.optim.window_checkpoint import TAG, resumed_position, unpack
 from helpers import (IGNORE, assert_same_params, clone, lm_loss, make_batches, make_model,
                      train_accumulated, train_large_batch)
 
@@ -18,9 +18,7 @@ def _round_trip(obj):
 
 
 def _packed(window):
-    buffer = io.BytesIO()
-    torch.save(window, buffer)
-    return buffer.getvalue()
+    return TAG, window
 
 
 def _micro_batches(model, opt, batches, num_items):
@@ -110,6 +108,7 @@ def test_a_fresh_optimizer_s_state_dict_loads_into_torch_as_a_fresh_torch_optimi
     sd = _round_trip(ours.state_dict())
     theirs = getattr(torch.optim, algorithm)(model.parameters(), **kwargs)
     assert sorted(sd["state"]) == list(range(len(list(model.parameters()))))
+    assert sd["param_groups"][0].pop("fused_accum_mid_window") is False   # the one key added
     assert sd["param_groups"] == theirs.state_dict()["param_groups"]
     ours.remove_hooks()
     theirs.load_state_dict(sd)
@@ -152,12 +151,10 @@ def test_a_window_saved_on_more_ranks_resumes_at_its_share_of_the_micro_batches(
     good = _round_trip(opt.state_dict())
     window = unpack(good["fused_accum"]["window"])
     assert window["ranks"] == 1 and good["fused_accum"]["micro_batches"] == 1
-    window["ranks"] = 2   # as if 2 ranks had saved it after 1 micro-batch each
-    from_two = _round_trip(good)
-    from_two["fused_accum"]["window"] = _packed(window)
-    window["ranks"] = 4   # 4 ranks: the 4 micro-batches of this optimizer's window are done
-    from_four = _round_trip(good)
-    from_four["fused_accum"]["window"] = _packed(window)
+    from_two = _round_trip(good)   # as if 2 ranks had saved it after 1 micro-batch each
+    from_two["fused_accum"]["window"] = _packed(dict(window, ranks=2))
+    from_four = _round_trip(good)   # 4 ranks: the 4 micro-batches of this window are done
+    from_four["fused_accum"]["window"] = _packed(dict(window, ranks=4))
     with pytest.raises(ValueError, match="4 micro-batches over all ranks.*accumulation_steps=4"):
         opt.load_state_dict(from_four)
     assert opt.micro_batches == 1
@@ -167,8 +164,13 @@ def test_a_window_saved_on_more_ranks_resumes_at_its_share_of_the_micro_batches(
     assert opt.stepped and opt.micro_batches == 0
     with pytest.raises(ValueError, match="after 1 micro-batches on each of 3 ranks .3 in all., "
                                          "which 2 ranks cannot continue evenly"):
-        resumed_position(1, 3, 2, 8)
-    assert resumed_position(1, 4, 2, 8) == 2 and resumed_position(3, 2, 3, 8) == 2
+        resumed_position(1, 3, 2, 8, "plain")
+    assert resumed_position(1, 4, 2, 8, "plain") == 2 and resumed_position(3, 2, 3, 8, None) == 2
+    # A window driven from outside counts no micro-batch before its step: its weight is its
+    # number of ranks, so it resumes on as many only, unless items weigh it.
+    with pytest.raises(ValueError, match="before any micro-batch was counted"):
+        resumed_position(0, 2, 1, 1, "plain")
+    assert resumed_position(0, 2, 1, 1, "items") == 0 and resumed_position(0, 2, 2, 1, None) == 0
 
 
 def test_a_window_boundary_saves_no_window(backend):

@@ -1,7 +1,8 @@
 """State dicts of the accumulating optimizers: torch.optim's format, plus the window in progress.
 
 ``state_dict()`` is loadable into the torch optimizer of the same name (its ``"state"`` and
-``"param_groups"`` are torch's).  ``"state"`` lists every parameter, also before its first step
+``"param_groups"`` are torch's, the first group with one key added: whether a window was in
+progress, see :mod:`~fused_accum.optim.window_checkpoint`).  ``"state"`` lists every parameter, also before its first step
 (step 0, zero moments, masters equal to the parameters), as torch's own DCP helpers
 (``torch.distributed.checkpoint.state_dict``) make a fresh torch optimizer's: DCP loads only what
 the loading optimizer's ``state_dict()`` lists, so a freshly built optimizer must list everything.
@@ -69,6 +70,9 @@ class WindowStateDict:
             "loss_scaler": None if self._scaler is None else self._scaler.state_dict(),
             "window": window_checkpoint.pack(self, index),
         }
+        if packed["param_groups"]:
+            packed["param_groups"][0][window_checkpoint.MID_WINDOW] = \
+                packed["fused_accum"]["window"] is not None
         return packed
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -90,6 +94,12 @@ class WindowStateDict:
         saved_ids = [i for g in saved_groups for i in g["params"]]
         by_param = {p: (state_dict["state"].get(sid, {}), sid) for p, sid in zip(params, saved_ids)}
         common = state_dict.get("fused_accum")
+        if common is None and any(g.get(window_checkpoint.MID_WINDOW) for g in saved_groups):
+            raise ValueError(
+                "state_dict: saved mid-window, but without its \"fused_accum\" entry, which holds "
+                "the window's sums (torch.distributed.checkpoint.state_dict's "
+                "get_optimizer_state_dict keeps only \"state\" and \"param_groups\"); save at a "
+                "window boundary, or save the optimizer itself (dcp.save({\"optim\": opt}))")
         window = self._saved_window(common)
         accumulated = window["accumulated_grads"] if window else {}
         for p, (entry, sid) in by_param.items():
@@ -112,7 +122,7 @@ class WindowStateDict:
                                  f"shape {tuple(accumulated[sid].shape)}, expected {tuple(p.shape)}")
         for ours, saved in zip(self.param_groups, saved_groups):
             for key, value in saved.items():
-                if key != "params":
+                if key not in ("params", window_checkpoint.MID_WINDOW):
                     ours[key] = value
             for key, value in self.defaults.items():
                 ours.setdefault(key, value)
@@ -142,7 +152,8 @@ class WindowStateDict:
         if window is not None:
             ranks = 1 if self._reducer is None else self._reducer.world_size
             window["position"] = window_checkpoint.resumed_position(
-                common["micro_batches"], window["ranks"], ranks, self.accumulation_steps)
+                common["micro_batches"], window["ranks"], ranks, self.accumulation_steps,
+                common["mode"])
         return window
 
     def _load_param_state(self, bucket: Bucket, i: int, entry: dict[str, Any]) -> None:

@@ -10,14 +10,23 @@ live sums stay as they are), so every rank calls ``state_dict()`` mid-window, as
 Loaded on d' ranks, rank 0 takes the sums and item count and the other ranks go on with empty
 ones; the window resumes at (micro-batches ended over all ranks) / d', so it ends after as many
 micro-batches over all ranks as it would have.  A window that d' ranks cannot split evenly raises.
+Under data parallelism a mid-window ``state_dict()`` raises (on every rank, before any
+collective) between a window's last backward pass and its ``step()``, and in a window whose
+micro-batches are not counted (driven from outside with ``final_micro_batch``).
 
-The entry is bytes (``torch.save`` of host tensors), so that torch.distributed.checkpoint sees one
-item, listed by every optimizer: a freshly built one lists ``None`` there, and DCP's load puts the
-saved entry in its place (it loads only what the loading optimizer's ``state_dict()`` lists).
+``get_optimizer_state_dict`` (torch.distributed.checkpoint.state_dict) keeps only ``"state"`` and
+``"param_groups"``, so the first parameter group also says whether a window was in progress
+(:data:`MID_WINDOW`): loading such a dict without its window raises instead of dropping it.
+
+The entry is a pair ``(TAG, window)`` holding host tensors: DCP flattens dicts and lists but keeps
+a tuple whole, as one item that every optimizer lists (a freshly built one lists ``None`` there,
+and DCP's load puts the saved entry in its place: it loads only what the loading optimizer's
+``state_dict()`` lists).  Each rank holds the whole window on the host while it is saved or
+loaded (DCP writes one rank's copy): mid-window checkpoints cost a gradient set of host memory
+per rank, which a checkpoint at a window boundary does not.
 """
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import torch
@@ -26,17 +35,23 @@ from torch import Tensor
 from ..buffers import Bucket
 
 
-def pack(opt: Any, index: dict[Tensor, int]) -> bytes | None:
-    """The window in progress of ``opt`` (None between windows); ``index``: parameter -> state-dict
-    id.  A collective under data parallelism."""
+TAG = "fused_accum.window/1"
+MID_WINDOW = "fused_accum_mid_window"   # in the first saved parameter group
+
+
+def pack(opt: Any, index: dict[Tensor, int]) -> tuple[str, dict[str, Any]] | None:
+    """The window in progress of ``opt`` as ``(TAG, window)`` (None between windows); ``index``:
+    parameter -> state-dict id.  A collective under data parallelism."""
     buffers, reducer, main = opt._buffers, opt._reducer, opt._skipped.device
     if not (opt._micro > 0 or buffers.discarded or any(True in b.touched for b in buffers.buckets)):
-        return None   # ranks in step agree, so no rank enters the collectives below alone
+        return None   # between windows every rank is here, and no rank enters a collective
+    if reducer is not None:
+        _check_collectable(opt)
     items = opt._weight_sum[main] if opt._mode == "items" else torch.zeros((), device=main)
     found = torch.stack([f.to(main) for f in buffers.found_inf.values()]).amax()
     numbers = torch.stack([items, found, torch.tensor(float(buffers.discarded), device=main)])
     if reducer is not None:
-        flats, touched = reducer.sum_accumulators_to_host()
+        flats, touched = reducer.sum_accumulators_to_host()   # a copy already
         numbers = reducer.sum_numbers(numbers)
         ranks = reducer.world_size
     else:
@@ -46,25 +61,47 @@ def pack(opt: Any, index: dict[Tensor, int]) -> bytes | None:
     for b, bucket in enumerate(buffers.buckets):
         for i, p in enumerate(bucket.params):
             if touched[b][i]:
-                value = bucket.view(flats[b], i) if flats else bucket.acc_view(i)
-                accumulated[index[p]] = value.to("cpu", copy=True)
-    window = {"ranks": ranks, "accumulated_grads": accumulated, "items": float(items),
-              "found_inf": float(found) > 0, "discarded": bool(discarded)}
-    blob = io.BytesIO()
-    torch.save(window, blob)
-    return blob.getvalue()
+                accumulated[index[p]] = (bucket.view(flats[b], i) if flats else
+                                         bucket.acc_view(i).to("cpu", copy=True))
+    return TAG, {"ranks": ranks, "accumulated_grads": accumulated, "items": float(items),
+                 "found_inf": float(found) > 0, "discarded": bool(discarded)}
 
 
-def unpack(blob: bytes | None) -> dict[str, Any] | None:
-    if blob is None:
+def _check_collectable(opt: Any) -> None:
+    """Under data parallelism, refuse (on every rank alike, before any collective) a window whose
+    sums cannot be taken across the ranks now."""
+    if opt._reducer._next > 0:
+        raise RuntimeError(
+            "state_dict: called between a window's last backward pass and its step(), while the "
+            "window is being reduced across ranks; call it after step()")
+    if opt._micro == 0:
+        raise RuntimeError(
+            "state_dict: called mid-window under data parallelism before any micro-batch of the "
+            "window was counted (the window is driven from outside with final_micro_batch, or "
+            "backward() ran without step()): the ranks cannot agree on what the window holds; "
+            "save after the window's step()")
+
+
+def unpack(entry: tuple[str, dict[str, Any]] | None) -> dict[str, Any] | None:
+    if entry is None:
         return None
-    return torch.load(io.BytesIO(blob), weights_only=True)
+    if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and entry[0] == TAG):
+        raise ValueError("state_dict: the \"window\" entry was not written by this version of "
+                         "fused_accum; save at a window boundary to move between versions")
+    return dict(entry[1])
 
 
 def resumed_position(micro_batches: int, saved_ranks: int, ranks: int,
-                     accumulation_steps: int) -> int:
+                     accumulation_steps: int, mode: str | None) -> int:
     """Micro-batches each of ``ranks`` ranks counts as ended in a window saved after
     ``micro_batches`` on each of ``saved_ranks``; raises if they cannot."""
+    if micro_batches == 0 and saved_ranks != ranks and mode != "items":
+        # A window driven from outside (final_micro_batch) counts its micro-batches as one at its
+        # step, on each rank: its weight is the number of ranks, which then changes under it.
+        raise ValueError(
+            f"state_dict: saved mid-window on {saved_ranks} ranks before any micro-batch was "
+            f"counted (a window driven from outside with final_micro_batch, weighted by its "
+            f"ranks), loaded on {ranks}; save at a window boundary to change the number of ranks")
     done = micro_batches * saved_ranks
     if done % ranks:
         raise ValueError(
