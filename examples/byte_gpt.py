@@ -10,6 +10,8 @@ the same windows, and the loss per byte on held-out text is measured after every
   ``accumulation_steps=8``: the mean over all the window's bytes, summed in fp32;
 - ``mean of means``: the same without ``num_items``: the mean of the 8 micro-batches' means,
   which weighs a byte of a short micro-batch more than one of a long micro-batch;
+- ``bf16 sums, fp32 masters``: the right mean, summed in bf16 in ``.grad`` (what a bf16 model's
+  ``backward()`` does), then the reference's step: the cost of bf16 accumulation alone;
 - ``plain bf16 loop``: what ``model.to(torch.bfloat16)`` and a hand-written loop give:
   ``(loss / 8).backward()`` (a mean of means, summed in bf16 in ``.grad``) and
   ``torch.optim.AdamW`` on the bf16 weights, whose small updates round away.
@@ -112,19 +114,42 @@ def micro_batches(window):
 
 # Each method trains on ``data`` (a list of windows) and yields after every optimizer step.
 
+class MasterAdamW:
+    """torch's AdamW on fp32 master copies of bf16 weights: ``step()`` moves the bf16 gradients
+    to the masters, steps them and copies them back into the weights."""
+
+    def __init__(self, model):
+        self.params = list(model.parameters())
+        self.masters = [p.detach().float() for p in self.params]
+        self.opt = torch.optim.AdamW(self.masters, lr=LR, weight_decay=0.1)
+
+    def step(self):
+        for p, master in zip(self.params, self.masters):
+            master.grad, p.grad = p.grad.float(), None
+        self.opt.step()
+        with torch.no_grad():
+            for p, master in zip(self.params, self.masters):
+                p.copy_(master)
+
+
 def large_batch(model, data):
-    """torch's AdamW on fp32 master copies of the bf16 weights, copied back after each step."""
-    params = list(model.parameters())
-    masters = [p.detach().float() for p in params]
-    opt = torch.optim.AdamW(masters, lr=LR, weight_decay=0.1)
+    opt = MasterAdamW(model)
     for window in data:
         loss_of(model, *batch(window)).backward()
-        for p, master in zip(params, masters):
-            master.grad, p.grad = p.grad.float(), None
         opt.step()
-        with torch.no_grad():
-            for p, master in zip(params, masters):
-                p.copy_(master)
+        yield
+
+
+def bf16_sums(model, data):
+    """Each micro-batch weighted by its share of the window's bytes (the right mean), the sum
+    in bf16 in ``.grad``, then the masters' step."""
+    opt = MasterAdamW(model)
+    for window in data:
+        parts = micro_batches(window)
+        total = sum((targets != IGNORE).sum() for _, targets in parts)
+        for inputs, targets in parts:
+            (loss_of(model, inputs, targets) * ((targets != IGNORE).sum() / total)).backward()
+        opt.step()
         yield
 
 
@@ -173,6 +198,7 @@ def train(method, steps: int, every: int) -> list[float]:
 
 METHODS = {"large batch": large_batch, "fused_accum": with_fused_accum,
            "mean of means": lambda model, data: with_fused_accum(model, data, weigh_by_bytes=False),
+           "bf16 sums, fp32 masters": bf16_sums,
            "plain bf16 loop": plain_bf16_loop}
 
 
@@ -191,4 +217,4 @@ if __name__ == "__main__":
     for task in run(parser.parse_args().quick):
         print(task["name"])
         for name, curve in task["curves"].items():
-            print(f"  {name:>16}: final held-out loss {curve[-1]:.4f}")
+            print(f"  {name:>24}: final held-out loss {curve[-1]:.4f}")

@@ -1,8 +1,10 @@
 """``python -m fused_accum demo --quick``: the examples train on real data; fused_accum's curves
 stay on the large batch's, and the hand-written loops that go wrong do not."""
+import argparse
 import json
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -35,6 +37,7 @@ def test_the_quick_demo_puts_fused_accum_on_the_large_batch_and_the_pitfalls_els
         assert (tmp_path / f"{demo.slug(name)}.png").stat().st_size > 10_000
     groupnorm = next(t for n, t in tasks.items() if "GroupNorm" in n)["largest_gap"]
     assert groupnorm["article's loop"] > 0.05 and groupnorm["clip each micro-batch"] > 0.05
+    assert groupnorm["loss / 32 in the short window"] > 0.002
     gpt = next(t for n, t in tasks.items() if "bf16" in n)["largest_gap"]
     assert gpt["plain bf16 loop"] > 0.01 and gpt["fused_accum"] < 0.001
 
@@ -42,6 +45,34 @@ def test_the_quick_demo_puts_fused_accum_on_the_large_batch_and_the_pitfalls_els
 def test_largest_gap_is_relative_and_point_by_point():
     assert demo.largest_gap([1.0, 2.2, 3.0], [1.0, 2.0, 3.0]) == pytest.approx(0.1)
     assert demo.largest_gap([1.0, 2.0], [1.0, 2.0]) == 0.0
+    with pytest.raises(ValueError, match="different steps"):
+        demo.largest_gap([1.0, 2.0], [1.0, 2.0, 3.0])
+
+
+def _fake_example(fused):
+    curves = {"large batch": [2.0, 1.0, 0.5], "fused_accum": fused}
+    task = {"name": "fake task", "curves": curves, "x_label": "steps", "x_step": 1, "y_label": "loss"}
+    return types.SimpleNamespace(run=lambda quick: [task])
+
+
+@pytest.mark.parametrize("fused, status", [([2.0, 1.0, 0.5], 0), ([2.0, 1.0, 0.52], 1)])
+def test_the_demo_fails_when_fused_accum_strays_from_the_large_batch(fused, status, monkeypatch,
+                                                                      tmp_path, capsys):
+    monkeypatch.setattr(demo, "SCRIPTS", [("fake", None)])
+    monkeypatch.setattr(demo, "load_example", lambda name: _fake_example(fused))
+    assert demo.run(argparse.Namespace(quick=True, out=tmp_path)) == status
+    assert json.loads((tmp_path / "demo.json").read_text())["tasks"][0]["name"] == "fake task"
+    assert (tmp_path / "fake_task.png").exists()
+    assert ("strayed more than 1%" in capsys.readouterr().err) == bool(status)
+
+
+def test_a_missing_requirement_is_named_before_any_training(monkeypatch, tmp_path, capsys):
+    def missing(name):
+        raise ImportError("No module named 'sklearn'")
+    monkeypatch.setattr(demo, "load_example", missing)
+    assert demo.run(argparse.Namespace(quick=True, out=tmp_path)) == 2
+    assert "needs scikit-learn: pip install scikit-learn" in capsys.readouterr().err
+    assert not (tmp_path / "demo.json").exists()
 
 
 def test_a_demo_without_its_examples_says_where_they_are(monkeypatch, tmp_path):

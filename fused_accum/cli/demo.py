@@ -22,14 +22,14 @@ import torch
 from .. import __version__
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-# module, what it needs beyond fused_accum's own requirements
+# module, what it needs beyond torch and matplotlib (the plots)
 SCRIPTS = [("digits", "scikit-learn"), ("byte_gpt", None), ("hf_trainer", "transformers")]
 TOLERANCE = 0.01   # fused_accum against the large batch, relative, at every point
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
-                        help="short runs (under two minutes on 2 CPU cores)")
+                        help="short runs (about 30 s on 2 CPU cores; under two minutes)")
     parser.add_argument("--out", type=Path, default=Path("fused_accum_demo"),
                         help="folder for demo.json and the PNG plots (default: ./fused_accum_demo)")
 
@@ -47,6 +47,9 @@ def load_example(name: str):
 
 def largest_gap(curve: list[float], reference: list[float]) -> float:
     """The largest relative difference between two curves, point by point."""
+    if len(curve) != len(reference):
+        raise ValueError(f"curves of {len(curve)} and {len(reference)} points: measured at "
+                         "different steps")
     return max(abs(a - b) / abs(b) for a, b in zip(curve, reference))
 
 
@@ -84,27 +87,30 @@ def slug(name: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    modules = []
+    if importlib.util.find_spec("matplotlib") is None:   # before the training, not after it
+        print("demo: the plots need matplotlib: pip install matplotlib", file=sys.stderr)
+        return 2
+    modules = {}
     for name, needs in SCRIPTS:
         try:
-            modules.append(load_example(name))
+            modules[name] = load_example(name)
         except ImportError as exc:
-            print(f"demo: examples/{name}.py needs {needs}: pip install {needs} ({exc})",
-                  file=sys.stderr)
+            print(f"demo: examples/{name}.py cannot be imported: {exc}"
+                  + (f" (it needs {needs}: pip install {needs})" if needs else ""), file=sys.stderr)
             return 2
         except FileNotFoundError as exc:
             print(exc, file=sys.stderr)
             return 2
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"quick": args.quick, "fused_accum": __version__, "torch": torch.__version__,
-              "tasks": []}
+              "seconds": {}, "tasks": []}
     strayed = []
-    for module in modules:
+    for name, module in modules.items():
         started = time.perf_counter()
         tasks = module.run(quick=args.quick)
-        seconds = time.perf_counter() - started
+        result["seconds"][f"{name}.py"] = round(time.perf_counter() - started, 1)
+        print(f"\nexamples/{name}.py: {result['seconds'][f'{name}.py']} s")
         for task in tasks:
-            task["seconds"] = round(seconds / len(tasks), 1)
             reference = task["curves"]["large batch"]
             task["largest_gap"] = {name: largest_gap(curve, reference)
                                    for name, curve in task["curves"].items() if curve is not reference}
@@ -124,10 +130,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def report(task: dict) -> None:
-    print(f"\n{task['name']}  ({task['seconds']} s)")
+    print(f"  {task['name']}")
     for name, curve in task["curves"].items():
         gap = task["largest_gap"].get(name)
         against = "" if gap is None else f"   largest gap to the large batch {gap:8.3%}"
-        print(f"  {name:>22}: final {task['y_label']} {curve[-1]:.4f}{against}")
+        print(f"  {name:>30}: final {task['y_label']} {curve[-1]:.4f}{against}")
     if "expect_gap" in task:
         print(f"  (a gap is expected here: {task['expect_gap']})")
