@@ -138,10 +138,7 @@ def _worker(rank: int, ranks: int, scenario: str, shard: bool, tmp: str) -> None
                     pending = bool(getattr(opt._reducer, "_gathers", None))
                     result.setdefault("pending after step", []).append(pending)
             result.setdefault("stepped", []).append(opt.stepped)
-        if scenario == "overlap bf16":   # the optimizer's methods finish the gathers themselves
-            result["state_dict"] = opt.full_state_dict()
-        else:
-            opt.finish_param_gather()   # the last window's, before reading the parameters
+        opt.finish_param_gather()   # the last window's, before reading the parameters
         result["params"] = [p.detach().clone() for p in model.parameters()]
         if scenario == "momentum later":
             result["params"].append(extra.detach().clone())
@@ -149,7 +146,7 @@ def _worker(rank: int, ranks: int, scenario: str, shard: bool, tmp: str) -> None
         result["skipped"] = opt.skipped_steps
         result["scale"] = opt.loss_scale
         result["grad_norm"] = opt.grad_norm
-        result.setdefault("state_dict", opt.full_state_dict())   # sharded: gathered, torch's format
+        result["state_dict"] = opt.full_state_dict()   # sharded: gathered, torch's format
         own = opt.state_dict()["state"]   # sharded: this rank's blocks (ShardedTensors)
         result["own_elements"] = sum(
             sum(s.tensor.numel() for s in v.local_shards()) if hasattr(v, "local_shards") else v.numel()

@@ -52,7 +52,6 @@ class WindowStateDict:
         return self._packed_state(whole=True)
 
     def _packed_state(self, whole: bool) -> dict[str, Any]:
-        self.finish_param_gather()   # compact masters read the parameters
         packed = super().state_dict()
         index = {p: i for i, p in enumerate(index_params(self.param_groups))}
         state: dict[int, dict[str, Tensor]] = {}
@@ -83,7 +82,6 @@ class WindowStateDict:
         as it was.  Without a ``"fused_accum"`` entry (a torch optimizer's dict) the window
         restarts empty; low-precision masters absent from the dict are taken from the parameters.
         """
-        self.finish_param_gather()   # a gather in flight would overwrite the loaded parameters
         params = index_params(self.param_groups)
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
