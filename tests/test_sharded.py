@@ -48,15 +48,13 @@ def _optimizer(params, scenario: str, shard: bool, ranks: int):
         extra["loss_scale"] = fused_accum.DynamicLossScale(init_scale=2.0 ** 8)
     if scenario == "clip":
         extra["max_grad_norm"] = 0.05
-    if scenario.startswith("overlap"):   # the all-gathers waited for at the next forward pass
-        extra["overlap_param_gather"] = shard
     return fused_accum.AdamW(params, lr=1e-2, weight_decay=0.1, accumulation_steps=k,
                              shard_state=shard, **extra)
 
 
 def _dtype(scenario: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "compact": torch.bfloat16, "to compact": torch.bfloat16,
-            "overflow": torch.float16, "overlap bf16": torch.bfloat16}.get(
+            "overflow": torch.float16}.get(
         scenario, torch.float32)
 
 
@@ -134,11 +132,7 @@ def _worker(rank: int, ranks: int, scenario: str, shard: bool, tmp: str) -> None
                 items = (targets != IGNORE).sum() if scenario == "uneven" else None
                 opt.backward(loss, num_items=items)
                 opt.step()
-                if opt.stepped:   # overlapped, step() returns with the all-gathers in flight
-                    pending = bool(getattr(opt._reducer, "_gathers", None))
-                    result.setdefault("pending after step", []).append(pending)
             result.setdefault("stepped", []).append(opt.stepped)
-        opt.finish_param_gather()   # the last window's, before reading the parameters
         result["params"] = [p.detach().clone() for p in model.parameters()]
         if scenario == "momentum later":
             result["params"].append(extra.detach().clone())
@@ -152,7 +146,6 @@ def _worker(rank: int, ranks: int, scenario: str, shard: bool, tmp: str) -> None
             sum(s.tensor.numel() for s in v.local_shards()) if hasattr(v, "local_shards") else v.numel()
             for entry in own.values() for name, v in entry.items() if name == "exp_avg")
         result["overlapped"] = opt._reducer.launched_during_backward
-        result["hook left"] = getattr(opt._reducer, "_hook", None) is not None
         result["chunks"] = len(opt._reducer.chunks)
     except BaseException as exc:   # the parent reads the outcome; never leave the peers hanging
         result["error"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
@@ -173,7 +166,7 @@ def _ok(results: list[dict]) -> None:
 # Every scenario on 2 ranks; the dtypes, clipping and an overflow on 4 as well.
 CASES = [(s, 2) for s in ("sgd", "adamw", "clip", "bf16", "compact", "uneven", "overflow",
                           "resume", "ddp", "added group", "to compact", "flush", "driven",
-                          "wrapped", "raise", "momentum later", "overlap", "overlap bf16")] + [(s, 4) for s in ("adamw", "clip", "bf16", "compact",
+                          "wrapped", "raise", "momentum later")] + [(s, 4) for s in ("adamw", "clip", "bf16", "compact",
                                                                 "overflow")]
 
 
@@ -197,13 +190,6 @@ def test_sharded_equals_the_all_reduced_window(scenario, ranks, tmp_path):
         assert all(r["refused"] is None for r in plain)
         assert all("full_state_dict()" in r["refused"] for r in sharded)
     assert not any(r["folds"] for r in sharded + plain)
-    assert not any(r["hook left"] for r in sharded)
-    for run, overlapped in ((plain, False), (sharded, scenario.startswith("overlap"))):
-        for r in run:   # the parameters are all written when step() returns, unless overlapped
-            pending = r.get("pending after step", [])
-            assert pending == [overlapped] * len(pending)
-    if scenario.startswith("overlap"):
-        assert len(sharded[0]["pending after step"]) == WINDOWS
     for r in sharded:
         assert r["stepped"] == [scenario != "raise" or w != 1 for w in range(WINDOWS)]
         assert r["skipped"] == plain[0]["skipped"] == (1 if scenario == "overflow" else 0)
@@ -375,14 +361,3 @@ def test_stochastic_rounding_agrees_across_ranks_and_differs_across_parameters(c
     for r in results:
         assert torch.equal(r["p"], results[0]["p"]) and torch.equal(r["q"], results[0]["q"])
         assert not torch.equal(r["p"], r["q"])
-
-
-def test_overlap_param_gather_needs_shard_state():
-    model = make_model(seed=3)
-    with pytest.raises(ValueError, match="overlap_param_gather=True needs shard_state=True"):
-        fused_accum.AdamW(model.parameters(), overlap_param_gather=True)
-    with pytest.raises(TypeError, match="overlap_param_gather must be True or False"):
-        fused_accum.SGD(model.parameters(), lr=0.1, shard_state=True, overlap_param_gather="yes")
-    # one process, no group: nothing to shard or gather, and nothing to wait for
-    opt = fused_accum.AdamW(model.parameters(), shard_state=True, overlap_param_gather=True)
-    opt.finish_param_gather()

@@ -1,10 +1,9 @@
 """Data parallel: bytes communicated per accumulation window, fused_accum against DDP.
 
 Two ranks (gloo on CPU, NCCL on GPUs) train the same model for a few windows of k micro-batches
-in six pipelines: fused_accum on its own (it averages each window over the ranks, with one
+in five pipelines: fused_accum on its own (it averages each window over the ranks, with one
 reduction of the fp32 buffers per window), the same with ``shard_state=True`` (a reduce-scatter
-of the fp32 buffers and an all-gather of the parameters per window), sharded with
-``overlap_param_gather=True`` (the all-gathers waited for at the next forward pass), fused_accum on a DDP-wrapped
+of the fp32 buffers and an all-gather of the parameters per window), fused_accum on a DDP-wrapped
 model (the one-line change in a DDP script: the optimizer switches DDP's reduction off), DDP
 reducing in every micro-batch, and DDP under ``no_sync()`` for all but the last micro-batch.
 Every collective's payload is counted where it is issued, by wrappers around
@@ -14,9 +13,8 @@ all-gather (its output), so the bytes are measured, not computed; the time per w
 median over the timed windows, and the optimizer state each rank holds comes from
 ``memory_bytes()``.  The fp32 buffers are reduced in chunks of ``CHUNK_MB``, so that the model
 has several: each fused row says how many chunks' reductions started during the last backward
-pass, the sharded row how many all-gathers had completed while later chunks were stepped, and
-the overlapped row how many had completed when the next forward pass needed them (the overlap,
-observed rather than assumed).
+pass, and the sharded row how many all-gathers had completed while later chunks were stepped
+(the overlap, observed rather than assumed).
 """
 from __future__ import annotations
 
@@ -33,8 +31,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-PIPELINES = ("fused_accum", "fused_accum sharded", "fused_accum sharded, overlapped",
-             "DDP + fused_accum", "DDP", "DDP no_sync")
+PIPELINES = ("fused_accum", "fused_accum sharded", "DDP + fused_accum", "DDP", "DDP no_sync")
 CHUNK_MB = 4.0
 
 
@@ -106,8 +103,7 @@ def _worker(rank: int, pipeline: str, cfg: dict, init_file: str, out: dict) -> N
             net.register_comm_hook(None, allreduce_hook)
         if fused:   # the default process_group ("auto") averages windows over both ranks
             opt = fused_accum.AdamW(net.parameters(), lr=1e-4, accumulation_steps=k,
-                                    shard_state="sharded" in pipeline,
-                                    overlap_param_gather=pipeline.endswith("overlapped"))
+                                    shard_state=pipeline.endswith("sharded"))
         else:
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         gen = torch.Generator(device="cpu").manual_seed(100 + rank)
@@ -140,8 +136,6 @@ def _worker(rank: int, pipeline: str, cfg: dict, init_file: str, out: dict) -> N
                     times.append(elapsed)
                     window_bytes.append(counter.bytes - before_bytes)
                     window_calls.append(counter.calls - before_calls)
-        if fused:   # overlapped: the last window's all-gathers, which no forward pass waited for
-            opt.finish_param_gather()
         if rank == 0:
             params = sum(p.numel() for p in model.parameters())
             state = sum(v for name, v in opt.memory_bytes().items()
@@ -156,8 +150,6 @@ def _worker(rank: int, pipeline: str, cfg: dict, init_file: str, out: dict) -> N
                                reduced_during_backward=reducer.launched_during_backward / windows)
                 if pipeline.endswith("sharded"):
                     overlap["gathered_during_step"] = reducer.gathered_during_step / windows
-                if pipeline.endswith("overlapped"):
-                    overlap["gathered_before_forward"] = reducer.gathered_before_forward / windows
             out[pipeline] = dict(bytes=statistics.median(window_bytes), state_bytes=state, **overlap,
                                  calls=statistics.median(window_calls),
                                  time_s=statistics.median(times), parameters=params)
@@ -206,8 +198,7 @@ def run(device: torch.device, quick: bool, k: int = 8) -> list[dict]:
                              collectives_per_window=r["calls"], time_s=r["time_s"],
                              state_bytes_per_parameter=r["state_bytes"] / r["parameters"],
                              **{key: r[key] for key in ("chunks", "reduced_during_backward",
-                                                        "gathered_during_step",
-                                                        "gathered_before_forward") if key in r},
+                                                        "gathered_during_step") if key in r},
                              bytes_vs_fused_accum=r["bytes"] / ours["bytes"],
                              time_vs_fused_accum=r["time_s"] / ours["time_s"]))
     return rows

@@ -47,16 +47,13 @@ def _state(row: dict) -> str:
 
 def _overlap(row: dict) -> str:
     """Chunks whose reduction started during the last backward pass, and (sharded) all-gathers
-    complete while later chunks were stepped or (overlapped) when the next forward pass needed
-    them, per window, out of how many could."""
+    complete while later chunks were stepped, per window, out of how many could."""
     if "chunks" not in row:
         return " | "
     chunks = row["chunks"]
     text = f"{row['reduced_during_backward']:.1f} of {chunks} | "
     if "gathered_during_step" in row:
         text += f"{row['gathered_during_step']:.1f} of {chunks - 1}"
-    if "gathered_before_forward" in row:
-        text += f"{row['gathered_before_forward']:.1f} of {chunks} by the next forward"
     return text
 
 

@@ -36,7 +36,7 @@ class FusedAccumulator(AccumulatingOptimizer):
                  max_grad_norm: float | None = None, master_weights: bool | None = None,
                  loss_scale: Any = "auto", nonfinite: str = "skip", stochastic_rounding: bool = False,
                  process_group: Any = "auto", shard_state: bool = False,
-                 overlap_param_gather: bool = False, backend: str = "auto") -> None:
+                 backend: str = "auto") -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
                             f"{type(optimizer).__name__}")
@@ -60,8 +60,7 @@ class FusedAccumulator(AccumulatingOptimizer):
                          master_weights=self.fused if master_weights is None else master_weights,
                          loss_scale=loss_scale, nonfinite=nonfinite,
                          stochastic_rounding=stochastic_rounding, process_group=process_group,
-                         shard_state=shard_state, overlap_param_gather=overlap_param_gather,
-                         backend=backend)
+                         shard_state=shard_state, backend=backend)
         self.param_groups = optimizer.param_groups   # shared: schedulers on either object agree
         if self.fused and optimizer.state:
             self.load_state_dict(optimizer.state_dict())

@@ -54,8 +54,7 @@ class Adam(AccumulatingOptimizer):
                  accumulation_steps: int = 1, max_grad_norm: float | None = None,
                  master_weights: bool | str = True, loss_scale: Any = "auto", nonfinite: str = "skip",
                  stochastic_rounding: bool = False, process_group: Any = "auto",
-                 shard_state: bool = False, overlap_param_gather: bool = False,
-                 backend: str = "auto") -> None:
+                 shard_state: bool = False, backend: str = "auto") -> None:
         refuse_differentiable(differentiable)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
@@ -65,8 +64,7 @@ class Adam(AccumulatingOptimizer):
                          max_grad_norm=max_grad_norm, master_weights=master_weights,
                          loss_scale=loss_scale, nonfinite=nonfinite,
                          stochastic_rounding=stochastic_rounding, process_group=process_group,
-                         shard_state=shard_state, overlap_param_gather=overlap_param_gather,
-                         backend=backend)
+                         shard_state=shard_state, backend=backend)
 
     def validate_group(self, group: dict[str, Any]) -> None:
         check_adam(group)
@@ -90,8 +88,7 @@ class AdamW(Adam):
                  accumulation_steps: int = 1, max_grad_norm: float | None = None,
                  master_weights: bool | str = True, loss_scale: Any = "auto", nonfinite: str = "skip",
                  stochastic_rounding: bool = False, process_group: Any = "auto",
-                 shard_state: bool = False, overlap_param_gather: bool = False,
-                 backend: str = "auto") -> None:
+                 shard_state: bool = False, backend: str = "auto") -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable, differentiable=differentiable,
                          fused=fused, decoupled_weight_decay=True,
@@ -99,4 +96,4 @@ class AdamW(Adam):
                          master_weights=master_weights, loss_scale=loss_scale,
                          nonfinite=nonfinite, stochastic_rounding=stochastic_rounding,
                          process_group=process_group, shard_state=shard_state,
-                         overlap_param_gather=overlap_param_gather, backend=backend)
+                         backend=backend)

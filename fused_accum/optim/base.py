@@ -23,7 +23,7 @@ from . import data_parallel
 from .checkpoint import WindowStateDict, index_params
 from .state import BucketState
 from .distributed import WindowReducer
-from .sharded import ShardedReducer, check_overlap_param_gather
+from .sharded import ShardedReducer
 from .nonfinite import SkipMonitor
 from ._args import check_accumulation_steps, check_max_grad_norm
 
@@ -72,9 +72,6 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
     - ``shard_state``: with a process group, each rank keeps 1/d of the fp32 optimizer state
       (masters, moments), the window is reduce-scattered and the updated parameters all-gathered
       (see :mod:`fused_accum.optim.sharded`); without one there is nothing to shard.
-    - ``overlap_param_gather``: with ``shard_state``, ``step()`` returns before the updated
-      parameters have arrived; each module's are written when its forward pass starts (see
-      :meth:`finish_param_gather` for code that reads parameters before that).
     - ``backend``: "auto", or a name from ``python -m fused_accum info``.
     """
 
@@ -87,7 +84,7 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
                  max_grad_norm: float | None = None, master_weights: bool | str = True,
                  loss_scale: Any = "auto", nonfinite: str = "skip", stochastic_rounding: bool = False,
                  process_group: Any = "auto", shard_state: bool = False,
-                 overlap_param_gather: bool = False, backend: str = "auto") -> None:
+                 backend: str = "auto") -> None:
         self.accumulation_steps = check_accumulation_steps(accumulation_steps)
         if not isinstance(stochastic_rounding, bool):
             raise TypeError(f"stochastic_rounding must be True or False, got {stochastic_rounding!r}")
@@ -109,7 +106,6 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
         if not isinstance(shard_state, bool):
             raise TypeError(f"shard_state must be True or False, got {shard_state!r}")
         self._sharding = shard_state and group is not None
-        check_overlap_param_gather(overlap_param_gather, shard_state)
         self._reducer: WindowReducer | None = None   # made once the parameters are known
         # Data parallelism reduces flat accumulators; alone, fp32 buckets adopt their gradients.
         self._buffers = GradBuffers(self.backend, self._on_backward_start,
@@ -135,7 +131,6 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
             group = owners[0].process_group   # reduce over the ranks DDP was given
         if group is not None:
             self._reducer = (ShardedReducer if self._sharding else WindowReducer)(group)
-            self._reducer.defer_gathers = overlap_param_gather
         data_parallel.take_over(owners, self._reducer, index_params(self.param_groups))
         # A DDP wrapper made after the optimizer (accelerate, transformers) is found at step 1.
         self._ddp_unchecked = data_parallel.world_size() > 1 and not owners
@@ -164,7 +159,6 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
             params = list(params)
         param_group["params"] = params
         self._check_new_params(params, len(self.param_groups))
-        self.finish_param_gather()
         self.validate_group({**self.defaults, **param_group})
         super().add_param_group(param_group)
         group_index = len(self.param_groups) - 1
@@ -205,7 +199,6 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
     # -- micro-batches -----------------------------------------------------------------------
 
     def _on_backward_start(self, kind: str, through_optimizer: bool) -> None:
-        self.finish_param_gather()   # the accumulators may still hold gathered parameters
         if self._final_hint is None and guards.accelerate_accumulating():
             raise RuntimeError(
                 "fused_accum: accelerate is forming accumulation windows around this optimizer "
@@ -313,7 +306,6 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
         """End one micro-batch; the ``accumulation_steps``-th call updates the parameters."""
         if "found_inf" in self.__dict__:   # set by torch.amp.GradScaler.step(self)
             self._refuse_grad_scaler()
-        self.finish_param_gather()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -370,7 +362,6 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
         epoch), as the mean over the micro-batches or items actually seen.  A micro-batch whose
         gradients arrived but whose ``step()`` was not called yet counts as seen.  Returns
         whether the parameters were updated."""
-        self.finish_param_gather()
         self._check_wrappers()
         self._buffers.take_stray_grads()
         self._buffers.settle_unfinished()
@@ -389,17 +380,7 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
         """Hand the parameters back to plain autograd (``.grad`` accumulates as usual), e.g. to
         continue with a torch optimizer.  Deleting the optimizer does the same.  The buffers and
         state stay readable; this optimizer takes no more gradients."""
-        self.finish_param_gather()
         self._buffers.remove_hooks()
-
-    def finish_param_gather(self) -> None:
-        """With ``overlap_param_gather=True``: write the last step's updates into every parameter
-        now.  A module's forward pass, the next backward pass and this optimizer's methods do it
-        themselves; code that reads parameters between ``step()`` and the forward pass (an EMA,
-        logging, ``model.state_dict()``, a parameter used outside its module's forward) calls it
-        first.  Otherwise it does nothing."""
-        if self._sharding and self._reducer is not None:   # None: being built
-            self._reducer.finish_gathers()
 
     @property
     def grad_norm(self) -> Tensor | None:
@@ -543,4 +524,4 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
             if len(holder.state) != allocated:   # state allocated lazily (e.g. momentum set later)
                 self._publish_state(bucket)
         if self._sharding:
-            self._reducer.end_step()
+            self._reducer.finish_gathers()

@@ -19,11 +19,7 @@ Per window, the only communication besides the window's small summary:
    as soon as it is stepped (overlapping the next chunk's step) into the accumulator's own
    memory (dead until the next window's first touches overwrite it) viewed in the parameters'
    dtype, so no buffer is allocated for it; once all have arrived, before ``step()`` returns,
-   they are copied into the parameters.  With ``overlap_param_gather=True`` they are waited for
-   and copied later, chunk by chunk: when a module holding parameters of a chunk starts its
-   forward pass (a global forward pre-hook, removed once all have arrived), at the next backward
-   pass, or at any optimizer call, whichever comes first.  A module waits for the chunks below
-   its own as well, so the chunks are waited for in the order they were launched.
+   they are copied into the parameters.
 
 A parameter cut by a piece boundary is stepped in parts by two ranks; its step count is kept on
 every rank.  Stochastic rounding draws its bits with a seed of its own for each rank's piece of
@@ -195,13 +191,9 @@ class ShardedReducer(WindowReducer):
         super().__init__(process_group)
         self.shards: dict[Bucket, BucketShard] = {}
         self._ascending: dict[Bucket, list[Chunk]] = {}   # each bucket's chunks, lowest first
-        self.defer_gathers = False   # overlap_param_gather: wait at the next forward pass
-        self._gathers: list[tuple[object, Chunk, Tensor]] = []   # (work, chunk, gathered buffer)
-        self._waited = 0            # the first _gathers already waited for and written
-        self._position: dict[Tensor, int] = {}   # parameter -> its entry in _gathers
-        self._hook = None           # the forward pre-hook while gathers are deferred
-        self.gathered_during_step = 0      # all-gathers complete before the step's last chunk
-        self.gathered_before_forward = 0   # deferred all-gathers complete when first needed
+        self._gathers: list = []    # this window's all-gathers in flight
+        self._gathered: list[tuple[Bucket, Tensor]] = []
+        self.gathered_during_step = 0   # all-gathers complete before the step's last chunk
 
     def attach(self, buffers) -> None:
         for bucket in buffers.buckets:
@@ -269,47 +261,21 @@ class ShardedReducer(WindowReducer):
             work = self._collective("all-gather of the parameters", _ALL_GATHER,
                                     gathered[chunk.start:chunk.end], gathered[start:stop],
                                     async_op=True)
-            self._gathers.append((work, chunk, gathered))
+            self._gathers.append(work)
         shard.count_steps_elsewhere(found_inf)
+        self._gathered.append((shard.bucket, gathered))
 
-    def end_step(self) -> None:
-        """The step has launched every all-gather: wait for them now, or with ``defer_gathers``
-        when their parameters are first needed."""
-        if not self.defer_gathers:
-            # Overlap, measured: gathers already complete when the last chunk had been stepped.
-            self.gathered_during_step += sum(w.is_completed() for w, _, _ in self._gathers[:-1])
-            self.finish_gathers()
-            return
-        self._position = {p: k for k, (_, chunk, _) in enumerate(self._gathers)
-                          for p in chunk.params}
-        if self._gathers and self._hook is None:
-            self._hook = torch.nn.modules.module.register_module_forward_pre_hook(
-                self._before_forward)
-
-    def _before_forward(self, module: torch.nn.Module, args) -> None:
-        last = max((self._position.get(p, -1) for p in module._parameters.values()), default=-1)
-        if last >= self._waited:
-            self.finish_gathers(through=last)
-
-    def finish_gathers(self, through: int | None = None) -> None:
-        """Wait for the window's all-gathers (up to entry ``through``) and write every rank's
-        updates into their parameters."""
-        end = len(self._gathers) if through is None else through + 1
-        done = self._gathers[self._waited:end]
-        if self.defer_gathers:
-            self.gathered_before_forward += sum(work.is_completed() for work, _, _ in done)
-        for work, _, _ in done:
+    def finish_gathers(self) -> None:
+        """Wait for the window's all-gathers and write every rank's updates into the parameters."""
+        works, self._gathers = self._gathers, []
+        buffers, self._gathered = self._gathered, []
+        # Overlap, measured: gathers already complete when the last chunk had been stepped.
+        self.gathered_during_step += sum(work.is_completed() for work in works[:-1])
+        for work in works:
             self._collective("all-gather of the parameters", lambda group: work.wait())
-        for _, chunk, gathered in done:
-            bucket, indices = chunk.bucket, range(chunk.first, chunk.last + 1)
-            torch._foreach_copy_([bucket.params[i].detach() for i in indices],
-                                 [bucket.view(gathered, i) for i in indices])
-        self._waited = max(self._waited, end)
-        if self._waited == len(self._gathers):
-            self._gathers, self._waited, self._position = [], 0, {}
-            if self._hook is not None:
-                self._hook.remove()
-                self._hook = None
+        for bucket, gathered in buffers:
+            torch._foreach_copy_([p.detach() for p in bucket.params],
+                                 [bucket.view(gathered, i) for i in range(len(bucket.params))])
 
     def nonfinite_labels(self, buckets: list[Bucket]) -> list[str]:
         """The parameters with a non-finite sum anywhere, from every rank's pieces (for
@@ -361,14 +327,6 @@ class ShardedReducer(WindowReducer):
                              into[chunk.start:chunk.end], sent[local:local + stop - start])
             local += stop - start
         return whole
-
-
-def check_overlap_param_gather(overlap_param_gather: object, shard_state: bool) -> None:
-    if not isinstance(overlap_param_gather, bool):
-        raise TypeError(f"overlap_param_gather must be True or False, got {overlap_param_gather!r}")
-    if overlap_param_gather and not shard_state:
-        raise ValueError("overlap_param_gather=True needs shard_state=True: only a sharded step "
-                         "all-gathers the updated parameters")
 
 
 def check_shardable(params: list[Tensor], labels: list[str]) -> None:
