@@ -274,10 +274,7 @@ def _refusals_worker(rank, init_file, out_dir):
         model, opt = _make(41, torch.float32, k=1, process_group=True)   # driven from outside
         opt.final_micro_batch = False
         (lm_loss(model, *first) / 2).backward()
-        try:
-            opt.state_dict()
-        except RuntimeError as exc:
-            result["driven"] = str(exc)
+        result["driven"] = opt.state_dict()["fused_accum"]["window"]   # summed over both ranks
         opt.final_micro_batch = True
         (lm_loss(model, *last) / 2).backward()
         opt.step()
@@ -288,14 +285,16 @@ def _refusals_worker(rank, init_file, out_dir):
         leave_rank(result, os.path.join(out_dir, f"refusals{rank}.pt"))
 
 
-def test_data_parallel_windows_that_cannot_be_summed_now_are_refused_on_every_rank(tmp_path):
-    """Under data parallelism a mid-window state_dict() sums the window over the ranks; between
-    the last backward pass and step() (the reduction under way) or in a window driven from outside
-    (no micro-batch counted), every rank raises before any collective, and training goes on."""
+def test_a_data_parallel_window_being_reduced_is_refused_on_every_rank(tmp_path):
+    """Under data parallelism a mid-window state_dict() sums the window over the ranks: between
+    the last backward pass and step() (the reduction under way) every rank raises before any
+    collective, and training goes on; a window driven from outside (final_micro_batch: no
+    micro-batch counted yet) is summed like any other."""
     mp.spawn(_refusals_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         r = torch.load(tmp_path / f"refusals{rank}.pt")
         assert "error" not in r, r["error"]
         assert "between a window's last backward pass and its step()" in r["in reduction"]
-        assert "before any micro-batch of the window was counted" in r["driven"]
+        tag, window = r["driven"]
+        assert window["ranks"] == 2 and window["accumulated_grads"]
         assert r["stepped"] and r["driven stepped"]

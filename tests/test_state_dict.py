@@ -178,3 +178,26 @@ def test_a_window_boundary_saves_no_window(backend):
     opt = fused_accum.SGD(model.parameters(), lr=0.1, accumulation_steps=2, backend=backend)
     _micro_batches(model, opt, make_batches(5, 2, 2), False)
     assert opt.stepped and opt.state_dict()["fused_accum"]["window"] is None
+
+
+def test_a_torch_optimizer_that_loaded_a_mid_window_dict_saves_dicts_that_load_back(backend):
+    """torch's load_state_dict keeps every key of a saved group, the mid-window mark included;
+    once the torch optimizer has stepped, its step counts no longer match the mark and its dicts
+    load as torch's.  Before it steps, its dict is the mid-window one without the window:
+    refused."""
+    model = make_model(seed=28)
+    opt = fused_accum.AdamW(model.parameters(), lr=1e-2, accumulation_steps=2, backend=backend)
+    train_accumulated(model, opt, [make_batches(6, 2, 2)])
+    _micro_batches(model, opt, make_batches(7, 1, 2), False)   # half a window in progress
+    mid = _round_trip(opt.state_dict())
+    opt.remove_hooks()
+    theirs = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    theirs.load_state_dict(mid)
+    fresh = fused_accum.AdamW(make_model(seed=29).parameters(), lr=1e-2, backend=backend)
+    with pytest.raises(ValueError, match="saved mid-window, but without"):
+        fresh.load_state_dict(theirs.state_dict())
+    tokens, targets = make_batches(8, 1, 2)[0]
+    lm_loss(model, tokens, targets).backward()
+    theirs.step()
+    fresh.load_state_dict(theirs.state_dict())
+    assert fresh.micro_batches == 0

@@ -29,7 +29,7 @@ TOLERANCE = 0.01   # fused_accum against the large batch, relative, at every poi
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
-                        help="short runs (about 30 s on 2 CPU cores; under two minutes)")
+                        help="short runs (about 40 s on 2 CPU cores; under two minutes)")
     parser.add_argument("--out", type=Path, default=Path("fused_accum_demo"),
                         help="folder for demo.json and the PNG plots (default: ./fused_accum_demo)")
 

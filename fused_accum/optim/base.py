@@ -111,6 +111,7 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
         self._buffers = GradBuffers(self.backend, self._on_backward_start,
                                     flat_fp32=group is not None)
         self._micro = 0                              # micro-batches ended in this window
+        self._window_passes = 0   # backward passes begun in it (a restored window counts one)
         self._final_hint: Any = None                 # see final_micro_batch
         self._mode: str | None = None                # "plain" or "items" once the window knows
         self._weight_sum: dict[torch.device, Tensor] = {}   # items seen in the window
@@ -215,6 +216,7 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
                 "loss.backward(); call one or the other for every micro-batch of a window (the "
                 "backward pass was refused; the window's accumulated gradients are intact)")
         self._mode = kind
+        self._window_passes += 1
         if callable(self._final_hint):
             self._arm()   # ask whether this pass ends the window
         if not through_optimizer and self._scaler is not None:
@@ -456,6 +458,7 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
 
     def _reset_window(self) -> None:
         self._micro = 0
+        self._window_passes = 0
         if not callable(self._final_hint):
             self._final_hint = None
         self._mode = None

@@ -72,7 +72,7 @@ class WindowStateDict:
         }
         if packed["param_groups"]:
             packed["param_groups"][0][window_checkpoint.MID_WINDOW] = \
-                packed["fused_accum"]["window"] is not None
+                window_checkpoint.mid_window_mark(packed)
         return packed
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -94,7 +94,7 @@ class WindowStateDict:
         saved_ids = [i for g in saved_groups for i in g["params"]]
         by_param = {p: (state_dict["state"].get(sid, {}), sid) for p, sid in zip(params, saved_ids)}
         common = state_dict.get("fused_accum")
-        if common is None and any(g.get(window_checkpoint.MID_WINDOW) for g in saved_groups):
+        if window_checkpoint.dropped_window(state_dict):
             raise ValueError(
                 "state_dict: saved mid-window, but without its \"fused_accum\" entry, which holds "
                 "the window's sums (torch.distributed.checkpoint.state_dict's "
@@ -194,6 +194,7 @@ class WindowStateDict:
         if common and common.get("loss_scaler") is not None and self._scaler is not None:
             self._scaler.load_state_dict(common["loss_scaler"])
         self._micro = window["position"] if window else 0
+        self._window_passes = 1 if window else 0
         self._mode = common["mode"] if window else None
         self._buffers.forget_passes()   # a pass that raised before the load belongs to no window
         self._buffers.arrived = False

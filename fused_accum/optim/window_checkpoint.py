@@ -11,12 +11,19 @@ Loaded on d' ranks, rank 0 takes the sums and item count and the other ranks go 
 ones; the window resumes at (micro-batches ended over all ranks) / d', so it ends after as many
 micro-batches over all ranks as it would have.  A window that d' ranks cannot split evenly raises.
 Under data parallelism a mid-window ``state_dict()`` raises (on every rank, before any
-collective) between a window's last backward pass and its ``step()``, and in a window whose
-micro-batches are not counted (driven from outside with ``final_micro_batch``).
+collective of its window) between a window's last backward pass and its ``step()``.  Whether a
+window is in progress, and whether it is being reduced, is decided on counts that every rank in
+step shares (micro-batches ended, backward passes begun), never on what one rank touched.  A
+window driven from outside (``final_micro_batch``, as the integrations do) counts no micro-batch
+before its step: it resumes on as many ranks only, unless ``num_items`` weighs it.
 
 ``get_optimizer_state_dict`` (torch.distributed.checkpoint.state_dict) keeps only ``"state"`` and
 ``"param_groups"``, so the first parameter group also says whether a window was in progress
-(:data:`MID_WINDOW`): loading such a dict without its window raises instead of dropping it.
+(:data:`MID_WINDOW`: False, or the largest step count when saved mid-window): loading such a dict
+without its window raises instead of dropping it.  A torch optimizer that loads the dict copies
+the key into its own group; once it has stepped, its step counts no longer match, and its dicts
+load as torch's.  (``flatten_optimizer_state_dict=True`` rebuilds the groups from the loading
+optimizer's keys, which drops the mark: through that option a mid-window window is lost.)
 
 The entry is a pair ``(TAG, window)`` holding host tensors: DCP flattens dicts and lists but keeps
 a tuple whole, as one item that every optimizer lists (a freshly built one lists ``None`` there,
@@ -43,8 +50,9 @@ def pack(opt: Any, index: dict[Tensor, int]) -> tuple[str, dict[str, Any]] | Non
     """The window in progress of ``opt`` as ``(TAG, window)`` (None between windows); ``index``:
     parameter -> state-dict id.  A collective under data parallelism."""
     buffers, reducer, main = opt._buffers, opt._reducer, opt._skipped.device
-    if not (opt._micro > 0 or buffers.discarded or any(True in b.touched for b in buffers.buckets)):
-        return None   # between windows every rank is here, and no rank enters a collective
+    if opt._micro == 0 and opt._window_passes == 0:
+        return None   # between windows: decided on counts every rank shares, so none enters
+                      # the collectives below alone
     if reducer is not None:
         _check_collectable(opt)
     items = opt._weight_sum[main] if opt._mode == "items" else torch.zeros((), device=main)
@@ -67,19 +75,33 @@ def pack(opt: Any, index: dict[Tensor, int]) -> tuple[str, dict[str, Any]] | Non
                  "found_inf": float(found) > 0, "discarded": bool(discarded)}
 
 
+def mid_window_mark(packed: dict[str, Any]) -> bool | float:
+    """:data:`MID_WINDOW` of a packed state dict: False, or its largest step count."""
+    if packed["fused_accum"]["window"] is None:
+        return False
+    return _largest_step(packed["state"])
+
+
+def dropped_window(state_dict: dict[str, Any]) -> bool:
+    """Whether ``state_dict`` was saved mid-window and has lost its window since."""
+    groups = state_dict["param_groups"]
+    mark = groups[0].get(MID_WINDOW) if groups else None
+    return ("fused_accum" not in state_dict and isinstance(mark, float)
+            and mark == _largest_step(state_dict["state"]))
+
+
+def _largest_step(state: dict[Any, dict[str, Any]]) -> float:
+    return max((float(entry["step"]) for entry in state.values() if "step" in entry), default=0.0)
+
+
 def _check_collectable(opt: Any) -> None:
     """Under data parallelism, refuse (on every rank alike, before any collective) a window whose
-    sums cannot be taken across the ranks now."""
-    if opt._reducer._next > 0:
+    sums are being reduced across the ranks already: its last backward pass has run, its step()
+    not yet."""
+    if opt._buffers.on_arrival is not None and opt._buffers.arrived:
         raise RuntimeError(
             "state_dict: called between a window's last backward pass and its step(), while the "
             "window is being reduced across ranks; call it after step()")
-    if opt._micro == 0:
-        raise RuntimeError(
-            "state_dict: called mid-window under data parallelism before any micro-batch of the "
-            "window was counted (the window is driven from outside with final_micro_batch, or "
-            "backward() ran without step()): the ranks cannot agree on what the window holds; "
-            "save after the window's step()")
 
 
 def unpack(entry: tuple[str, dict[str, Any]] | None) -> dict[str, Any] | None:

@@ -11,7 +11,7 @@ pl = pytest.importorskip("lightning.pytorch", reason="the lightning extra is not
 
 import fused_accum  # noqa: E402
 from fused_accum.integrations.lightning import FusedAccumulation  # noqa: E402
-from integration_helpers import assert_ranks_match_stock, assert_same_model  # noqa: E402
+from integration_helpers import assert_ranks_match_stock, assert_same_model, run_script  # noqa: E402
 
 VOCAB, DIM = 29, 16
 
@@ -167,3 +167,40 @@ torch.save([p.detach() for p in module.parameters()], f"{{sys.argv[2]}}.rank{{tr
 def test_ddp_on_two_cpu_ranks_as_stock_lightning_ddp(tmp_path):
     """Lightning's DDP strategy (gloo) launches the second rank itself."""
     assert_ranks_match_stock(tmp_path, DDP_SCRIPT.format(tests=os.path.dirname(__file__)))
+
+
+MID_WINDOW_CHECKPOINT_SCRIPT = r'''
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_lightning import TinyLM, _loader, _trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from fused_accum.integrations.lightning import FusedAccumulation
+
+class Validated(TinyLM):
+    def validation_step(self, batch, batch_idx):
+        self.log("val", torch.tensor(1.0), sync_dist=True)
+
+saves = []
+class Spy(ModelCheckpoint):   # what each save holds, on every rank
+    def _save_checkpoint(self, trainer, filepath):
+        state = trainer.optimizers[0].state_dict()["fused_accum"]
+        saves.append((state["micro_batches"], state["window"] is not None))
+        super()._save_checkpoint(trainer, filepath)
+
+module = Validated()
+trainer = _trainer([FusedAccumulation(), Spy(dirpath=sys.argv[2] + ".ckpt", save_top_k=-1)],
+                   strategy="ddp", devices=2, max_epochs=1, accumulate_grad_batches=3,
+                   val_check_interval=2, limit_val_batches=1, enable_checkpointing=True)
+trainer.fit(module, _loader(), _loader(n=1))
+torch.save(saves, f"{{sys.argv[2]}}.rank{{trainer.global_rank}}")
+'''
+
+
+def test_ddp_checkpoints_in_the_middle_of_a_window(tmp_path):
+    """Lightning validates (and ModelCheckpoint saves) every 2 batches, windows are 3: a save in
+    the middle of a window, under DDP, sums the window over both ranks on both (a collective the
+    strategy's state dumps run on every rank)."""
+    saves = run_script(tmp_path, MID_WINDOW_CHECKPOINT_SCRIPT.format(tests=os.path.dirname(__file__)),
+                       "fused")
+    assert saves[0] == saves[1]
+    assert (0, True) in saves[0]   # mid-window: a window driven by Lightning, micro-batches uncounted
