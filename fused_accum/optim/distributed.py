@@ -163,10 +163,7 @@ class WindowReducer:
         buckets = buffers.buckets
         touched = [float(t) for b in buckets for t in b.touched]
         for chunk in self.chunks[self._next:]:   # what the last backward pass did not launch
-            bucket = chunk.bucket
-            untouched = [i for i in range(chunk.first, chunk.last + 1) if not bucket.touched[i]]
-            if untouched:   # contribute zeros, not stale values, for what this rank did not touch
-                torch._foreach_zero_(bucket.views(bucket.acc, untouched))
+            _zero_untouched(chunk)
             self._launch(chunk)
         works, self._works = self._works, []
         self._reset()
@@ -209,13 +206,10 @@ class WindowReducer:
         touched = [[next(anywhere) > 0 for _ in b.params] for b in buckets]
         flats = {id(b): torch.zeros(b.size, dtype=torch.float32) for b in buckets}
         for chunk in self.chunks:
-            bucket, region = chunk.bucket, chunk.region.clone()
-            for i in range(chunk.first, chunk.last + 1):
-                if not bucket.touched[i]:   # zeros, not stale values, as at the window's end
-                    start = bucket.offsets[i] - chunk.start
-                    region[start:start + bucket.numels[i]].zero_()
+            _zero_untouched(chunk)
+            region = chunk.region.clone()
             self._collective("all-reduce of the accumulators", dist.all_reduce, region)
-            flats[id(bucket)][chunk.start:chunk.end].copy_(region)
+            flats[id(chunk.bucket)][chunk.start:chunk.end].copy_(region)
         return [flats[id(b)] for b in buckets], touched
 
     def sum_numbers(self, numbers: Tensor) -> Tensor:
@@ -241,6 +235,15 @@ class WindowReducer:
                 raise RuntimeError(
                     f"fused_accum: the ranks disagree on {what}: this rank (rank {self.rank}) has "
                     f"{value:g}, the mean over the {ranks} ranks is {total / ranks:g}.  {remedy}")
+
+
+def _zero_untouched(chunk: Chunk) -> None:
+    """Zeros, not stale values, in the accumulators of the chunk's parameters this rank has not
+    touched in the window: its part of a sum over the ranks.  (A first touch overwrites them.)"""
+    bucket = chunk.bucket
+    untouched = [i for i in range(chunk.first, chunk.last + 1) if not bucket.touched[i]]
+    if untouched:
+        torch._foreach_zero_(bucket.views(bucket.acc, untouched))
 
 
 _AGREED = ("accumulation_steps", "opt.backward(num_items=) (1: used in this window, 0: not)")
