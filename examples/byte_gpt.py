@@ -214,7 +214,6 @@ def run(quick: bool = False) -> list[dict]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="100 steps instead of 300")
+    from fused_accum.cli.demo import summarize   # the demo's summary: final losses and gaps
     for task in run(parser.parse_args().quick):
-        print(task["name"])
-        for name, curve in task["curves"].items():
-            print(f"  {name:>24}: final held-out loss {curve[-1]:.4f}")
+        summarize(task)

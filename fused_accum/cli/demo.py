@@ -111,11 +111,8 @@ def run(args: argparse.Namespace) -> int:
         result["seconds"][f"{name}.py"] = round(time.perf_counter() - started, 1)
         print(f"\nexamples/{name}.py: {result['seconds'][f'{name}.py']} s")
         for task in tasks:
-            reference = task["curves"]["large batch"]
-            task["largest_gap"] = {name: largest_gap(curve, reference)
-                                   for name, curve in task["curves"].items() if curve is not reference}
+            summarize(task)
             result["tasks"].append(task)
-            report(task)
             if "expect_gap" not in task and task["largest_gap"]["fused_accum"] > TOLERANCE:
                 strayed.append(task["name"])
     (args.out / "demo.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -127,6 +124,15 @@ def run(args: argparse.Namespace) -> int:
               + "; ".join(strayed), file=sys.stderr)
         return 1
     return 0
+
+
+def summarize(task: dict) -> None:
+    """Add each curve's largest gap to the large batch's to ``task``, and print the task (what the
+    examples print when run on their own, too)."""
+    reference = task["curves"]["large batch"]
+    task["largest_gap"] = {name: largest_gap(curve, reference)
+                           for name, curve in task["curves"].items() if curve is not reference}
+    report(task)
 
 
 def report(task: dict) -> None:
