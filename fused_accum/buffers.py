@@ -83,8 +83,15 @@ class Bucket(FlatState):
         self.steps = torch.zeros(len(params), dtype=torch.float32, device=self.device)
         self.sumsq = torch.zeros((), dtype=torch.float32, device=self.device)
         self.touched = [False] * len(params)        # got a gradient in this window
+        self.settled = [False] * len(params)        # touched before the last step()
+        self.added = [False] * len(params)          # added into since the last step()
         self.norm_counted = [False] * len(params)   # its final acc is already in sumsq
         self.norm_valid = True                      # False once a counted slice changed again
+        # zero_grad(set_to_none=False), as torch sees it: a parameter that would hold a .grad
+        # (stepped in a window, until zero_grad() sets it to None) keeps a zero one, and torch
+        # steps it with that zero gradient in every window until then.
+        self.holds_grad = [False] * len(params)
+        self.zeroed = [False] * len(params)
         self.rounding_seed = -1                     # >= 0: stochastic rounding of the parameters
         self._views: dict[int, tuple[Tensor, list[Tensor]]] = {}
         self._step_views: list[Tensor] | None = None
@@ -179,8 +186,26 @@ class Bucket(FlatState):
             self.norm_counted[i] = False
             self.norm_valid = False
 
+    def end_micro_batch(self) -> None:
+        """step() ended a micro-batch: what is touched now is settled."""
+        self.settled = self.touched.copy()
+        if True in self.added:
+            self.added = [False] * len(self.params)
+
+    def touch_zeroed(self) -> None:
+        """Give each parameter that holds a zeroed gradient (zero_grad(set_to_none=False)) and got
+        none in this window a zero accumulator, so that the window's step takes it as torch
+        takes its zero .grad."""
+        for i, zeroed in enumerate(self.zeroed):
+            if zeroed and not self.touched[i]:
+                self.new_accumulator(i).zero_()
+                self.touched[i] = True
+
     def reset_window(self) -> None:
+        self.holds_grad = [h or t for h, t in zip(self.holds_grad, self.touched)]
         self.touched = [False] * len(self.params)
+        self.settled = [False] * len(self.params)
+        self.added = [False] * len(self.params)
         self.adopted = [None] * len(self.params)
         self.norm_counted = [False] * len(self.params)
         self.norm_valid = True

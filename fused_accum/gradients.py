@@ -34,20 +34,19 @@ next window starts where it would have.  A pass refused at its first gradient (s
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import guards
+from . import guards, holders
 from ._warnings import warn
 from .buffers import Bucket, param_label
 
-# (owner, hook handle) of the GradBuffers that owns a parameter: the newest optimizer built over
-# a parameter takes it over and removes the previous owner's hook.
-_OWNER_ATTR = guards.OWNER_ATTR
 GROUP_ENV = "FUSED_ACCUM_GROUP_MB"
 HOOKS_ENV = "FUSED_ACCUM_HOOKS"   # "auto" (the C++ collector when it builds) or "python"
 # Looked up once: the hook runs for every gradient of every backward pass.
@@ -76,14 +75,40 @@ def group_bytes(device_types=("cpu",)) -> int:
     return int(float(mb) * 2**20)
 
 
+COMPILED_AUTOGRAD_REFUSED = (   # the same words as csrc/autograd/collector.cpp's
+    "fused_accum: compiled autograd cannot trace the hooks that take each gradient as it "
+    "arrives (accumulation_steps > 1, data parallelism, or windows a framework drives). Turn "
+    "compiled autograd off (torch._dynamo.config.compiled_autograd = False), or use "
+    "accumulation_steps=1 in one process, where gradients stay in .grad and compiled autograd "
+    "works")
+
+
+def _compiled_autograd_on() -> bool:
+    module = sys.modules.get("torch._dynamo.compiled_autograd")
+    return bool(module is not None and (getattr(module, "compiled_autograd_enabled", False)
+                                        or getattr(module, "in_compiled_autograd_region", False)))
+
+
+def check_layout(bucket: Bucket, param: Tensor, label: str) -> None:
+    """Refuse a parameter whose dtype or device changed since the optimizer was built (e.g.
+    ``model.to(torch.bfloat16)`` afterwards): its buffers and state were made for the old ones."""
+    if param.dtype is not bucket.dtype or param.device != bucket.device:
+        raise RuntimeError(
+            f"fused_accum: parameter {label} was {bucket.dtype} on {bucket.device} when the "
+            f"optimizer was built and is {param.dtype} on {param.device} now (model.to(...), "
+            ".half() or .cuda() after building the optimizer): its accumulators, masters and "
+            "optimizer state were made for the old ones. Build the optimizer after changing "
+            "the model's dtype or device")
+
+
 class BackwardPass:
     """What one backward pass (an autograd graph task) has delivered so far."""
 
     __slots__ = ("task", "serial", "queue", "queued_bytes", "firsts", "added", "found_before",
-                 "arrived_before")
+                 "arrived_before", "sumsq_before")
 
     def __init__(self, task: int, serial: int, found_before: dict[torch.device, Tensor],
-                 arrived_before: bool):
+                 arrived_before: bool, sumsq_before: dict[Bucket, Tensor]):
         self.task = task
         self.serial = serial
         self.arrived_before = arrived_before   # whether gradients had come since the last step()
@@ -92,6 +117,9 @@ class BackwardPass:
         self.firsts: list[tuple[Bucket, int]] = []   # slots this pass touched first in the window
         self.added = False          # it added into an earlier sum: it can no longer be undone
         self.found_before = found_before   # the non-finite flags before it, to undo exactly
+        # In a window's last micro-batch, the sums of squares before it: the collector folds
+        # into them from C++, and what a failed pass folded is reported nowhere else.
+        self.sumsq_before = sumsq_before
 
 
 class _PassEnd:
@@ -110,7 +138,7 @@ class _PassEnd:
             owner.end_pass(self.task)
 
     def __del__(self) -> None:
-        if not self.called:
+        if not getattr(self, "called", True):   # (made but never initialised: nothing to report)
             owner = self.owner()
             if owner is not None:
                 owner.fail_pass(self.task)
@@ -147,7 +175,6 @@ class GradBuffers:
         # A weak reference: the optimizer owns this object, and the hooks must not keep the
         # optimizer alive (deleting it hands the parameters back to plain autograd at once).
         self._on_backward_start = weakref.WeakMethod(on_backward_start)
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.buckets: list[Bucket] = []
         self.slots: dict[Tensor, tuple[Bucket, int]] = {}
         self.unhooked: list[Tensor] = []            # params that did not require grad when added
@@ -165,8 +192,18 @@ class GradBuffers:
         self._self_ref = weakref.ref(self)
         self._on_arrival = None
         self._slot_list: list[tuple[Bucket, int, Tensor]] = []   # collector slot -> parameter
-        self._bucket_slots: dict[Bucket, list[int]] = {}   # bucket -> each parameter's slot or -1
+        self._bucket_slots: dict[Bucket, list[int]] = {}   # bucket -> each hooked slot, or -1
+        self._slot_ids: dict[Tensor, int] = {}      # parameter -> its collector slot
         self._collector = self._make_collector()
+        # Whether gradients are taken as they arrive (hooks) or left in .grad until step(); set
+        # by the optimizer through attach() and set_collecting().
+        self.collecting = False
+        self.attached = False                       # the parameters are held (see attach)
+        self.lost: list[str] = []                   # labels of parameters a later optimizer took
+        self._hooks: dict[Tensor, Any] = {}         # hooked parameter -> its handle
+        self._hook_ids: dict[Tensor, int] = {}      # hooked parameter -> first hook id after ours
+        self.on_zero_grad = None   # WeakMethod(params, set_to_none): nn.Module.zero_grad's call
+        self.grads_scaled = False  # gradients in .grad carry the loss scale (opt.backward put it)
         guards.install()   # torch's clipping would see no .grad: make it say so
 
     # -- construction ------------------------------------------------------------------------
@@ -179,31 +216,71 @@ class GradBuffers:
                       [param_label(group_index, i, names) for i in idx], self.backend_name,
                       flat=self.flat_fp32 or dtype != torch.float32)
                for (_, dtype), idx in by_key.items()]
-        self.group_bytes = group_bytes({b.device.type for b in self.buckets + new})
+        self.group_bytes = group_bytes({b.device.type for b in self.buckets + new} or {"cpu"})
         if self._collector is not None:
             self._collector.set_bound(self.group_bytes)
         for bucket in new:
             self.buckets.append(bucket)
             for i, p in enumerate(bucket.params):
                 self.slots[p] = (bucket, i)
-                self._hook(p)
             for table, value in ((self.found_inf, 0.0), (self._ones, 1.0)):
                 table.setdefault(bucket.device, torch.full((), value, device=bucket.device))
         return new
 
-    def _hook(self, param: Tensor) -> None:
-        previous = getattr(param, _OWNER_ATTR, None)
-        if previous is not None and previous[1] is not None:
-            previous[1].remove()   # an older optimizer over this parameter stops taking its grads
-        setattr(param, _OWNER_ATTR, (self._self_ref, None))
+    # -- holding parameters --------------------------------------------------------------------
+
+    def attach(self, collecting: bool) -> None:
+        """Hold every parameter, taking its gradients as they arrive when ``collecting``.  Called
+        once the optimizer is built: a construction that fails changes nothing."""
+        self.collecting = collecting
+        self.attached = True
+        self.hold(self.buckets)
+
+    def hold(self, buckets: list[Bucket]) -> None:
+        """Register as a holder of the parameters of ``buckets``; earlier optimizers that cannot
+        share them (see :mod:`fused_accum.holders`) lose them."""
+        for bucket in buckets:
+            for p in bucket.params:
+                for rival in holders.rivals(p, self, self.collecting):
+                    rival.lose(p)
+                holders.add(p, self)
+                if self.collecting:
+                    self._take(p)
+        if self.collecting:
+            holders.install_torch_optimizer_check()
+
+    def set_collecting(self, collecting: bool) -> None:
+        """Switch between taking gradients as they arrive and leaving them in ``.grad``."""
+        if collecting == self.collecting:
+            return
+        self.collecting = collecting
+        if not self.attached:
+            return
+        if collecting:
+            self.hold(self.buckets)
+        else:
+            for p in list(self._hooks):
+                self._unregister_hook(p)
+            self.unhooked.clear()
+
+    def lose(self, param: Tensor) -> None:
+        """A later optimizer took ``param``: stop taking its gradients, and remember it (the
+        optimizer's step() raises, naming it)."""
+        if param in self._hooks:
+            self._unregister_hook(param)
+        if param in self.unhooked:
+            self.unhooked.remove(param)
+        holders.remove(param, self)
+        if param in self.slots:
+            self.lost.append(self.label(param))
+
+    def _take(self, param: Tensor) -> None:
+        if param in self._hooks:
+            return
         if param.requires_grad:
             self._register_hook(param)
-        else:
+        elif param not in self.unhooked:
             self.unhooked.append(param)
-
-    def _owns(self, param: Tensor) -> bool:
-        owner = getattr(param, _OWNER_ATTR, None)
-        return owner is not None and owner[0] is self._self_ref
 
     def _make_collector(self):
         kind = os.environ.get(HOOKS_ENV, "auto")
@@ -224,8 +301,10 @@ class GradBuffers:
         self_ref = self._self_ref
         bucket, i = self.slots[param]
         if self._collector is not None:
-            slot = len(self._slot_list)
-            self._slot_list.append((bucket, i, param))
+            slot = self._slot_ids.get(param)
+            if slot is None:   # one slot per parameter, kept if its hook is registered again
+                slot = self._slot_ids[param] = len(self._slot_list)
+                self._slot_list.append((bucket, i, param))
             self._bucket_slots.setdefault(bucket, [-1] * len(bucket.params))[i] = slot
             where = (slot, self.buckets.index(bucket), i)
             if self._hook_on_node(param):
@@ -239,8 +318,18 @@ class GradBuffers:
                 if owner is not None:   # a dead optimizer leaves the gradient to plain autograd
                     owner._on_grad(p, bucket, i)
             handle = param.register_post_accumulate_grad_hook(hook)
-        self._handles.append(handle)
-        setattr(param, _OWNER_ATTR, (self_ref, handle))
+        self._hooks[param] = handle
+        # A hook of the user's registered from now on would run after ours on an accelerator
+        # (seeing .grad = None) but before it on a CPU, where ours is a node hook: see
+        # check_foreign_hooks.
+        self._hook_ids[param] = torch.utils.hooks.RemovableHandle.next_id
+
+    def _unregister_hook(self, param: Tensor) -> None:
+        self._hooks.pop(param).remove()
+        self._hook_ids.pop(param, None)
+        if self._collector is not None:
+            bucket, i = self.slots[param]
+            self._bucket_slots[bucket][i] = -1
 
     @staticmethod
     def _hook_on_node(param: Tensor) -> bool:
@@ -248,15 +337,14 @@ class GradBuffers:
         the AccumulateGrad node, and with it the stream current at its making, alive."""
         return param.device.type == "cpu"
 
-    def remove_hooks(self) -> None:
-        """Stop taking gradients: parameters get plain ``.grad`` accumulation again."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def release(self) -> None:
+        """Stop holding the parameters: they get plain ``.grad`` accumulation again."""
+        for p in list(self._hooks):
+            self._unregister_hook(p)
         for p in self.slots:
-            if self._owns(p):
-                delattr(p, _OWNER_ATTR)
+            holders.remove(p, self)
         self.unhooked.clear()
+        self.attached = False
 
     @property
     def on_arrival(self) -> Callable[[Tensor, BackwardPass], None] | None:
@@ -272,6 +360,11 @@ class GradBuffers:
             self._collector.set_on_each(
                 None if callback is None else
                 lambda slot, task: ref() and ref()._collected_each(slot, task))
+
+    def holds_sum(self, param: Tensor) -> bool:
+        """Whether this window holds a sum for ``param``."""
+        bucket, i = self.slots[param]
+        return bucket.touched[i]
 
     def label(self, param: Tensor) -> str:
         bucket, i = self.slots[param]
@@ -379,12 +472,15 @@ class GradBuffers:
                 self._on_arrival(self._slot_list[slot][2], record)
 
     def _start_pass(self, task: int) -> BackwardPass:
+        if _compiled_autograd_on():
+            raise RuntimeError(COMPILED_AUTOGRAD_REFUSED)
         # May raise, e.g. for a window mixing plain backward() with opt.backward(num_items=).
         self._on_backward_start()(self.micro_kind or "plain", self.micro_kind is not None)
         guards.install_accelerate()   # accelerate imported after this optimizer was built
         self._serial += 1
         record = BackwardPass(task, self._serial, {d: f.clone() for d, f in self.found_inf.items()},
-                              self.arrived)
+                              self.arrived,
+                              {b: b.sumsq.clone() for b in self.buckets} if self.fold_norm else {})
         self.passes[task] = record
         self.arrived = True
         torch.autograd.Variable._execution_engine.queue_callback(_PassEnd(self._self_ref, task))
@@ -454,24 +550,93 @@ class GradBuffers:
             bucket.untouch(i)
         for device, flag in record.found_before.items():
             self.found_inf[device].copy_(flag)
+        for bucket, sumsq in record.sumsq_before.items():
+            bucket.sumsq.copy_(sumsq)
         self.arrived = record.arrived_before
 
-    def take_stray_grads(self) -> None:
-        """Accumulate gradients that bypassed the hooks (params unfrozen after construction, or
-        ``.grad`` assigned by hand), and hook params that now require grad."""
+    def check_grads(self) -> None:
+        """Before a micro-batch ends: hook parameters that were frozen when the optimizer was
+        built and require grad now, accumulating what their ``.grad`` got meanwhile, and refuse a
+        ``.grad`` anywhere else (set by hand, or delivered past the hooks), which the window would
+        otherwise ignore.  Raises before anything changes."""
+        for bucket in self.buckets:
+            dtype = bucket.dtype
+            for p in bucket.params:
+                if p.grad is not None or p.dtype is not dtype:
+                    self._check_param(bucket, p)
         for p in list(self.unhooked):
-            if not self._owns(p):   # taken over by a newer optimizer
-                self.unhooked.remove(p)
-                continue
             if p.requires_grad:
                 self.unhooked.remove(p)
                 self._register_hook(p)
             if p.grad is not None:
                 grad, p.grad = p.grad, None
-                self._check_stray(p, grad)
                 bucket, i = self.slots[p]
                 with self._lock:   # the user's tensor: copied, never adopted
                     self._accumulate([(bucket, [i], [grad])])
+
+    def take_grads(self, weight: dict[torch.device, Tensor] | None) -> bool:
+        """Leaving gradients in ``.grad`` (``accumulation_steps=1`` in one process): take every
+        parameter's ``.grad`` as the window's single micro-batch, times ``weight`` (per device,
+        None for 1), leaving ``.grad`` as it is (an fp32 one is read where it is, never
+        written).  Returns whether any parameter has a gradient."""
+        groups = []
+        for bucket in self.buckets:
+            dtype, on_cuda = bucket.dtype, bucket.device.type == "cuda"
+            indices, grads = [], []
+            for i, p in enumerate(bucket.params):
+                grad = p.grad
+                if grad is None:
+                    continue
+                if p.dtype is not dtype or p.is_cuda is not on_cuda:
+                    check_layout(bucket, p, bucket.labels[i])
+                if grad.layout is not _STRIDED:
+                    raise RuntimeError(f"fused_accum: parameter {bucket.labels[i]} has a sparse "
+                                       ".grad, which this optimizer does not take")
+                indices.append(i)
+                grads.append(grad if grad.is_contiguous() else grad.contiguous())
+            if indices:
+                groups.append((bucket, indices, grads))
+        if not groups:
+            return False
+        saved, self.micro_weight = self.micro_weight, weight
+        try:
+            with self._lock:
+                self._accumulate(groups, adopt=weight is None)
+        finally:
+            self.micro_weight = saved
+        return True
+
+    def check_foreign_hooks(self) -> None:
+        """Refuse a post-accumulate-grad hook of the user's registered on a parameter after its
+        gradients began to be taken here: it would run after this optimizer's hook on an
+        accelerator (and see ``.grad = None``) but before it on a CPU (and see the gradient)."""
+        for param, first_id in self._hook_ids.items():
+            hooks = param._post_accumulate_grad_hooks
+            if hooks and max(hooks) >= first_id:
+                raise RuntimeError(
+                    f"fused_accum: parameter {self.label(param)} got a post-accumulate-grad hook "
+                    "(register_post_accumulate_grad_hook) after this optimizer began to take its "
+                    "gradients as they arrive: on a GPU it would run after the optimizer's own "
+                    "hook and see .grad = None, on a CPU before it. Register it before building "
+                    "the optimizer (it then sees each gradient on every device), or use "
+                    "accumulation_steps=1 in one process, where .grad works as in torch.optim")
+
+    def _check_param(self, bucket: Bucket, param: Tensor) -> None:
+        label = self.label(param)
+        check_layout(bucket, param, label)
+        if param.grad is None or param in self.unhooked:
+            return
+        if param.grad.layout == torch.strided:
+            self._check_stray(param, param.grad)
+        raise RuntimeError(
+            f"fused_accum: parameter {label} has a .grad at step(), which was set by hand (or "
+            "reached it past the optimizer's gradient hooks): with "
+            "accumulation_steps > 1, under data parallelism or inside a framework's windows, the "
+            "optimizer takes each gradient as backward() delivers it, so a .grad assigned or "
+            "changed by hand would be ignored. Produce the gradient in backward() (a loss term, "
+            "a tensor hook or an autograd.Function), or use accumulation_steps=1, where .grad "
+            "works as in torch.optim. (Nothing was changed: set the .grad to None and call "
+            "step() again)")
 
     def _check_stray(self, param: Tensor, grad: Tensor) -> None:
         label = self.label(param)
@@ -529,13 +694,18 @@ class GradBuffers:
                 norm_counted = bucket.norm_counted
                 for i in indices:
                     norm_counted[i] = True
+            marks = bucket.added
             if any_first:
-                for i in indices:
+                for i, f in zip(indices, first):
                     touched[i] = True
+                    if not f:
+                        marks[i] = True
                 if firsts is not None:
                     firsts.extend((bucket, i) for i, f in zip(indices, first) if f)
                 added = added or False in first
             else:
+                for i in indices:
+                    marks[i] = True
                 added = True
         self.arrived = True
         return added
@@ -557,6 +727,83 @@ class GradBuffers:
                 rest[1].append(grad)
                 rest[2].append(is_first)
         return rest
+
+    # -- micro-batch end and zero_grad -------------------------------------------------------
+
+    def end_micro_batch(self) -> None:
+        """step() ended a micro-batch: what arrived until now belongs to earlier micro-batches."""
+        for bucket in self.buckets:
+            bucket.end_micro_batch()
+        if self._collector is not None:
+            self._collector.clear_added()
+        self.arrived = False
+
+    def discard(self, params: list[Tensor] | None) -> bool:
+        """``zero_grad()`` while gradients are taken as they arrive: discard what arrived for
+        ``params`` (all by default) since the last ``step()``.  A sum that began since then is
+        dropped exactly (its slot is untouched again); one that holds earlier micro-batches and
+        got more since cannot be taken apart, and raises, naming the parameters, before anything
+        changes.  Returns whether what arrived since the last step() is gone whole."""
+        if self.passes:
+            raise RuntimeError("fused_accum: zero_grad() was called during a backward pass")
+        if not self.arrived:
+            return False   # the usual loop: nothing arrived since the last step()
+        wanted = None if params is None else set(params)
+        added = set(self._collector.added_slots()) if self._collector is not None else set()
+        drop, refused = [], []
+        for bucket in self.buckets:
+            slots = self._bucket_slots.get(bucket)
+            for i, p in enumerate(bucket.params):
+                if not bucket.touched[i] or (wanted is not None and p not in wanted):
+                    continue
+                if not bucket.settled[i]:
+                    drop.append((bucket, i))
+                elif bucket.added[i] or (slots is not None and slots[i] in added):
+                    refused.append(bucket.labels[i])
+        if refused:
+            raise RuntimeError(
+                f"fused_accum: zero_grad() would discard what {len(refused)} parameters "
+                f"({', '.join(refused[:3])}{', ...' if len(refused) > 3 else ''}) received since "
+                "the last step(), but it was added into their sums of earlier micro-batches of "
+                "this window, and cannot be taken out exactly (nothing was changed). Keep "
+                "gradients you do not want out of backward(): detach the tensors, or freeze the "
+                "parameters (requires_grad_(False)) for that pass; or use accumulation_steps=1, "
+                "where zero_grad() works as in torch.optim")
+        for bucket, i in drop:
+            bucket.untouch(i)
+        if drop:
+            self._recheck_finite()
+        left = any(t and not s for b in self.buckets for t, s in zip(b.touched, b.settled))
+        left = left or any(True in b.added for b in self.buckets) or bool(added)
+        if not left:
+            self.arrived = False
+        return not left
+
+    def _recheck_finite(self) -> None:
+        """The non-finite flags of the sums that are left (some were just discarded)."""
+        for device, flag in self.found_inf.items():
+            bad = [~torch.isfinite(b.acc_view(i)).all() for b in self.buckets
+                   if b.device == device for i in b.touched_indices()]
+            flag.copy_(torch.stack(bad).any().to(flag.dtype) if bad else torch.zeros_like(flag))
+
+    def keep_zero_grads(self, params: list[Tensor] | None, set_to_none: bool) -> None:
+        """What ``zero_grad(set_to_none)`` means for the parameters that get no gradient in a
+        window: after set_to_none=False torch steps those that held a .grad with zeros (see
+        :meth:`Bucket.touch_zeroed`); set_to_none=True releases them."""
+        if params is None and set_to_none:   # the usual loop: opt.zero_grad() each micro-batch
+            for bucket in self.buckets:
+                n = len(bucket.params)
+                bucket.holds_grad, bucket.zeroed = [False] * n, [False] * n
+            return
+        wanted = None if params is None else set(params)
+        for bucket in self.buckets:
+            for i, p in enumerate(bucket.params):
+                if wanted is not None and p not in wanted:
+                    continue
+                if set_to_none:
+                    bucket.holds_grad[i] = bucket.zeroed[i] = False
+                elif bucket.holds_grad[i] or bucket.touched[i]:
+                    bucket.zeroed[i] = True
 
     # -- window end ----------------------------------------------------------------------------
 

@@ -1,18 +1,21 @@
 """Guards against code around a fused optimizer that would silently train wrongly.
 
-A fused optimizer takes every gradient the moment autograd delivers it, so ``.grad`` is empty
-between ``backward()`` and ``step()``.  Code written for plain PyTorch that reads gradients there
-would see nothing and carry on: ``clip_grad_norm_`` would clip nothing and report a norm of 0, and
-accelerate's (or transformers.Trainer's) own accumulation around an optimizer that also counts
-micro-batches would count every window twice.  These guards turn both into clear errors that name
-what to use instead.
+Where a fused optimizer takes every gradient the moment autograd delivers it (accumulation,
+data parallelism, a framework's windows), ``.grad`` is empty between ``backward()`` and
+``step()``.  Code written for plain PyTorch that reads gradients there would see nothing and carry
+on: ``clip_grad_norm_`` would clip nothing and report a norm of 0, and accelerate's (or
+transformers.Trainer's) own accumulation around an optimizer that also counts micro-batches would
+count every window twice.  These guards turn both into clear errors that name what to use
+instead, and make ``nn.Module.zero_grad`` discard what the optimizer took since its last step, as
+it empties ``.grad`` under torch.optim.
 
-``install()`` wraps ``torch.nn.utils.clip_grad_norm_`` and ``clip_grad_value_`` once, when the
-first fused optimizer is built, and ``accelerate.Accelerator``'s methods of the same names once
-accelerate is imported (checked again at every backward pass): accelerate clips without calling
-torch's function (it skips parameters whose ``.grad`` is None, then computes a norm of nothing),
-and transformers.Trainer clips through it.  For parameters that no fused optimizer holds, the
-wrappers only call through.
+``install()``, when the first fused optimizer is built, guards torch's clipping functions
+(``clip_grad_norm_``, ``clip_grad_value_``, ``clip_grads_with_norm_``) however they were imported,
+``nn.Module.zero_grad``, and ``accelerate.Accelerator``'s clipping methods once accelerate is
+imported (checked again at every backward pass): accelerate clips without calling torch's function
+(it skips parameters whose ``.grad`` is None, then computes a norm of nothing), and
+transformers.Trainer clips through it.  For parameters that no fused optimizer holds, the guards
+only call through.
 """
 from __future__ import annotations
 
@@ -22,20 +25,26 @@ from typing import Any
 
 import torch
 
-OWNER_ATTR = "_fused_accum_owner"   # set on every parameter a fused optimizer holds
-_CLIP_FUNCTIONS = ("clip_grad_norm_", "clip_grad_value_")
+from . import holders
+
+# torch.nn.utils' clipping functions, by the name they have in torch.nn.utils.clip_grad; the
+# last is what ``torch.nn.utils.clip_grads_with_norm_`` (after ``get_total_norm``) is.
+_CLIP_FUNCTIONS = ("clip_grad_norm_", "clip_grad_value_", "_clip_grads_with_norm_")
 _GUARDED = "_fused_accum_guarded"
 
 
 def holding(parameters: Any) -> list[str]:
-    """Labels of the ``parameters`` whose gradients a fused optimizer holds in this window."""
+    """Labels of the ``parameters`` whose gradients a fused optimizer holds instead of ``.grad``
+    (taken as they arrived in this window), or keeps scaled by its loss scale in ``.grad``."""
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     labels = []
     for p in params:
-        owner = getattr(p, OWNER_ATTR, None)
-        buffers = owner[0]() if owner is not None else None
-        if buffers is not None and p.grad is None and (buffers.arrived or buffers.passes):
-            labels.append(buffers.label(p))
+        owner = holders.taker(p)
+        if owner is not None:
+            if p.grad is None and (owner.arrived or owner.passes or owner.holds_sum(p)):
+                labels.append(owner.label(p))
+        elif p.grad is not None and any(h.grads_scaled for h in holders.holders(p)):
+            labels.append(holders.holders(p)[0].label(p) + " (scaled by the loss scale)")
     return labels
 
 
@@ -48,17 +57,17 @@ def _refuse_held(parameters: Any, what: str) -> Any:
     if held:
         raise RuntimeError(
             f"fused_accum: {what} was called on parameters whose gradients a fused optimizer "
-            f"holds ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): .grad is empty, "
-            "so it would clip nothing. Pass max_grad_norm= to the optimizer (it clips the "
-            "window's global norm in its kernels), or, inside a framework, use its integration "
-            "in fused_accum.integrations")
+            f"holds ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): .grad is empty "
+            "(or, with loss scaling, scaled), so it would clip the wrong thing or nothing. Pass "
+            "max_grad_norm= to the optimizer (it clips the window's global norm in its kernels), "
+            "or, inside a framework, use its integration in fused_accum.integrations")
     return parameters
 
 
-def _guard(clip):
+def _guard(clip, what: str):
     @functools.wraps(clip)
     def guarded(parameters, *args, **kwargs):
-        return clip(_refuse_held(parameters, f"torch.nn.utils.{clip.__name__}"), *args, **kwargs)
+        return clip(_refuse_held(parameters, what), *args, **kwargs)
     setattr(guarded, _GUARDED, True)
     return guarded
 
@@ -71,6 +80,49 @@ def _guard_method(clip):
     return guarded
 
 
+def _install_clip_guard(module: Any, name: str) -> None:
+    """Guard torch's clipping function ``name`` wherever it was imported from: torch wraps each
+    in a ``_no_grad`` closure, whose cell is replaced, so that a reference taken before fused_accum
+    was imported (``from torch.nn.utils import clip_grad_norm_``) is guarded too.  Without such a
+    closure, the module attributes are replaced."""
+    public = getattr(module, name)
+    if getattr(public, _GUARDED, False):
+        return
+    what = "torch.nn.utils." + name.lstrip("_")
+    cells = getattr(public, "__closure__", None) or ()
+    inner = getattr(public, "__wrapped__", None)
+    cell = next((c for c in cells if inner is not None and c.cell_contents is inner), None)
+    if cell is not None:
+        cell.cell_contents = _guard(inner, what)
+        setattr(public, _GUARDED, True)
+        return
+    guarded = _guard(public, what)
+    for namespace in (module, torch.nn.utils):
+        for attr in (name, name.lstrip("_")):
+            if getattr(namespace, attr, None) is public:
+                setattr(namespace, attr, guarded)
+
+
+def _guard_module_zero_grad(zero_grad):
+    """``nn.Module.zero_grad`` also discards what a fused optimizer took of the module's
+    gradients since its last step(), as it empties ``.grad`` under torch.optim (GAN training:
+    ``D.zero_grad()`` after the generator's backward pass reached D's parameters)."""
+    @functools.wraps(zero_grad)
+    def guarded(self, set_to_none: bool = True) -> None:
+        zero_grad(self, set_to_none)
+        taken: dict[Any, list[torch.Tensor]] = {}
+        for p in self.parameters():
+            owner = holders.taker(p)
+            if owner is not None:
+                taken.setdefault(owner, []).append(p)
+        for owner, params in taken.items():
+            handler = owner.on_zero_grad() if owner.on_zero_grad is not None else None
+            if handler is not None:
+                handler(params, set_to_none)
+    setattr(guarded, _GUARDED, True)
+    return guarded
+
+
 _accelerate_guarded = False
 
 
@@ -79,10 +131,10 @@ def install() -> None:
     (idempotent)."""
     from torch.nn.utils import clip_grad as module
     for name in _CLIP_FUNCTIONS:
-        for namespace in (torch.nn.utils, module):
-            original = getattr(namespace, name)
-            if not getattr(original, _GUARDED, False):
-                setattr(namespace, name, _guard(original))
+        if hasattr(module, name):
+            _install_clip_guard(module, name)
+    if not getattr(torch.nn.Module.zero_grad, _GUARDED, False):
+        torch.nn.Module.zero_grad = _guard_module_zero_grad(torch.nn.Module.zero_grad)
     install_accelerate()
 
 

@@ -152,7 +152,7 @@ def test_fused_accumulator_argument_errors():
 
 def test_deleting_the_optimizer_hands_gradients_back():
     model = nn.Linear(3, 2)
-    opt = fused_accum.SGD(model.parameters())
+    opt = fused_accum.SGD(model.parameters(), accumulation_steps=2)
     model(torch.randn(4, 3)).sum().backward()
     assert model.weight.grad is None
     del opt

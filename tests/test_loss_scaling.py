@@ -217,6 +217,7 @@ def test_the_loss_scaler_state_survives_a_checkpoint_with_a_running_growth_track
     for i, batch in enumerate(make_batches(41, 4, 2)):   # two overflows, then 2 clean windows
         opt.backward(_poisoned(lm_loss(model, *batch), i < 2))
         opt.step()
+        opt.zero_grad()   # accumulation_steps=1: gradients stay in .grad, as in torch.optim
     scaler = opt._scaler
     assert opt.loss_scale == 2.0**8 and scaler.growth_tracker.item() == 2   # 1024/4; 2 of 3
     state = io.BytesIO()

@@ -16,6 +16,7 @@ def _train(stochastic: bool, backend: str, steps: int = 50, lr: float = 1e-4):
     for _ in range(steps):
         param.sum().backward()
         opt.step()
+        opt.zero_grad()
     return param.detach().double()
 
 

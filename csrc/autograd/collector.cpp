@@ -43,6 +43,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 
+#include <algorithm>
 #include <atomic>
 #include <memory>
 #include <mutex>
@@ -120,6 +121,13 @@ void accumulate_op(const FastGroup& g) {
 }
 
 class SlotHook;
+
+constexpr const char* kCompiledAutogradRefused =
+    "fused_accum: compiled autograd cannot trace the hooks that take each gradient as it "
+    "arrives (accumulation_steps > 1, data parallelism, or windows a framework drives). Turn "
+    "compiled autograd off (torch._dynamo.config.compiled_autograd = False), or use "
+    "accumulation_steps=1 in one process, where gradients stay in .grad and compiled autograd "
+    "works";
 
 class Collector : public std::enable_shared_from_this<Collector> {
  public:
@@ -255,6 +263,22 @@ class Collector : public std::enable_shared_from_this<Collector> {
     return out;
   }
 
+  // Slots whose planned gradients were added into an existing sum since `clear_added()` (a
+  // micro-batch's end): zero_grad() may only drop sums that began since then.  Python records
+  // the same for the gradients it accumulates itself.
+  std::vector<int64_t> added_slots() {
+    std::lock_guard<std::mutex> guard(mutex_);
+    std::vector<int64_t> out;
+    for (size_t s = 0; s < added_.size(); ++s)
+      if (added_[s]) out.push_back(static_cast<int64_t>(s));
+    return out;
+  }
+  void clear_added() {
+    std::lock_guard<std::mutex> guard(mutex_);
+    if (any_added_) std::fill(added_.begin(), added_.end(), 0);
+    any_added_ = false;
+  }
+
   void set_bound(int64_t bound) { bound_ = bound; }
   void set_on_each(py::object on_each) {
     std::lock_guard<std::mutex> guard(mutex_);
@@ -294,11 +318,21 @@ class Collector : public std::enable_shared_from_this<Collector> {
     g.bytes = 0;
     // Counted before the launch: a launch that fails may have written part of it.
     for (size_t i = 0; i < out.slots.size(); ++i) {
-      if (out.first[i]) firsts_.push_back(out.slots[i]);
-      else plan_added_ = true;
+      if (out.first[i]) {
+        firsts_.push_back(out.slots[i]);
+      } else {
+        plan_added_ = true;
+        mark_added(out.slots[i]);
+      }
       if (out.sumsq) folded_.push_back(out.slots[i]);
     }
     return out;
+  }
+
+  void mark_added(int64_t slot) {   // holds mutex_
+    if (static_cast<size_t>(slot) >= added_.size()) added_.resize(slot + 1, 0);
+    added_[slot] = 1;
+    any_added_ = true;
   }
 
   void launch(const FastGroup& g) {
@@ -332,6 +366,8 @@ class Collector : public std::enable_shared_from_this<Collector> {
   std::vector<FastGroup> groups_;
   std::vector<int64_t> firsts_, folded_;
   std::vector<std::pair<int64_t, at::Tensor>> adopted_;
+  std::vector<char> added_;   // by slot: see added_slots()
+  bool any_added_ = false;
 };
 
 // A parameter's post-accumulate-grad hook: autograd calls it, holding the GIL, once .grad holds
@@ -368,6 +404,12 @@ class TakeGrad : public torch::autograd::FunctionPostHook {
       const torch::autograd::variable_list& /*inputs*/) override {
     if (auto owner = owner_.lock()) owner->arrived(param_, slot_, /*from_python=*/false);
     return outputs;
+  }
+
+  // Compiled autograd asks each hook to describe itself; this one runs C++ of its own, which
+  // cannot be traced: say what to do instead of "compiled_args nyi".
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& /*args*/) const override {
+    TORCH_CHECK(false, kCompiledAutogradRefused);
   }
 
  private:
@@ -493,6 +535,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("plan", &Collector::plan, py::arg("task"), py::arg("entries"))
       .def("flush", &Collector::flush, py::arg("task"), py::arg("final"))
       .def("launches", &Collector::launches)
+      .def("added_slots", &Collector::added_slots)
+      .def("clear_added", &Collector::clear_added)
       .def("set_bound", &Collector::set_bound, py::arg("bound"))
       .def("set_on_each", &Collector::set_on_each, py::arg("on_each"))
       .def("queued_bytes", &Collector::queued_bytes);

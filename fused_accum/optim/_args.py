@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 from torch import Tensor
@@ -35,6 +36,8 @@ def refuse_differentiable(differentiable: bool) -> None:
 
 def _check_number(name: str, value: Any, low: float, high: float = math.inf,
                   low_open: bool = False, high_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
     v = scalar(value)
     ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
     if not ok or math.isnan(v):

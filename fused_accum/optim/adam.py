@@ -32,7 +32,9 @@ def adam_update(bucket: Bucket, indices: list[int], group: dict[str, Any],
         grad_scale=grad_scale, found_inf=found_inf, rounding_seed=bucket.rounding_seed)
 
 
-ADAM_ALGORITHM = Algorithm(adam_state_names, adam_update)
+ADAM_ALGORITHM = Algorithm(adam_state_names, adam_update,
+                           known_state=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+                           required_state=adam_state_names)
 
 
 class Adam(AccumulatingOptimizer):

@@ -8,6 +8,7 @@ clipping, first-touch bookkeeping) lives here, written once; where the state liv
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -35,6 +36,10 @@ UpdateFn = Callable[[Bucket, list[int], dict[str, Any], "float | Tensor", Tensor
 class Algorithm(NamedTuple):
     state_names: Callable[[dict[str, Any]], list[str]]   # flat fp32 state a group needs
     update: UpdateFn
+    # What a saved parameter's state may hold besides "step" and masters, and what it must hold
+    # once stepped (where torch's own step would fail without it); None: not checked.
+    known_state: tuple[str, ...] | None = None
+    required_state: Callable[[dict[str, Any]], list[str]] = lambda group: []
 
 
 class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
@@ -76,16 +81,19 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
     """
 
     algorithm: Algorithm
-    # torch.amp.GradScaler.step then calls step() itself, which can name the remedy, instead of
-    # asserting that no inf checks were recorded (there is no .grad for it to check).
+    # torch.amp.GradScaler.step then hands step() its scale and non-finite flag (grad_scale,
+    # found_inf attributes), as it does for torch's fused AdamW: with gradients in .grad they are
+    # applied; while gradients are taken as they arrive, step() names the remedy instead.
     _step_supports_amp_scaling = True
+    _fused_accum_optimizer = True   # fused_accum.holders: not a torch optimizer beside us
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, accumulation_steps: int = 1,
                  max_grad_norm: float | None = None, master_weights: bool | str = True,
                  loss_scale: Any = "auto", nonfinite: str = "skip", stochastic_rounding: bool = False,
                  process_group: Any = "auto", shard_state: bool = False,
                  backend: str = "auto") -> None:
-        self.accumulation_steps = check_accumulation_steps(accumulation_steps)
+        self._accumulation_steps = check_accumulation_steps(accumulation_steps)
+        self._driven = False   # final_micro_batch was set: windows are driven from outside
         if not isinstance(stochastic_rounding, bool):
             raise TypeError(f"stochastic_rounding must be True or False, got {stochastic_rounding!r}")
         if stochastic_rounding and master_weights is not False:
@@ -115,10 +123,14 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
         self._final_hint: Any = None                 # see final_micro_batch
         self._mode: str | None = None                # "plain" or "items" once the window knows
         self._weight_sum: dict[torch.device, Tensor] = {}   # items seen in the window
+        self._items_since_step: dict[torch.device, Tensor] = {}   # of them, since the last step()
         self._grad_norm: Tensor | None = None
         self.stepped = False
         super().__init__(params, defaults)
-        main = self._buffers.buckets[0].device
+        main = self._buffers.buckets[0].device if self._buffers.buckets else torch.device("cpu")
+        for table in (self._weight_sum, self._items_since_step):
+            table.setdefault(main, torch.zeros((), device=main))
+        self._buffers.on_zero_grad = weakref.WeakMethod(self._discard)
         self._scaler = scaling.resolve(loss_scale, index_params(self.param_groups), main)
         self._skipped = torch.zeros((), device=main)   # windows skipped for non-finite gradients
         # grad_norm's value, updated in place at every window's end, for code that hands out the
@@ -145,7 +157,50 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
             self._reducer.attach(self._buffers)   # sharding lays the buckets out here
             for bucket in self._buffers.buckets:   # masters were taken before the broadcast
                 self._init_bucket_state(bucket, self.param_groups[bucket.group_index])
+        # Last: until here a failed construction has changed nothing outside this object.
+        self._buffers.attach(self._collects())
         self._arm()
+
+    # -- where gradients go --------------------------------------------------------------------
+
+    def _collects(self) -> bool:
+        """Whether gradients are taken as they arrive (into fp32 sums, ``.grad`` left empty):
+        with ``accumulation_steps > 1``, under data parallelism, and when windows are driven
+        from outside.  Otherwise (``accumulation_steps=1`` in one process) they stay in ``.grad``
+        until step(), exactly as torch.optim leaves them, and step() reads them there."""
+        return self._accumulation_steps > 1 or self._driven or self._reducer is not None
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per window; may be changed between windows."""
+        return self._accumulation_steps
+
+    @accumulation_steps.setter
+    def accumulation_steps(self, value: int) -> None:
+        value = check_accumulation_steps(value)
+        if self._micro or self._buffers.arrived or self._buffers.passes:
+            raise RuntimeError(
+                f"accumulation_steps: cannot change from {self._accumulation_steps} to {value} "
+                f"with a window in progress ({self._micro} micro-batches ended, gradients "
+                "arrived since); change it right after the step() that ends a window")
+        self._accumulation_steps = value
+        self._buffers.set_collecting(self._collects())
+        self._arm()
+
+    def _check_holding(self) -> None:
+        """Refuse to step an optimizer whose parameters a later fused optimizer took."""
+        if self._buffers.lost:
+            lost = self._buffers.lost
+            raise RuntimeError(
+                f"fused_accum: {len(lost)} parameters of this optimizer "
+                f"({', '.join(lost[:3])}{', ...' if len(lost) > 3 else ''}) were taken by a "
+                "fused_accum optimizer built over them later, and this one would step without "
+                "their gradients. Two fused optimizers can share a parameter only while both "
+                "leave gradients in .grad (accumulation_steps=1, one process). Build one optimizer "
+                "with a param group per setting, or delete this one (del opt) once replaced")
+        if not self._buffers.attached:
+            raise RuntimeError("fused_accum: remove_hooks() was called on this optimizer: it no "
+                               "longer holds its parameters; build a new one to train again")
 
     # -- parameters --------------------------------------------------------------------------
 
@@ -170,21 +225,30 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
             self.param_groups.pop()   # e.g. no backend for the device: leave the optimizer as it was
             raise
         for bucket in buckets:
-            self._weight_sum.setdefault(bucket.device, torch.zeros((), device=bucket.device))
+            for table in (self._weight_sum, self._items_since_step):
+                table.setdefault(bucket.device, torch.zeros((), device=bucket.device))
         if self._reducer is not None:   # a group added after construction: on every rank
             self._reducer.broadcast_parameters([p for b in buckets for p in b.params])
             self._reducer.attach(self._buffers)
         for bucket in buckets:
             self._init_bucket_state(bucket, group)
+        if self._buffers.attached:   # a group added after construction; else see __init__
+            self._buffers.hold(buckets)
 
     def _check_new_params(self, params: Any, group_index: int) -> None:
         if not isinstance(params, list):
             return   # torch's own check names the problem (a set, a missing list)
+        seen: dict[int, str] = {}
         for i, item in enumerate(params):
             name, p = item if isinstance(item, tuple) else (None, item)
             if not isinstance(p, Tensor):
                 continue
             label = param_label(group_index, i, None) if name is None else f"'{name}'"
+            if id(p) in seen:
+                raise ValueError(f"fused_accum: parameter {label} is {seen[id(p)]} again: each "
+                                 "parameter may appear once (torch.optim would step it twice, "
+                                 "and warns that this will become an error)")
+            seen[id(p)] = label
             if not p.is_leaf:
                 raise ValueError(f"fused_accum: parameter {label} is not a leaf tensor (it was "
                                  "computed from other tensors); pass the leaf nn.Parameter instead")
@@ -238,6 +302,9 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
                 "num_items: this window already has micro-batches from a plain backward(); call "
                 "opt.backward(loss, num_items=...) for every micro-batch of a window or for none")
         items = None if num_items is None else self._items(num_items)
+        if not self._buffers.collecting:
+            self._backward_into_grads(loss, items, backward_kwargs)
+            return
         weights = None
         if items is not None and self._scaler is None and not self._has_fp16():
             # fp32 and bf16 gradients have fp32's range, so the item weight rides on the loss: the
@@ -266,7 +333,49 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
         if items is not None:
             self._mode = "items"
             for device, total in self._weight_sum.items():
-                total.add_(items.to(device, torch.float32, non_blocking=True))
+                contribution = items.to(device, torch.float32, non_blocking=True)
+                total.add_(contribution)
+                self._items_since_step[device].add_(contribution)
+
+    def _backward_into_grads(self, loss: Tensor, items: Tensor | None,
+                             backward_kwargs: dict[str, Any]) -> None:
+        """``opt.backward`` with gradients left in ``.grad``: ``.grad`` stays the item-weighted
+        mean of the passes since the last step() or zero_grad() (the gradients already there are
+        reweighed when a pass adds items), so that code reading or clipping it sees the mean;
+        with loss scaling it holds the scaled gradients, as torch.amp.GradScaler leaves them,
+        and step() unscales them."""
+        if items is None and self._mode == "items":
+            raise ValueError("num_items: the gradients in .grad come from passes with num_items; "
+                             "pass num_items to every opt.backward until step() or zero_grad()")
+        main = self._skipped.device
+        if self._mode is not None and all(p.grad is None for p in index_params(self.param_groups)):
+            self._forget_items()   # .grad was emptied meanwhile (nn.Module.zero_grad, by hand)
+        if items is not None:
+            total = self._weight_sum[main]
+            new_total = total + items.to(main, torch.float32)
+            positive = new_total > 0
+            if self._mode == "items":   # .grad holds the mean of earlier passes: reweigh it
+                keep = torch.where(positive, total / new_total, 1.0)
+                for p in index_params(self.param_groups):
+                    if p.grad is not None:
+                        p.grad.mul_(keep.to(p.grad.device, p.grad.dtype))
+            share = torch.where(positive, items.to(main, torch.float32) / new_total, 0.0)
+            loss = loss * share.to(loss.device)
+        if self._scaler is not None:
+            loss = loss * self._scaler.scale.to(loss.device, non_blocking=True)
+        loss.backward(**backward_kwargs)
+        self._buffers.grads_scaled = self._scaler is not None
+        self._mode = "plain" if items is None else "items"
+        if items is not None:
+            for total in self._weight_sum.values():
+                total.copy_(new_total)
+
+    def _forget_items(self) -> None:
+        """zero_grad() with gradients in ``.grad``: what opt.backward recorded of them goes too."""
+        self._mode = None
+        for total in self._weight_sum.values():
+            total.zero_()
+        self._buffers.grads_scaled = False
 
     def _refuse_grad_scaler(self) -> None:
         for name in ("found_inf", "grad_scale"):
@@ -303,20 +412,27 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
             return torch.tensor(float(num_items))
         raise TypeError(f"num_items must be a number or a tensor, got {type(num_items).__name__}")
 
+    @torch._disable_dynamo   # torch.compile(opt.step) runs it eagerly: its counts are Python's
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """End one micro-batch; the ``accumulation_steps``-th call updates the parameters."""
-        if "found_inf" in self.__dict__:   # set by torch.amp.GradScaler.step(self)
+        if "found_inf" in self.__dict__ and self._buffers.collecting:   # torch.amp.GradScaler
             self._refuse_grad_scaler()
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_holding()
         self._check_wrappers()
-        self._buffers.take_stray_grads()
+        if not self._buffers.collecting:
+            self._step_from_grads()
+            return loss
+        self._buffers.check_grads()
+        if self._micro + 1 >= self.accumulation_steps:
+            self._buffers.check_foreign_hooks()
         self._buffers.settle_unfinished()   # only backward passes that raised are left here
         self._micro += 1
-        self._buffers.arrived = False
+        self._end_micro_batch()
         self.stepped = False
         try:
             if self._micro >= self.accumulation_steps:
@@ -324,6 +440,30 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
         finally:   # also after a raise (nonfinite="raise"): the next micro-batch starts a window
             self._arm()
         return loss
+
+    def _step_from_grads(self) -> None:
+        """step() with gradients in ``.grad`` (``accumulation_steps=1``, one process): what
+        torch.optim's step does, through the fused kernels.  torch.amp.GradScaler's scale and
+        non-finite flag, when it hands them over, are applied as torch's fused AdamW applies
+        them; so is this optimizer's own loss scale, when ``opt.backward`` applied it."""
+        amp_scale, amp_found = self.__dict__.get("grad_scale"), self.__dict__.get("found_inf")
+        inverse = None
+        if amp_scale is not None:
+            inverse = amp_scale.to(torch.float32).reciprocal()
+        elif self._buffers.grads_scaled:
+            inverse = self._scaler.inverse(self._scaler.scale.device)
+        weights = None if inverse is None else {d: inverse.to(d) for d in self._buffers.found_inf}
+        self.stepped = False
+        try:
+            if self._buffers.take_grads(weights):
+                if amp_found is not None:
+                    for flag in self._buffers.found_inf.values():
+                        flag.copy_(torch.maximum(flag, amp_found.to(flag.device, torch.float32)))
+                self._micro = 1
+                self._end_window()
+        finally:
+            self._reset_window()
+            self._buffers.grads_scaled = False
 
     @property
     def final_micro_batch(self) -> bool | Callable[[], bool] | None:
@@ -343,6 +483,9 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
             raise TypeError(f"final_micro_batch must be True, False, None or a function, got "
                             f"{value!r}")
         self._final_hint = value
+        if value is not None and not self._driven:
+            self._driven = True   # from now on gradients are taken as they arrive
+            self._buffers.set_collecting(self._collects())
         self._arm()
 
     def _arm(self) -> None:
@@ -358,19 +501,26 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
         self._buffers.fold_norm = last and self._reducer is None
         self._buffers.on_arrival = self._reducer.on_arrival if self._reducer and last else None
 
+    @torch._disable_dynamo
     @torch.no_grad()
     def flush(self) -> bool:
         """Apply the update now with what the window holds (e.g. a short last window of an
         epoch), as the mean over the micro-batches or items actually seen.  A micro-batch whose
         gradients arrived but whose ``step()`` was not called yet counts as seen.  Returns
-        whether the parameters were updated."""
+        whether the parameters were updated.  With gradients left in ``.grad``
+        (``accumulation_steps=1``, one process) there is no window between steps: nothing to
+        do."""
+        self.stepped = False
+        if not self._buffers.collecting:
+            return False
+        self._check_holding()
         self._check_wrappers()
-        self._buffers.take_stray_grads()
+        self._buffers.check_grads()
+        self._buffers.check_foreign_hooks()
         self._buffers.settle_unfinished()
         if self._buffers.arrived:
             self._micro += 1
-            self._buffers.arrived = False
-        self.stepped = False
+            self._end_micro_batch()
         try:
             if self._micro > 0:
                 self._end_window()
@@ -378,11 +528,39 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
             self._arm()
         return self.stepped
 
+    def _end_micro_batch(self) -> None:
+        self._buffers.end_micro_batch()
+        for pending in self._items_since_step.values():
+            pending.zero_()
+
+    def _discard(self, params: list[Tensor] | None, set_to_none: bool) -> None:
+        """zero_grad() of ``params`` (all by default) while gradients are taken as they arrive;
+        also called for ``nn.Module.zero_grad`` (see :mod:`fused_accum.guards`)."""
+        if self._buffers.discard(params):   # the micro-batch since the last step() is gone whole
+            for device, total in self._weight_sum.items():
+                total.sub_(self._items_since_step[device])
+                self._items_since_step[device].zero_()
+            if self._micro == 0 and not any(True in b.touched for b in self._buffers.buckets):
+                self._mode = None
+        self._buffers.keep_zero_grads(params, set_to_none)
+
+    @torch._disable_dynamo
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch.optim's ``zero_grad`` where gradients are left in ``.grad``
+        (``accumulation_steps=1``, one process).  Where they are taken as they arrive, it
+        discards what arrived since the last ``step()``, where that can be done exactly (see
+        :meth:`fused_accum.gradients.GradBuffers.discard`), and raises otherwise."""
+        if not self._buffers.collecting:
+            super().zero_grad(set_to_none)
+            self._forget_items()
+            return
+        self._discard(None, set_to_none)
+
     def remove_hooks(self) -> None:
         """Hand the parameters back to plain autograd (``.grad`` accumulates as usual), e.g. to
         continue with a torch optimizer.  Deleting the optimizer does the same.  The buffers and
         state stay readable; this optimizer takes no more gradients."""
-        self._buffers.remove_hooks()
+        self._buffers.release()
 
     @property
     def grad_norm(self) -> Tensor | None:
@@ -400,11 +578,14 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
     def _inverse_weight(self, device: torch.device) -> float | Tensor:
         if self._global_weight is not None:
             return self._global_weight.to(device).reciprocal()
-        if self._mode == "items":
+        if self._mode == "items" and self._buffers.collecting:   # in .grad: the mean already
             return self._weight_sum[device].reciprocal()
         return 1.0 / self._micro
 
     def _end_window(self) -> None:
+        for bucket in self._buffers.buckets:
+            if True in bucket.zeroed:
+                bucket.touch_zeroed()
         try:
             if self._reducer is not None:   # every rank, touched or not, joins the collectives
                 main = self._skipped.device
@@ -462,8 +643,9 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
         if not callable(self._final_hint):
             self._final_hint = None
         self._mode = None
-        for w in self._weight_sum.values():
-            w.zero_()
+        for table in (self._weight_sum, self._items_since_step):
+            for w in table.values():
+                w.zero_()
         self._buffers.reset_window()
 
     def _warn_once(self, key: str, message: str) -> None:

@@ -104,6 +104,7 @@ class WindowStateDict:
         accumulated = window["accumulated_grads"] if window else {}
         for p, (entry, sid) in by_param.items():
             label = self._buffers.label(p)
+            self._check_state_names(entry, label, saved_groups, p)
             for name, value in entry.items():
                 if name != "step" and isinstance(value, Tensor) and value.shape != p.shape:
                     raise ValueError(f"state_dict: state {name!r} of parameter {label} has "
@@ -137,6 +138,26 @@ class WindowStateDict:
         by_id = {by_param[p][1]: self._buffers.slots[p] for p in params}
         window_checkpoint.restore(self, window, by_id)
         self._load_common(common, window)
+
+    def _check_state_names(self, entry: dict[str, Any], label: str,
+                           saved_groups: list[dict[str, Any]], param: Tensor) -> None:
+        """Refuse the state of another algorithm (a torch SGD dict into AdamW), or a stepped
+        parameter's state without what the step needs, as torch's own step would."""
+        known = self.algorithm.known_state
+        if known is None or not entry:
+            return
+        name = type(self).__name__
+        for key in entry:
+            if key != "step" and key not in MASTER_STATES and key not in known:
+                raise ValueError(f"state_dict: parameter {label} has state {key!r}, which {name} "
+                                 "does not keep: a state dict of another optimizer?")
+        bucket, _ = self._buffers.slots[param]
+        group = {**self.defaults, **self.param_groups[bucket.group_index]}
+        if float(entry.get("step", 0)) > 0:
+            missing = [n for n in self.algorithm.required_state(group) if entry.get(n) is None]
+            if missing:
+                raise ValueError(f"state_dict: parameter {label} has stepped but has no "
+                                 f"{', '.join(map(repr, missing))}, which {name} needs")
 
     def _saved_window(self, common: dict[str, Any] | None) -> dict[str, Any] | None:
         """The saved window in progress (None: none, or a torch state dict), with the position
@@ -197,5 +218,5 @@ class WindowStateDict:
         self._window_passes = 1 if window else 0
         self._mode = common["mode"] if window else None
         self._buffers.forget_passes()   # a pass that raised before the load belongs to no window
-        self._buffers.arrived = False
+        self._buffers.arrived = bool(window and window.get("pending", False))
         self._arm()

@@ -31,7 +31,7 @@ def sgd_update(bucket: Bucket, indices: list[int], group: dict[str, Any],
         rounding_seed=bucket.rounding_seed)
 
 
-SGD_ALGORITHM = Algorithm(sgd_state_names, sgd_update)
+SGD_ALGORITHM = Algorithm(sgd_state_names, sgd_update, known_state=("momentum_buffer",))
 
 
 class SGD(AccumulatingOptimizer):

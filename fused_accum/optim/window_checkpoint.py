@@ -71,8 +71,11 @@ def pack(opt: Any, index: dict[Tensor, int]) -> tuple[str, dict[str, Any]] | Non
             if touched[b][i]:
                 accumulated[index[p]] = (bucket.view(flats[b], i) if flats else
                                          bucket.acc_view(i).to("cpu", copy=True))
+    # A micro-batch whose gradients arrived and whose step() has not come yet is part of the
+    # window too: restored, step() or flush() ends it as they would have.
     return TAG, {"ranks": ranks, "accumulated_grads": accumulated, "items": float(items),
-                 "found_inf": float(found) > 0, "discarded": bool(discarded)}
+                 "found_inf": float(found) > 0, "discarded": bool(discarded),
+                 "pending": bool(buffers.arrived)}
 
 
 def mid_window_mark(packed: dict[str, Any]) -> bool | float:
@@ -156,3 +159,6 @@ def restore(opt: Any, window: dict[str, Any] | None, by_id: dict[int, tuple[Buck
         bucket, i = by_id[sid]
         bucket.load_accumulator(i, value)
         bucket.touched[i] = True
+        # Earlier micro-batches, and a pending one, summed: zero_grad() cannot take it apart.
+        bucket.settled[i] = True
+        bucket.added[i] = bool(window.get("pending", False))
