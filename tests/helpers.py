@@ -114,6 +114,24 @@ def clone(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
+def write_some_elements(param: torch.Tensor, seed: int, fraction: float = 0.3) -> torch.Tensor:
+    """Writes new values into a random ``fraction`` of a contiguous bf16 or fp16 tensor (on any
+    device), as load_state_dict or clamp_ would between two steps, each with other bits than the
+    element held (a write of the same bits is no write).  Returns the mask of the elements
+    written, on the tensor's device: the first always, the last never (when there are two)."""
+    g = torch.Generator().manual_seed(seed)
+    held = param.detach().cpu()
+    written = torch.rand(held.shape, generator=g) < fraction
+    written.view(-1)[0] = True
+    if held.numel() > 1:
+        written.view(-1)[-1] = False
+    new = (torch.randn(held.shape, generator=g) * 2).to(held.dtype)
+    new_bits = new.view(torch.int16)
+    new_bits[new_bits == held.view(torch.int16)] ^= 1   # one ulp away where they coincide
+    param.copy_(torch.where(written, new, held))
+    return written.to(param.device)
+
+
 class InjectedFailure(RuntimeError):
     pass
 

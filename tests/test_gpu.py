@@ -10,7 +10,8 @@ import torch
 import fused_accum
 from fused_accum import kernels
 from fused_accum.kernels import reference
-from helpers import assert_same_params, clone, make_batches, make_model, train_accumulated, train_large_batch
+from helpers import (assert_same_params, clone, make_batches, make_model, train_accumulated,
+                     train_large_batch, write_some_elements)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (CPU versions: tests/ops, tests/test_*.py)")
@@ -34,11 +35,13 @@ SIZES = [1, 3, 4097, 2**20 + 5] + [7, 129, 1000] * 70   # > 200 tensors: several
 
 
 def _lists(seed, dtype):
+    """Low-precision parameters hold their fp32 masters' rounding, as after a step."""
     g = torch.Generator(device=CUDA).manual_seed(seed)
     mk = lambda scale=1.0: [torch.randn(n, generator=g, device=CUDA) * scale for n in SIZES]
-    return dict(params=[t.to(dtype) for t in mk()], grads=[t.to(dtype) for t in mk(2.0)], accs=mk(3.0),
+    values = mk()
+    return dict(params=[t.to(dtype) for t in values], grads=[t.to(dtype) for t in mk(2.0)], accs=mk(3.0),
                 m=mk(0.1), v=[t.abs() for t in mk(0.1)], vmax=[t.abs() + 0.05 for t in mk(0.1)],
-                masters=None if dtype == torch.float32 else mk(),
+                masters=None if dtype == torch.float32 else values,
                 steps=[torch.tensor(float(i % 3), device=CUDA) for i in range(len(SIZES))])
 
 
@@ -99,6 +102,33 @@ def test_steps_on_gpu_match_reference(gpu_backend, dtype):
         if results[0][key] is not None:
             _close(results[1][key], results[0][key], rtol=1e-5)
     _close(results[1]["params"], results[0]["params"], rtol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_written_parameters_on_gpu_are_updated_from_their_written_values(gpu_backend, dtype):
+    """Some parameter elements written since the last step (no longer their master's rounding;
+    the stale masters of some are NaN, which must not leak), in vector steps and tails alike."""
+    d = _lists(5, dtype)
+    for i, (param, master) in enumerate(zip(d["params"], d["masters"])):
+        written = write_some_elements(param, seed=i)
+        master[written & (torch.arange(master.numel(), device=CUDA) % 3 == 0)] = float("nan")
+    results = []
+    for backend in (reference, gpu_backend):
+        x = _clone(d)
+        backend.adam_step(x["params"], x["accs"], x["m"], x["v"], x["vmax"], x["steps"], x["masters"],
+                          lr=3e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=True,
+                          maximize=False, decoupled_weight_decay=True,
+                          grad_scale=torch.full((), 0.5, device=CUDA),
+                          found_inf=torch.zeros((), device=CUDA))
+        backend.sgd_step(x["params"], x["accs"], x["v"], x["steps"], x["masters"], lr=0.1,
+                         momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=True,
+                         maximize=False, grad_scale=0.25, found_inf=torch.zeros((), device=CUDA))
+        results.append(x)
+    assert not any(torch.isnan(m).any().item() for m in results[1]["masters"])
+    for key in ("m", "v", "vmax", "masters", "steps"):
+        _close(results[1][key], results[0][key], rtol=1e-5)
+    for p, m in zip(results[1]["params"], results[1]["masters"]):
+        assert torch.equal(p, m.to(dtype))
 
 
 def test_window_on_gpu_equals_large_batch(gpu_backend):

@@ -217,8 +217,9 @@ void norm_cpu(at::TensorList accs, const at::Tensor& sumsq) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Optimizer steps.  The fp32 working value of a parameter is its master when there is one, else
-// the parameter itself converted; the result is written to both.
+// Optimizer steps.  The fp32 working value of a parameter is its master when there is one (an
+// fp32 master only while the parameter holds its rounding), else the parameter itself
+// converted; the result is written to both.
 
 struct StepLists {
   at::TensorList params, accs, masters;
@@ -280,10 +281,30 @@ void with_flag(bool flag, const F& f) {
   else f(std::false_type{});
 }
 
+// A parameter element's bits, and the bits store() writes for fp32 v.
+inline uint32_t held_bits(const float* p, int64_t j) { return f32_to_bits(p[j]); }
+inline uint32_t held_bits(const c10::BFloat16* p, int64_t j) {
+  return reinterpret_cast<const uint16_t*>(p)[j];
+}
+inline uint32_t held_bits(const c10::Half* p, int64_t j) {
+  return reinterpret_cast<const uint16_t*>(p)[j];
+}
+inline uint32_t stored_bits(const float*, float v) { return f32_to_bits(v); }
+inline uint32_t stored_bits(const c10::BFloat16*, float v) { return f32_to_bf16(v); }
+inline uint32_t stored_bits(const c10::Half*, float v) { return f32_to_f16(v); }
+
+// The fp32 master, unless the parameter no longer holds the master's rounding: then it was
+// written since the last step (load_state_dict, an initialiser, clamp_) and its value is updated.
+template <typename P>
+inline float master_unless_written(const P* param, const float* master, int64_t j) {
+  const float m = master[j];
+  return held_bits(param, j) == stored_bits(param, m) ? m : load(param, j);
+}
+
 template <typename P, Master kM>
 inline float load_working(const P* param, const float* master, const int16_t* rem, int64_t j) {
   if constexpr (kM == Master::kFp32) {
-    return master[j];
+    return master_unless_written(param, master, j);
   } else if constexpr (kM == Master::kCompact) {
     const uint32_t high = reinterpret_cast<const uint16_t*>(param)[j];
     return bits_to_f32((high << 16) + static_cast<uint32_t>(static_cast<int32_t>(rem[j])));

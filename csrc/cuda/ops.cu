@@ -41,7 +41,14 @@ using torch::stable::Tensor;
 constexpr int kMaxTensors = 256;
 constexpr int kThreads = 512;
 constexpr int kVec = 8;
-constexpr int64_t kChunk = 64 * 1024;
+// Elements per block: two vector steps of the block.  At 64K (16 steps) a 64 MB fp32 gradient
+// made 256 blocks, under half of what an H100 runs at once (132 SMs x 4 blocks), and each
+// resident block walked its own 256 KB region (ncu, 256 MB on an H200: 68% of DRAM bandwidth,
+// add_ 89%).  At 8K a large tensor gets several blocks per SM, and the blocks resident at once
+// sweep memory close together.
+constexpr int64_t kChunk = 8 * 1024;
+static_assert(kChunk % (kThreads * kVec) == 0,
+              "a chunk is whole vector steps of a block, so every chunk starts vector-aligned");
 constexpr uint8_t kFirst = 1, kAligned = 2;
 
 // ---------------------------------------------------------------------------------------------
@@ -416,7 +423,7 @@ void norm_cuda(std::vector<Tensor> accs, Tensor sumsq) {
 }
 
 // The fp32 working value of a parameter's elements and its write-back: the parameter itself, its
-// fp32 master, or its compact master (bfloat16 parameter + int16 remainder, u = (p << 16) + r as
+// fp32 master (while the parameter holds its rounding), or its compact master (bfloat16 parameter + int16 remainder, u = (p << 16) + r as
 // bits, p rounded to nearest with ties away from zero; see reference.py).
 __device__ __forceinline__ float combine(uint16_t high, int16_t rem) {
   return __uint_as_float((static_cast<uint32_t>(high) << 16) + static_cast<uint32_t>(static_cast<int32_t>(rem)));
@@ -443,6 +450,19 @@ __device__ __forceinline__ uint32_t rounding_key(int64_t seed, float step, int32
   const uint64_t s = static_cast<uint64_t>(seed) + 0x9E3779B9ull * static_cast<uint64_t>(step + 1.0f) +
                      0x85EBCA6Bull * static_cast<uint64_t>(id);
   return mix32(static_cast<uint32_t>(s));
+}
+
+// A parameter element's bits.
+__device__ __forceinline__ uint32_t bits_of(float x) { return __float_as_uint(x); }
+__device__ __forceinline__ uint32_t bits_of(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
+__device__ __forceinline__ uint32_t bits_of(__half x) { return __half_as_ushort(x); }
+
+// The fp32 master, unless the parameter no longer holds the master's rounding as the step
+// writes it: then it was written since the last step (load_state_dict, an initialiser, clamp_)
+// and its value is updated.
+template <typename P>
+__device__ __forceinline__ float master_unless_written(P held, float master) {
+  return bits_of(held) == bits_of(from_f<P>(master)) ? master : to_f(held);
 }
 
 template <typename P, bool kCompact>
@@ -474,7 +494,10 @@ struct Working {
 #pragma unroll
       for (int k = 0; k < kVec; ++k) out.v[k] = combine(hv.v[k], rv.v[k]);
     } else if (master) {
+      const Vec<P> held = load_vec(param + i);
       out = load_vec(master + i);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) out.v[k] = master_unless_written(held.v[k], out.v[k]);
     } else {
       const Vec<P> raw = load_vec(param + i);
 #pragma unroll
@@ -502,7 +525,7 @@ struct Working {
 
   __device__ __forceinline__ float load1(int64_t i) const {
     if constexpr (kCompact) return combine(reinterpret_cast<const uint16_t*>(param)[i], rem[i]);
-    return master ? master[i] : to_f(param[i]);
+    return master ? master_unless_written(param[i], master[i]) : to_f(param[i]);
   }
 
   __device__ __forceinline__ void store1(int64_t i, float p) const {

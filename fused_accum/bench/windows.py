@@ -227,9 +227,9 @@ def bytes_per_parameter(config: Config, pipeline: str) -> int:
     if pipeline.startswith("fused_accum"):
         if e == 4:   # the first gradient is adopted, later ones added; the norm is folded in
             return (k - 1) * 12 + step32
-        # bf16/fp16: fp32 master in/out and the parameter written, or (compact) the bf16
-        # parameter and int16 remainder in/out
-        step = step32 if pipeline.endswith("compact") else step32 + e
+        # bf16/fp16: fp32 master in/out and the parameter read (whether it was written since the
+        # last step) and written, or (compact) the bf16 parameter and int16 remainder in/out
+        step = step32 if pipeline.endswith("compact") else step32 + 2 * e
         return (e + 4) + (k - 1) * (e + 8) + step
     if pipeline == "torch best":
         first = e + 4 if e != 4 else 0                           # autograd steals an fp32 grad

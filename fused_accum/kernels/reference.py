@@ -134,12 +134,26 @@ def _rounding(param: Tensor, master: Tensor | None, seed: int, step: Tensor,
     return rounding_bits(seed, step, tensor_id, param.numel())
 
 
+def _stored_bits(x: Tensor) -> Tensor:
+    """The bit pattern of each element of a float tensor, as integers of its width."""
+    return x.view({2: torch.int16, 4: torch.int32}[x.element_size()])
+
+
 def _load_fp32(param: Tensor, master: Tensor | None) -> Tensor:
+    """The fp32 value a step updates (a new tensor).
+
+    Without a master it is the parameter; a compact master is the parameter's bits above its
+    remainder.  An fp32 master is the value only while the parameter still holds what the last
+    step wrote to it, the master rounded to the parameter's dtype: an element whose bits differ
+    was written since (``load_state_dict``, an initialiser, ``clamp_``), and the written value
+    is the one updated, its master forgotten.
+    """
     if master is None:
         return param.to(torch.float32, copy=True)
     if master.dtype == torch.int16:
         return compact_master(param, master)
-    return master.clone()
+    written = _stored_bits(param) != _stored_bits(master.to(param.dtype))
+    return torch.where(written, param.to(torch.float32), master)
 
 
 def _store(updated: Tensor, param: Tensor, master: Tensor | None, keep: Tensor,
@@ -155,7 +169,7 @@ def _store(updated: Tensor, param: Tensor, master: Tensor | None, keep: Tensor,
         master.copy_(remainder)
     else:
         master.copy_(torch.where(keep, master, updated))
-        param.copy_(master)
+        param.copy_(torch.where(keep, param, updated.to(param.dtype)))
 
 
 def sgd_step(params: list[Tensor], accs: list[Tensor], momentum_buffers: list[Tensor] | None,
@@ -167,8 +181,9 @@ def sgd_step(params: list[Tensor], accs: list[Tensor], momentum_buffers: list[Te
     ``steps[i]`` counts the steps taken by parameter i; at 0 the momentum buffer starts as the
     gradient itself, as torch does for a missing buffer.  Computed in fp32 whatever the parameter
     dtype; ``masters[i]``, when given, holds the value updated: an fp32 master (the parameter is
-    rewritten from it by a cast), or for bf16 parameters an int16 remainder (compact masters, see
-    ``compact_master``).  Without masters, ``rounding_seed >= 0`` rounds bf16 parameters
+    rewritten from it by a cast; an element written since the last step is taken from the
+    parameter instead, see ``_load_fp32``), or for bf16 parameters an int16 remainder (compact
+    masters, see ``compact_master``).  Without masters, ``rounding_seed >= 0`` rounds bf16 parameters
     stochastically (see ``rounding_bits``).  Nothing changes where ``found_inf`` is non-zero.
     """
     keep = found_inf != 0

@@ -56,7 +56,9 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
     - ``master_weights``: fp32 master copies for bf16/fp16 parameters (True, the default);
       "compact" keeps a bf16 parameter's master as the parameter plus an int16 remainder (2 bytes
       instead of 4, the same fp32 value bit for bit; fp16 parameters get full masters); False
-      updates low-precision parameters directly from fp32 maths.
+      updates low-precision parameters directly from fp32 maths.  A parameter written between
+      steps (``load_state_dict``, ``reset_parameters()``, ``p.data.clamp_()``) is trained on from
+      its written value: an element that no longer holds its master's rounding replaces it.
     - ``loss_scale``: "auto" (dynamic when any parameter is fp16, else none), "dynamic", a
       :class:`fused_accum.DynamicLossScale` (GradScaler's knobs), a number (static), or None.
       Loss scaling applies to losses passed to ``opt.backward(loss)``.

@@ -4,6 +4,7 @@ import torch
 
 import oracle
 from fused_accum import kernels
+from helpers import write_some_elements
 
 SIZES = oracle.SIZES
 
@@ -92,9 +93,63 @@ def test_adam_step(backend, dtype, master, case, size, step):
     assert steps[0].item() == step + 1
 
 
+# Parameters written since the last step (load_state_dict, an initialiser, clamp_): the elements
+# whose bits are no longer the master's rounding are updated from their written values.
+
+def _write_parameters(t, seed):
+    """Writes some elements of t["param"] and poisons the stale masters of half of them with NaN
+    (a written element's master must not reach its update).  Returns (mask of the written
+    elements, the fp32 values the step must update)."""
+    written = write_some_elements(t["param"], seed)
+    poisoned = written & (torch.arange(written.numel()) % 2 == 0)
+    t["master"][poisoned] = float("nan")
+    untouched = ~written
+    # the untouched masters hold detail below the parameter's ulp, which a step must keep using
+    assert (t["master"][untouched] != t["param"][untouched].float()).any()
+    return written, torch.where(written, t["param"].float(), t["master"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", range(len(SGD_CASES)))
+@pytest.mark.parametrize("size", [3, 4097, oracle.LARGE])
+def test_sgd_step_updates_written_parameters_from_the_written_values(backend, dtype, case, size):
+    size = oracle.size_for(backend, size)
+    hp, t = SGD_CASES[case], _tensors(size, dtype, seed=size + case + 100, master=True)
+    _, p0 = _write_parameters(t, seed=size + case)
+    buf = t["state"][0]
+    buf0 = buf.clone()
+    _ops(backend).sgd_step([t["param"]], [t["acc"]], [buf] if hp["momentum"] else None,
+                           [torch.tensor(3.0)], [t["master"]], **hp,
+                           grad_scale=torch.tensor(0.25), found_inf=torch.tensor(0.0))
+    expected, expected_buf = oracle.sgd(p0, t["acc"], buf0, 3, **hp, grad_scale=0.25)
+    _check_param(t["param"], t["master"], expected, dtype)
+    if hp["momentum"]:
+        assert oracle.rel_err(buf, expected_buf) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", range(len(ADAM_CASES)))
+@pytest.mark.parametrize("size", [3, 4097, oracle.LARGE])
+def test_adam_step_updates_written_parameters_from_the_written_values(backend, dtype, case, size):
+    size = oracle.size_for(backend, size)
+    hp, t = ADAM_CASES[case], _tensors(size, dtype, seed=size * 7 + case + 100, master=True)
+    _, p0 = _write_parameters(t, seed=size + case)
+    m, v, vmax = t["state"][0], t["state"][1].abs(), t["state"][2]
+    m0, v0, vmax0 = m.clone(), v.clone(), vmax.clone()
+    _ops(backend).adam_step([t["param"]], [t["acc"]], [m], [v], [vmax] if hp["amsgrad"] else None,
+                            [torch.tensor(41.0)], [t["master"]], **hp,
+                            grad_scale=torch.tensor(0.5), found_inf=torch.tensor(0.0))
+    expected, em, ev, evmax = oracle.adam(p0, t["acc"], m0, v0, vmax0, 41, **hp, grad_scale=0.5)
+    _check_param(t["param"], t["master"], expected, dtype)
+    assert oracle.rel_err(m, em) < 1e-6 and oracle.rel_err(v, ev) < 1e-6
+    if hp["amsgrad"]:
+        assert oracle.rel_err(vmax, evmax) < 1e-6
+
+
 @pytest.mark.parametrize("op", ["sgd", "adam"])
 def test_a_set_non_finite_flag_changes_nothing(backend, op):
     t = _tensors(4097, torch.bfloat16, seed=1, master=True)
+    write_some_elements(t["param"], seed=1)   # a skipped step keeps written parameters too
     t["acc"][17] = float("inf")
     state = [s.abs() for s in t["state"]]
     steps = [torch.tensor(5.0)]

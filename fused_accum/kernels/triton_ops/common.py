@@ -41,16 +41,44 @@ def load_f32(ptr, offs, mask):
 
 
 @triton.jit
+def bf16_bits(value):
+    """fp32 ``value`` rounded to bfloat16 as torch's cast rounds it (to nearest even, NaN as
+    0x7FC0), as uint16 bits."""
+    u = value.to(tl.uint32, bitcast=True)
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    return tl.where(value != value, 0x7FC0, rounded).to(tl.uint16)
+
+
+@triton.jit
 def store_f32(ptr, offs, mask, value):
     """Stores fp32 ``value`` into a float32, bfloat16 or float16 array, rounding to nearest even
     as torch's casts do (bfloat16 through its bits, NaN as torch writes it)."""
     if ptr.dtype.element_ty == tl.bfloat16:
-        u = value.to(tl.uint32, bitcast=True)
-        rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-        high = tl.where(value != value, 0x7FC0, rounded)
-        tl.store(ptr.to(tl.pointer_type(tl.uint16)) + offs, high.to(tl.uint16), mask=mask)
+        tl.store(ptr.to(tl.pointer_type(tl.uint16)) + offs, bf16_bits(value), mask=mask)
     else:
         tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def master_unless_written(param, master_value, offs, mask):
+    """The fp32 master, unless the parameter no longer holds the master's rounding as
+    ``store_f32`` writes it: then it was written since the last step (load_state_dict, an
+    initialiser, clamp_) and its value is updated.  Compares bit patterns."""
+    if param.dtype.element_ty == tl.bfloat16:
+        held = tl.load(param.to(tl.pointer_type(tl.uint16)) + offs, mask=mask)
+        stored = bf16_bits(master_value)
+        written = (held.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    elif param.dtype.element_ty == tl.float16:
+        raw = tl.load(param + offs, mask=mask)
+        held = raw.to(tl.uint16, bitcast=True)
+        stored = master_value.to(tl.float16).to(tl.uint16, bitcast=True)
+        written = raw.to(tl.float32)
+    else:
+        raw = tl.load(param + offs, mask=mask)
+        held = raw.to(tl.uint32, bitcast=True)
+        stored = master_value.to(tl.uint32, bitcast=True)
+        written = raw
+    return tl.where(held == stored, master_value, written)
 
 
 @triton.jit
@@ -73,10 +101,11 @@ def rounding_key(seed, step, position):
 
 @triton.jit
 def load_working(param, master, offs, mask, MASTER: tl.constexpr):
-    """The fp32 value being updated: the fp32 master, the compact master (bf16 bits of the
-    parameter above an int16 remainder), or the parameter itself."""
+    """The fp32 value being updated: the fp32 master (while the parameter holds its rounding),
+    the compact master (bf16 bits of the parameter above an int16 remainder), or the parameter
+    itself."""
     if MASTER == 1:
-        value = tl.load(master + offs, mask=mask)
+        value = master_unless_written(param, tl.load(master + offs, mask=mask), offs, mask)
     elif MASTER == 2:
         high = tl.load(param.to(tl.pointer_type(tl.uint16)) + offs, mask=mask).to(tl.uint32)
         rem = tl.load(master + offs, mask=mask).to(tl.int32).to(tl.uint32, bitcast=True)
