@@ -165,6 +165,8 @@ class Bucket(FlatState):
     def load_param_state(self, flat: Tensor, i: int, value: Tensor | None) -> None:
         """Parameter i's slice of ``flat`` from its saved value (None: zeros)."""
         view = self.view(flat, i)
+        if value is not None and value.layout != torch.strided:
+            value = value.to_dense()   # torch's SGD keeps a sparse gradient's momentum sparse
         view.zero_() if value is None else view.copy_(value)
 
     def copy_params_to(self, flat: Tensor) -> None:

@@ -46,6 +46,7 @@ from torch import Tensor
 from . import guards, holders
 from ._warnings import warn
 from .buffers import Bucket, param_label
+from .sparse import SparseSums
 
 GROUP_ENV = "FUSED_ACCUM_GROUP_MB"
 HOOKS_ENV = "FUSED_ACCUM_HOOKS"   # "auto" (the C++ collector when it builds) or "python"
@@ -105,7 +106,7 @@ class BackwardPass:
     """What one backward pass (an autograd graph task) has delivered so far."""
 
     __slots__ = ("task", "serial", "queue", "queued_bytes", "firsts", "added", "found_before",
-                 "arrived_before", "sumsq_before")
+                 "arrived_before", "sumsq_before", "sparse_firsts")
 
     def __init__(self, task: int, serial: int, found_before: dict[torch.device, Tensor],
                  arrived_before: bool, sumsq_before: dict[Bucket, Tensor]):
@@ -115,6 +116,7 @@ class BackwardPass:
         self.queue: dict[Bucket, tuple[list[int], list[Tensor]]] = {}   # not yet accumulated
         self.queued_bytes = 0
         self.firsts: list[tuple[Bucket, int]] = []   # slots this pass touched first in the window
+        self.sparse_firsts: list[tuple[Bucket, int]] = []   # sparse sums it began
         self.added = False          # it added into an earlier sum: it can no longer be undone
         self.found_before = found_before   # the non-finite flags before it, to undo exactly
         # In a window's last micro-batch, the sums of squares before it: the collector folds
@@ -204,6 +206,7 @@ class GradBuffers:
         self._hook_ids: dict[Tensor, int] = {}      # hooked parameter -> first hook id after ours
         self.on_zero_grad = None   # WeakMethod(params, set_to_none): nn.Module.zero_grad's call
         self.grads_scaled = False  # gradients in .grad carry the loss scale (opt.backward put it)
+        self.sparse = SparseSums()  # the window's sums of sparse gradients (fused_accum.sparse)
         guards.install()   # torch's clipping would see no .grad: make it say so
 
     # -- construction ------------------------------------------------------------------------
@@ -382,8 +385,9 @@ class GradBuffers:
             record = self.passes.get(_task_id())
             if record is None:
                 record = self._start_pass(_task_id())   # may refuse the pass: nothing is taken
-            if grad.layout is not _STRIDED:
-                grad = grad.to_dense()   # e.g. nn.Embedding(sparse=True): accumulated densely
+            if grad.layout is not _STRIDED:   # nn.Embedding(sparse=True): summed sparse
+                self._add_sparse(bucket, i, grad, record)
+                return
             indices, grads = record.queue.setdefault(bucket, ([], []))
             indices.append(i)
             grads.append(grad)
@@ -495,8 +499,37 @@ class GradBuffers:
                 groups += [(self.buckets[b], indices, grads)
                            for b, indices, grads in self._collector.take(record.task)]
                 self._settle_planned(record, final)
+                groups = self._split_sparse(groups, record)
             if groups and self._accumulate(groups, record.firsts, adopt=True):
                 record.added = True
+
+    def _add_sparse(self, bucket: Bucket, i: int, grad: Tensor, record: BackwardPass | None) -> None:
+        weight = None if self.micro_weight is None else self.micro_weight[bucket.device]
+        first = self.sparse.add(bucket, i, grad, weight, bucket.labels[i], self.flat_fp32)
+        if record is not None:
+            if first:
+                record.sparse_firsts.append((bucket, i))
+            else:
+                record.added = True
+        self.arrived = True
+
+    def _split_sparse(self, groups: list, record: BackwardPass) -> list:
+        """The collector queues sparse gradients for Python: sum them here, return the rest."""
+        dense = []
+        for bucket, indices, grads in groups:
+            if all(g.layout is _STRIDED for g in grads):
+                dense.append((bucket, indices, grads))
+                continue
+            kept = ([], [])
+            for i, g in zip(indices, grads):
+                if g.layout is _STRIDED:
+                    kept[0].append(i)
+                    kept[1].append(g)
+                else:
+                    self._add_sparse(bucket, i, g, record)
+            if kept[0]:
+                dense.append((bucket, *kept))
+        return dense
 
     def drain_all(self) -> None:
         with self._lock:
@@ -548,6 +581,8 @@ class GradBuffers:
             return
         for bucket, i in record.firsts:
             bucket.untouch(i)
+        for bucket, i in record.sparse_firsts:
+            self.sparse.drop(bucket, i)
         for device, flag in record.found_before.items():
             self.found_inf[device].copy_(flag)
         for bucket, sumsq in record.sumsq_before.items():
@@ -579,32 +614,31 @@ class GradBuffers:
         parameter's ``.grad`` as the window's single micro-batch, times ``weight`` (per device,
         None for 1), leaving ``.grad`` as it is (an fp32 one is read where it is, never
         written).  Returns whether any parameter has a gradient."""
-        groups = []
-        for bucket in self.buckets:
-            dtype, on_cuda = bucket.dtype, bucket.device.type == "cuda"
-            indices, grads = [], []
-            for i, p in enumerate(bucket.params):
-                grad = p.grad
-                if grad is None:
-                    continue
-                if p.dtype is not dtype or p.is_cuda is not on_cuda:
-                    check_layout(bucket, p, bucket.labels[i])
-                if grad.layout is not _STRIDED:
-                    raise RuntimeError(f"fused_accum: parameter {bucket.labels[i]} has a sparse "
-                                       ".grad, which this optimizer does not take")
-                indices.append(i)
-                grads.append(grad if grad.is_contiguous() else grad.contiguous())
-            if indices:
-                groups.append((bucket, indices, grads))
-        if not groups:
-            return False
         saved, self.micro_weight = self.micro_weight, weight
         try:
-            with self._lock:
-                self._accumulate(groups, adopt=weight is None)
+            groups = []
+            for bucket in self.buckets:
+                dtype, on_cuda = bucket.dtype, bucket.device.type == "cuda"
+                indices, grads = [], []
+                for i, p in enumerate(bucket.params):
+                    grad = p.grad
+                    if grad is None:
+                        continue
+                    if p.dtype is not dtype or p.is_cuda is not on_cuda:
+                        check_layout(bucket, p, bucket.labels[i])
+                    if grad.layout is not _STRIDED:   # torch's own sparse .grad: summed as is
+                        self._add_sparse(bucket, i, grad, None)
+                        continue
+                    indices.append(i)
+                    grads.append(grad if grad.is_contiguous() else grad.contiguous())
+                if indices:
+                    groups.append((bucket, indices, grads))
+            if groups:
+                with self._lock:
+                    self._accumulate(groups, adopt=weight is None)
         finally:
             self.micro_weight = saved
-        return True
+        return bool(groups) or bool(self.sparse)
 
     def check_foreign_hooks(self) -> None:
         """Refuse a post-accumulate-grad hook of the user's registered on a parameter after its
@@ -732,6 +766,7 @@ class GradBuffers:
 
     def end_micro_batch(self) -> None:
         """step() ended a micro-batch: what arrived until now belongs to earlier micro-batches."""
+        self.sparse.end_micro_batch()
         for bucket in self.buckets:
             bucket.end_micro_batch()
         if self._collector is not None:
@@ -760,6 +795,14 @@ class GradBuffers:
                     drop.append((bucket, i))
                 elif bucket.added[i] or (slots is not None and slots[i] in added):
                     refused.append(bucket.labels[i])
+        sparse_drop = []
+        for (bucket, i), entry in self.sparse.sums.items():
+            if wanted is not None and bucket.params[i] not in wanted:
+                continue
+            if not entry.settled:
+                sparse_drop.append((bucket, i))
+            elif entry.added:
+                refused.append(bucket.labels[i])
         if refused:
             raise RuntimeError(
                 f"fused_accum: zero_grad() would discard what {len(refused)} parameters "
@@ -771,10 +814,13 @@ class GradBuffers:
                 "where zero_grad() works as in torch.optim")
         for bucket, i in drop:
             bucket.untouch(i)
-        if drop:
+        for bucket, i in sparse_drop:
+            self.sparse.drop(bucket, i)
+        if drop or sparse_drop:
             self._recheck_finite()
         left = any(t and not s for b in self.buckets for t, s in zip(b.touched, b.settled))
         left = left or any(True in b.added for b in self.buckets) or bool(added)
+        left = left or any(not e.settled or e.added for e in self.sparse.sums.values())
         if not left:
             self.arrived = False
         return not left
@@ -820,6 +866,7 @@ class GradBuffers:
         return bucket.sumsq
 
     def reset_window(self) -> None:
+        self.sparse.reset()
         for bucket in self.buckets:
             bucket.reset_window()
         for flag in self.found_inf.values():

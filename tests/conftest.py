@@ -16,6 +16,17 @@ def _cpu_backends() -> list[str]:
             if kernels.availability(name, torch.device("cpu"))[0]]
 
 
+@pytest.fixture(params=["collector", "collector on the tensor", "python"])
+def hooks(request, monkeypatch):
+    """Each gradient hook: the C++ collector's node hook (CPUs), its tensor hook (accelerators;
+    forced here on the CPU), and the Python hook."""
+    monkeypatch.setenv("FUSED_ACCUM_HOOKS", "python" if request.param == "python" else "auto")
+    if request.param == "collector on the tensor":
+        from fused_accum.gradients import GradBuffers
+        monkeypatch.setattr(GradBuffers, "_hook_on_node", staticmethod(lambda param: False))
+    return request.param
+
+
 @pytest.fixture(params=_cpu_backends())
 def backend(request) -> str:
     """Every backend that runs on this machine's CPU; the optimizer tests run once per backend."""

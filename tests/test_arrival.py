@@ -11,15 +11,7 @@ from helpers import (FailsInBackward, InjectedFailure, assert_same_params, clone
                      make_batches, make_model)
 
 
-@pytest.fixture(autouse=True, params=["collector", "collector on the tensor", "python"])
-def hooks(request, monkeypatch):
-    """Every test here runs with each gradient hook: the C++ collector's node hook (CPUs), its
-    tensor hook (accelerators; forced here on the CPU), and the Python hook."""
-    monkeypatch.setenv("FUSED_ACCUM_HOOKS", "python" if request.param == "python" else "auto")
-    if request.param == "collector on the tensor":
-        from fused_accum.gradients import GradBuffers
-        monkeypatch.setattr(GradBuffers, "_hook_on_node", staticmethod(lambda param: False))
-    return request.param
+pytestmark = pytest.mark.usefixtures("hooks")   # every test here, with each gradient hook
 
 
 def test_the_collector_builds_and_is_used_unless_told_otherwise(hooks):

@@ -77,6 +77,13 @@ void call(bool from_python, const py::object& f, Args&&... args) {
   }
 }
 
+// A gradient's bytes: a sparse one (nn.Embedding(sparse=True)) counts its indices and values.
+int64_t grad_bytes(const at::Tensor& grad) {
+  if (grad.layout() == at::kSparse)
+    return static_cast<int64_t>(grad._indices().nbytes() + grad._values().nbytes());
+  return static_cast<int64_t>(grad.nbytes());
+}
+
 struct Entry {
   int64_t task;
   int64_t slot;
@@ -171,7 +178,7 @@ class Collector : public std::enable_shared_from_this<Collector> {
           order.push_back(where.bucket);
           groups.emplace_back();
         }
-        bytes_ -= static_cast<int64_t>(e.grad.nbytes());
+        bytes_ -= grad_bytes(e.grad);
         groups[g].first.push_back(where.index);
         groups[g].second.push_back(std::move(e.grad));
       }
@@ -191,7 +198,7 @@ class Collector : public std::enable_shared_from_this<Collector> {
     std::lock_guard<std::mutex> guard(mutex_);
     std::vector<Entry> rest;
     for (auto& e : queue_) {
-      if (e.task == task) bytes_ -= static_cast<int64_t>(e.grad.nbytes());
+      if (e.task == task) bytes_ -= grad_bytes(e.grad);
       else rest.push_back(std::move(e));
     }
     queue_ = std::move(rest);
@@ -453,7 +460,6 @@ void Collector::arrived(const at::Tensor& param, int64_t slot, bool from_python)
   if (!grad.defined()) return;
   at::Tensor taken = std::move(grad);
   grad.reset();   // .grad = None: the gradient lives in the queue until it is accumulated
-  if (taken.layout() != at::kStrided) taken = taken.to_dense();   // nn.Embedding(sparse=True)
   const int64_t task = torch::autograd::get_current_graph_task_id();
   bool start = false;
   {
@@ -473,9 +479,10 @@ void Collector::arrived(const at::Tensor& param, int64_t slot, bool from_python)
   std::optional<FastGroup> ready;
   {
     std::lock_guard<std::mutex> guard(mutex_);
-    const int64_t nbytes = static_cast<int64_t>(taken.nbytes());
+    const int64_t nbytes = grad_bytes(taken);
+    // A sparse gradient (nn.Embedding(sparse=True)) goes to Python, which sums it sparse.
     const bool planned = plan_task_ == task && slot < static_cast<int64_t>(planned_.size()) &&
-                         planned_[slot].group >= 0;
+                         planned_[slot].group >= 0 && taken.layout() == at::kStrided;
     if (planned) {
       const Planned& p = planned_[slot];
       at::Tensor acc = p.acc;

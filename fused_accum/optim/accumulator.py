@@ -6,6 +6,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from .. import holders
 from ..buffers import Bucket
 from ._args import check_adam, refuse_differentiable
 from .adam import ADAM_ALGORITHM
@@ -80,17 +81,32 @@ class FusedAccumulator(AccumulatingOptimizer):
             return
         if any(flag.item() != 0 for flag in found.values()):
             return   # a non-finite gradient in the window: skip the step
+        collecting = self._buffers.collecting
         handed = []
         for bucket in buckets:
             for i in bucket.touched_indices():
                 p = bucket.params[i]
-                p.grad = (bucket.acc_view(i) * scales[bucket.device]).to(p.dtype)
+                grad = (bucket.acc_view(i) * scales[bucket.device]).to(p.dtype)
+                if collecting:
+                    p.grad = grad
+                    handed.append(p)
+                else:   # in .grad already: unscaled and clipped in place, as torch's tools do
+                    p.grad.copy_(grad)
+        for (bucket, i), total in self._buffers.sparse.coalesced().items():
+            p = bucket.params[i]   # a sparse .grad for the wrapped optimizer (SparseAdam)
+            p.grad = total * scales[bucket.device]
+            if collecting:
                 handed.append(p)
+        holders.stepping_inner.add(id(self.optimizer))
         try:
             self.optimizer.step()
         finally:
+            holders.stepping_inner.discard(id(self.optimizer))
             for p in handed:
                 p.grad = None
+
+    def _steps_sparse(self) -> bool:
+        return not self.fused or super()._steps_sparse()
 
     def _packed_state(self, whole: bool) -> dict[str, Any]:
         packed = super()._packed_state(whole)

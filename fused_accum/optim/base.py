@@ -40,6 +40,8 @@ class Algorithm(NamedTuple):
     # once stepped (where torch's own step would fail without it); None: not checked.
     known_state: tuple[str, ...] | None = None
     required_state: Callable[[dict[str, Any]], list[str]] = lambda group: []
+    # The update of one parameter from its coalesced sparse gradient, or None: refused.
+    sparse_update: Callable[..., None] | None = None
 
 
 class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
@@ -585,6 +587,13 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
         return 1.0 / self._micro
 
     def _end_window(self) -> None:
+        if self._buffers.sparse and not self._steps_sparse():
+            name = type(self).__name__
+            labels = [b.labels[i] for b, i in self._buffers.sparse.sums]
+            raise RuntimeError(   # torch's own words, and the parameters: nothing has changed
+                f"{name} does not support sparse gradients, please consider SparseAdam instead "
+                f"(fused_accum.FusedAccumulator(torch.optim.SparseAdam(...))); sparse: "
+                f"{', '.join(labels[:3])}")
         for bucket in self._buffers.buckets:
             if True in bucket.zeroed:
                 bucket.touch_zeroed()
@@ -598,7 +607,7 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
                     for device, total in self._weight_sum.items():
                         total.copy_(self._global_weight.to(device))
             buckets = [b for b in self._buffers.buckets if any(b.touched)]
-            if buckets:
+            if buckets or self._buffers.sparse:
                 scales, found = self._window_scales(buckets)
                 if self.nonfinite == "raise" and not (self._scaler and self._scaler.dynamic):
                     self._raise_if_not_finite(buckets, found)
@@ -669,11 +678,17 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
                                                               dict[torch.device, Tensor]]:
         """Per device: grad_scale (clip / W) and the non-finite flag of the whole window.
         Sets ``grad_norm``.  Nothing here reads a device value on the host."""
-        main = buckets[0].device
+        sparse = self._buffers.sparse
+        devices = {b.device for b in buckets} | {b.device for b, _ in sparse.sums}
+        main = buckets[0].device if buckets else next(iter(sparse.sums))[0].device
         if self._sharding:   # each rank holds the sums of its pieces only
             total = self._reducer.window_sumsq(buckets, main)
         else:
-            total = torch.stack([self._buffers.window_sumsq(b).to(main) for b in buckets]).sum()
+            total = torch.zeros((), device=main)
+            if buckets:
+                total = torch.stack([self._buffers.window_sumsq(b).to(main) for b in buckets]).sum()
+        if sparse:   # a non-finite element makes the norm non-finite: the flag below
+            total = total + sparse.sumsq(main)
         self._grad_norm = total.sqrt() * self._inverse_weight(main)
         self._live_grad_norm.copy_(self._grad_norm)
         # The norm covers what no accumulate kernel has checked (adopted first gradients): a
@@ -689,7 +704,7 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
             any_inf = torch.stack([f.to(main) for f in found.values()]).amax()
             found = {d: any_inf.to(d) for d in found}
         scales = {}
-        for device in {b.device for b in buckets}:
+        for device in devices:
             scale = self._inverse_weight(device)
             scales[device] = scale if clip is None else clip.to(device) * scale
         return scales, found
@@ -712,3 +727,13 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
                 self._publish_state(bucket)
         if self._sharding:
             self._reducer.finish_gathers()
+        for (bucket, i), total in self._buffers.sparse.coalesced().items():
+            allocated = len(bucket.state)
+            self.algorithm.sparse_update(bucket, i, total, self.param_groups[bucket.group_index],
+                                         scales[bucket.device], found[bucket.device])
+            if len(bucket.state) != allocated:
+                self._publish_state(bucket)
+
+    def _steps_sparse(self) -> bool:
+        """Whether this optimizer steps sparse gradients (torch's SGD does, Adam does not)."""
+        return self.algorithm.sparse_update is not None

@@ -5,6 +5,7 @@ from typing import Any
 
 from torch import Tensor
 
+from .. import sparse
 from ..buffers import Bucket
 from ._args import check_common, refuse_differentiable, scalar
 from .base import AccumulatingOptimizer, Algorithm
@@ -31,7 +32,19 @@ def sgd_update(bucket: Bucket, indices: list[int], group: dict[str, Any],
         rounding_seed=bucket.rounding_seed)
 
 
-SGD_ALGORITHM = Algorithm(sgd_state_names, sgd_update, known_state=("momentum_buffer",))
+def sgd_sparse_update(bucket: Bucket, i: int, total: Tensor, group: dict[str, Any],
+                      grad_scale: float | Tensor, found_inf: Tensor) -> None:
+    """One SGD step of parameter ``i`` of ``bucket`` from its coalesced sparse gradient."""
+    momentum = scalar(group["momentum"])
+    buffer = bucket.view(bucket.ensure_state("momentum_buffer"), i) if momentum != 0 else None
+    sparse.sgd_step(bucket.params[i].detach(), total, buffer, bucket.step_views([i])[0],
+                    lr=group["lr"], momentum=momentum, dampening=scalar(group["dampening"]),
+                    weight_decay=scalar(group["weight_decay"]), nesterov=bool(group["nesterov"]),
+                    maximize=bool(group["maximize"]), grad_scale=grad_scale, found_inf=found_inf)
+
+
+SGD_ALGORITHM = Algorithm(sgd_state_names, sgd_update, known_state=("momentum_buffer",),
+                          sparse_update=sgd_sparse_update)
 
 
 class SGD(AccumulatingOptimizer):

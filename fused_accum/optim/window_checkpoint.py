@@ -71,6 +71,8 @@ def pack(opt: Any, index: dict[Tensor, int]) -> tuple[str, dict[str, Any]] | Non
             if touched[b][i]:
                 accumulated[index[p]] = (bucket.view(flats[b], i) if flats else
                                          bucket.acc_view(i).to("cpu", copy=True))
+    for (bucket, i), total in buffers.sparse.coalesced().items():   # kept sparse
+        accumulated[index[bucket.params[i]]] = total.to("cpu", copy=True)
     # A micro-batch whose gradients arrived and whose step() has not come yet is part of the
     # window too: restored, step() or flush() ends it as they would have.
     return TAG, {"ranks": ranks, "accumulated_grads": accumulated, "items": float(items),
@@ -157,6 +159,9 @@ def restore(opt: Any, window: dict[str, Any] | None, by_id: dict[int, tuple[Buck
         return
     for sid, value in window["accumulated_grads"].items():
         bucket, i = by_id[sid]
+        if value.layout != torch.strided:
+            opt._buffers.sparse.restore(bucket, i, value, bool(window.get("pending", False)))
+            continue
         bucket.load_accumulator(i, value)
         bucket.touched[i] = True
         # Earlier micro-batches, and a pending one, summed: zero_grad() cannot take it apart.

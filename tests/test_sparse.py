@@ -1,0 +1,193 @@
+"""Sparse gradients (nn.Embedding(sparse=True)) are summed sparse and stepped as torch steps them."""
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import fused_accum
+from helpers import FailsInBackward
+
+VOCAB, DIM = 60, 5
+
+
+class SparseLM(nn.Module):
+    def __init__(self, sparse: bool = True):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM, sparse=sparse)
+        self.head = nn.Linear(DIM, 3)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.embed(tokens))).square().mean()
+
+
+def _model(seed):
+    torch.manual_seed(seed)
+    return SparseLM()
+
+
+def _tokens(seed, n):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB // 2, (7,), generator=g) for _ in range(n)]
+
+
+def _dense_twin(model):
+    twin = copy.deepcopy(model)
+    twin.embed.sparse = False
+    return twin
+
+
+def _large_batch(model, windows, max_grad_norm=None, **kwargs):
+    """torch.optim.SGD with dense gradients, one step per window on its mean."""
+    twin = _dense_twin(model)
+    opt = torch.optim.SGD(twin.parameters(), **kwargs)
+    for window in windows:
+        (sum(twin(t) for t in window) / len(window)).backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(twin.parameters(), max_grad_norm)
+        opt.step()
+        opt.zero_grad()
+    return twin
+
+
+def _assert_close(expected, actual, rtol=1e-5):
+    for (name, e), a in zip(expected.named_parameters(), actual.parameters()):
+        scale = e.detach().abs().max().item()
+        torch.testing.assert_close(a.detach(), e.detach(), rtol=rtol, atol=rtol * scale,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("hyper", [dict(lr=0.5), dict(lr=0.5, momentum=0.9),
+                                   dict(lr=0.5, momentum=0.5, nesterov=True, weight_decay=0.01)],
+                         ids=["plain", "momentum", "nesterov-decay"])
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_sparse_sgd_gives_the_large_batch(k, hyper, clip, backend, hooks):
+    model = _model(1)
+    windows = [_tokens(10 + w, k) for w in range(3)]
+    expected = _large_batch(model, windows, clip, **hyper)
+    opt = fused_accum.SGD(model.parameters(), **hyper, accumulation_steps=k, max_grad_norm=clip,
+                          backend=backend)
+    for window in windows:
+        for tokens in window:
+            model(tokens).backward()
+            if k > 1:   # summed sparse, never in a dense accumulator
+                (bucket, i), = opt._buffers.sparse.sums
+                assert bucket.params[i] is model.embed.weight and not bucket.touched[i]
+                assert opt._buffers.sparse.sums[(bucket, i)].total().layout == torch.sparse_coo
+            opt.step()
+            opt.zero_grad()
+    _assert_close(expected, model)
+
+
+def test_num_items_and_loss_scaling_weigh_sparse_gradients(backend):
+    model = _model(2)
+    window = _tokens(20, 3)
+    counts = [3.0, 1.0, 5.0]
+    twin = _dense_twin(model)
+    ref = torch.optim.SGD(twin.parameters(), lr=0.5)
+    (sum(twin(t) * n for t, n in zip(window, counts)) / sum(counts)).backward()
+    ref.step()
+    opt = fused_accum.SGD(model.parameters(), lr=0.5, accumulation_steps=3, loss_scale=64.0,
+                          backend=backend)
+    for tokens, n in zip(window, counts):
+        opt.backward(model(tokens), num_items=n)
+        opt.step()
+    assert opt.stepped
+    _assert_close(twin, model)
+
+
+def test_adam_refuses_sparse_gradients_as_torch_does_and_changes_nothing(backend):
+    model = _model(3)
+    before = copy.deepcopy(model)
+    opt = fused_accum.AdamW(model.parameters(), backend=backend)
+    model(_tokens(30, 1)[0]).backward()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients.*SparseAdam"):
+        opt.step()
+    for a, b in zip(model.parameters(), before.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_sparse_adam_through_the_accumulator(backend):
+    model = _model(4)
+    twin = copy.deepcopy(model)
+    windows = [_tokens(40 + w, 2) for w in range(2)]
+    ref = torch.optim.SparseAdam(list(twin.embed.parameters()), lr=1e-2)
+    for window in windows:
+        (sum(twin(t) for t in window) / 2).backward()
+        ref.step()
+        ref.zero_grad()
+    opt = fused_accum.FusedAccumulator(torch.optim.SparseAdam(list(model.embed.parameters()),
+                                                              lr=1e-2),
+                                       accumulation_steps=2, backend=backend)
+    for window in windows:
+        for tokens in window:
+            model(tokens).backward()
+            opt.step()
+    assert opt.stepped
+    _assert_close(twin.embed, model.embed)
+
+
+@pytest.mark.parametrize("pending", [True, False])
+def test_a_mid_window_checkpoint_keeps_the_sparse_sums(pending, backend):
+    model = _model(5)
+    window = _tokens(50, 3)
+    expected = _large_batch(model, [window], lr=0.5, momentum=0.9)
+    opt = fused_accum.SGD(model.parameters(), lr=0.5, momentum=0.9, accumulation_steps=3,
+                          backend=backend)
+    model(window[0]).backward()
+    opt.step()
+    model(window[1]).backward()
+    if not pending:
+        opt.step()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    del opt
+    buffer.seek(0)
+    fresh = fused_accum.SGD(model.parameters(), lr=0.5, momentum=0.9, accumulation_steps=3,
+                            backend=backend)
+    fresh.load_state_dict(torch.load(buffer, weights_only=False))
+    if pending:
+        fresh.step()
+    model(window[2]).backward()
+    fresh.step()
+    assert fresh.stepped
+    _assert_close(expected, model)
+
+
+def test_a_failed_pass_that_began_a_sparse_sum_is_undone(backend, hooks):
+    model = _model(6)
+    window = _tokens(60, 2)
+    expected = _large_batch(model, [window], lr=0.5)
+    opt = fused_accum.SGD(model.parameters(), lr=0.5, accumulation_steps=2, backend=backend)
+    failing = FailsInBackward.apply(model.head.bias).sum() * 0   # built first: runs last
+    with pytest.raises(Exception, match="fails here"):
+        (model(window[0]) + failing).backward()   # the embedding's gradient came first
+    for tokens in window:
+        model(tokens).backward()
+        opt.step()
+    assert opt.stepped and opt.skipped_steps == 0
+    _assert_close(expected, model)
+
+
+def test_zero_grad_drops_a_stray_sparse_sum(backend, hooks):
+    model = _model(7)
+    window = _tokens(70, 2)
+    expected = _large_batch(model, [window], lr=0.5)
+    opt = fused_accum.SGD(model.parameters(), lr=0.5, accumulation_steps=2, backend=backend)
+    model(_tokens(71, 1)[0]).backward()
+    model.zero_grad()
+    assert not opt._buffers.sparse
+    for tokens in window:
+        model(tokens).backward()
+        opt.step()
+    _assert_close(expected, model)
+
+
+def test_sparse_gradients_of_bf16_parameters_are_refused(backend):
+    model = _model(8).to(torch.bfloat16)
+    opt = fused_accum.SGD(model.parameters(), lr=0.5, backend=backend)
+    model(_tokens(80, 1)[0]).backward()
+    with pytest.raises(RuntimeError, match="bfloat16 with a sparse gradient"):
+        opt.step()
