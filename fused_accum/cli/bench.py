@@ -120,6 +120,8 @@ def measure(device: torch.device, quick: bool, level: str, backend: str, repeats
         results.append(out)
     if level in ("ops", "all"):
         ops.run(device, sizes, repeats, copy_bw, emit=lambda case, rows: out.add("ops", rows))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()   # the ops' tensors, cached here, not in the windows' way
     if level in ("windows", "all"):
         def emit(config: str, rows: list[dict]) -> None:
             print(f"\n{windows_table(rows)}\n", flush=True)
