@@ -29,12 +29,22 @@ WINDOWS = 3
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt parameters
 
 
-def _mallopt(param: int, value: int) -> bool:
+def _libc(name: str):
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
-        return bool(libc.mallopt(param, value))
-    except (OSError, AttributeError):
-        return False
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or None), name)
+    except (OSError, AttributeError):   # not glibc
+        return None
+
+
+def _mallopt(param: int, value: int) -> bool:
+    mallopt = _libc("mallopt")
+    return bool(mallopt is not None and mallopt(param, value))
+
+
+def _malloc_trim() -> None:
+    trim = _libc("malloc_trim")
+    if trim is not None:
+        trim(0)   # free heap memory back to the system, so the next peak starts from live memory
 
 
 def _status_bytes(field: str) -> int | None:
@@ -59,7 +69,8 @@ def _reset_resident_peak() -> bool:
 
 class PeakMeter:
     """``start()`` before a pipeline is built, ``peak()`` after its windows: the bytes it added
-    at its peak, or None where this machine cannot tell."""
+    at its peak, or None where this machine cannot tell.  Made before the process allocates
+    what it will free (on CPUs it sets the allocator up)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -76,6 +87,7 @@ class PeakMeter:
             self.base = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.available:
+            _malloc_trim()
             _reset_resident_peak()
             self.base = _status_bytes("VmRSS") or 0
 

@@ -263,15 +263,15 @@ def measure_config(config: Config, device: torch.device, repeats: int, copy_bw: 
     """One configuration's rows, measured in this process: each pipeline built (its model on
     ``device``) and run for its first windows under a :class:`memory.PeakMeter`, then all timed
     together, interleaved."""
-    # Every pipeline once on the quick version of this configuration first: libraries loaded,
+    # Every pipeline once on the quick version of this configuration first: modules imported
+    # (torch.optim's first optimizer imports torch._dynamo, about 100 MB), libraries loaded,
     # kernels compiled, handles and workspaces made, so that the first measured pipeline's peak
     # does not carry what every later one finds ready.
+    meter = memory.PeakMeter(device)   # before any allocation that it should see freed
+    progress(f"windows: ({config.name}) warm-up on small sizes")
     small = find(device, True, config.name)
-    if small != config:   # with --quick, the measured windows are as small: no warm-up
-        progress(f"windows: ({config.name}) warm-up on small sizes")
-        for name in pipeline_names(small):
-            make_pipeline(name, small, Workload(small, device, 0), backend).window()
-    meter = memory.PeakMeter(device)
+    for name in pipeline_names(small):
+        make_pipeline(name, small, Workload(small, device, 0), backend).window()
     pipelines, peaks = [], {}
     for name in pipeline_names(config):
         progress(f"windows: ({config.name}) {name}: built, peak memory over {memory.WINDOWS} windows")
