@@ -104,6 +104,10 @@ def test_each_ratio_carries_its_paired_spread_and_whether_it_includes_one():
         "warning: 1 of 2 windows time ratios are within this run's noise (their p10-p90 "
         "includes 1.0, marked *): (e) torch naive"]
     assert noise_warnings(result)[0] in tables(result)
+    few = [dict(r, repeats=2) for r in rows]
+    assert "from 2 repetitions: too few" in windows_table(few)
+    assert noise_warnings({**result, "windows": few})[-1].startswith(
+        "warning: the windows spreads come from 2 repetitions")
     old = [{k: v for k, v in r.items() if not k.startswith(f"{key}_")} for r in rows]
     assert "| 1.10x |" in windows_table(old)   # results written before the spreads still print
 

@@ -36,15 +36,26 @@ def within_noise(rows: list[dict], key: str) -> list[dict]:
     return [r for r in rows if r.get(f"{key}_within_noise")]
 
 
+FEW_REPEATS = 5   # fewer repetitions than this: their p10-p90 says little about the noise
+
+
+def _repetitions(n: int) -> str:
+    return f"{n} repetition{'' if n == 1 else 's'}"
+
+
 def noise_note(rows: list[dict], key: str) -> str:
-    """The footnote of a table with marked ratios (empty without any)."""
+    """The footnote of a table with marked ratios, or with too few repetitions to tell."""
     marked = within_noise(rows, key)
-    if not marked:
-        return ""
     repeats = sorted({r["repeats"] for r in rows if "repeats" in r})
     over = f" over {'/'.join(map(str, repeats))} repetitions" if repeats else ""
-    return (f"\n{NOISE_MARK} the ratio's p10-p90{over} includes 1.0: the difference is within "
-            f"this run's repeat-to-repeat noise ({len(marked)} of {len(rows)} rows).")
+    note = ""
+    if marked:
+        note += (f"\n{NOISE_MARK} the ratio's p10-p90{over} includes 1.0: the difference is within "
+                 f"this run's repeat-to-repeat noise ({len(marked)} of {len(rows)} rows).")
+    if repeats and repeats[0] < FEW_REPEATS:
+        note += (f"\nThe spreads come from {_repetitions(repeats[0])}: too few to tell noise from "
+                 "an effect.")
+    return note
 
 
 def noise_warnings(result: dict) -> list[str]:
@@ -58,6 +69,10 @@ def noise_warnings(result: dict) -> list[str]:
             out.append(f"warning: {len(marked)} of {len(compared)} {level} time ratios are within "
                        f"this run's noise (their p10-p90 includes 1.0, marked {NOISE_MARK}): "
                        + ", ".join(_who(level, r) for r in marked))
+        few = min((r["repeats"] for r in rows if "repeats" in r), default=FEW_REPEATS)
+        if few < FEW_REPEATS:
+            out.append(f"warning: the {level} spreads come from {_repetitions(few)}, too few to "
+                       "tell noise from an effect")
     return out
 
 
