@@ -7,15 +7,19 @@ import sys
 from fused_accum import kernels
 from fused_accum.bench.report import tables
 
+def _spread(key):   # each time ratio, with its p10-p90 over repetitions and the noise flag
+    return {key, f"{key}_p10", f"{key}_p90", f"{key}_within_noise"}
+
+
 OPS_KEYS = {"op", "variant", "size_mb", "elements", "contender", "runs", "bytes", "time_s",
-            "time_p10_s", "time_p90_s", "gb_per_s", "fraction_of_copy", "time_vs_torch"}
+            "time_p10_s", "time_p90_s", "repeats", "gb_per_s", "fraction_of_copy"} | _spread("time_vs_torch")
 WINDOW_KEYS = {"config", "describe", "parameters", "tensors", "dtype", "k", "pipeline", "time_s",
-               "time_p10_s", "time_p90_s", "time_vs_torch_best", "bytes_per_parameter", "bytes",
+               "time_p10_s", "time_p90_s", "repeats", "bytes_per_parameter", "bytes",
                "gb_per_s", "fraction_of_copy", "peak_memory_bytes", "peak_memory_vs_torch_best",
-               "max_rel_diff_vs_torch_best"}
+               "max_rel_diff_vs_torch_best"} | _spread("time_vs_torch_best")
 COMM_KEYS = {"model_dtype", "pipeline", "k", "ranks", "accumulates_in", "parameters",
              "bytes_per_window", "bytes_per_parameter", "collectives_per_window", "time_s",
-             "bytes_vs_fused_accum", "time_vs_fused_accum", "state_bytes_per_parameter"}
+             "bytes_vs_fused_accum", "state_bytes_per_parameter"} | _spread("time_vs_fused_accum")
 OVERLAP_KEYS = {"chunks", "reduced_during_backward", "gathered_during_step"}   # fused rows
 
 
@@ -27,6 +31,7 @@ def test_quick_bench_writes_the_documented_json(tmp_path):
     assert "Windows:" in result.stdout and "Ops:" in result.stdout
     data = json.loads(out.read_text())
     assert data["schema"] == "fused_accum.bench/1"
+    assert data["complete"] is True and data["failures"] == []
     assert {"date", "device", "cpu", "torch", "fused_accum"} <= set(data["machine"])
     assert data["copy_bandwidth_gb_per_s"] > 0
     assert data["ops"] and all(set(r) == OPS_KEYS for r in data["ops"])

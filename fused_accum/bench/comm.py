@@ -10,7 +10,9 @@ Every collective's payload is counted where it is issued, by wrappers around
 ``torch.distributed.all_reduce`` (DDP reduces through it with its ``allreduce_hook``, documented as
 equivalent to its built-in reduction) and the sharded path's reduce-scatter (its input) and
 all-gather (its output), so the bytes are measured, not computed; the time per window is the
-median over the timed windows, and the optimizer state each rank holds comes from
+median over the timed windows (the pipelines run one after another, not interleaved, so the
+time ratio's spread, p10-p90, is over every pair of their windows), and the optimizer state each
+rank holds comes from
 ``memory_bytes()``.  The fp32 buffers are reduced in chunks of ``CHUNK_MB``, so that the model
 has several: each fused row says how many chunks' reductions started during the last backward
 pass, and the sharded row how many all-gathers had completed while later chunks were stepped
@@ -152,7 +154,8 @@ def _worker(rank: int, pipeline: str, cfg: dict, init_file: str, out: dict) -> N
                     overlap["gathered_during_step"] = reducer.gathered_during_step / windows
             out[pipeline] = dict(bytes=statistics.median(window_bytes), state_bytes=state, **overlap,
                                  calls=statistics.median(window_calls),
-                                 time_s=statistics.median(times), parameters=params)
+                                 time_s=statistics.median(times), times=times,
+                                 parameters=params)
         # Both ranks done before either leaves.  Then leave without tearing gloo down: its
         # threads, destroyed while the peer's connection closes, abort the process now and then
         # ("terminate called without an active exception"), with the results already sent.
@@ -175,7 +178,7 @@ def _run_pipeline(pipeline: str, cfg: dict) -> dict:
 
 def run(device: torch.device, quick: bool, k: int = 8) -> list[dict]:
     """One row per (model dtype, pipeline): bytes and collectives per window per rank."""
-    from .harness import progress
+    from .harness import percentile, progress
     if device.type == "cuda" and torch.cuda.device_count() < 2:
         progress("comm: skipped, needs two GPUs (or run on CPU: gloo)")
         return []
@@ -200,5 +203,17 @@ def run(device: torch.device, quick: bool, k: int = 8) -> list[dict]:
                              **{key: r[key] for key in ("chunks", "reduced_during_backward",
                                                         "gathered_during_step") if key in r},
                              bytes_vs_fused_accum=r["bytes"] / ours["bytes"],
-                             time_vs_fused_accum=r["time_s"] / ours["time_s"]))
+                             time_vs_fused_accum=r["time_s"] / ours["time_s"],
+                             **_pairs_spread("time_vs_fused_accum", r["times"], ours["times"],
+                                             pipeline == "fused_accum", percentile)))
     return rows
+
+
+def _pairs_spread(key: str, times: list[float], base: list[float], is_base: bool, percentile) -> dict:
+    """p10-p90 of the ratio over every pair of windows (not interleaved: no pairing is fairer),
+    and whether it includes 1.0."""
+    if is_base:
+        return {f"{key}_p10": 1.0, f"{key}_p90": 1.0, f"{key}_within_noise": None}
+    ratios = [a / b for a in times for b in base]
+    lo, hi = percentile(ratios, 0.1), percentile(ratios, 0.9)
+    return {f"{key}_p10": lo, f"{key}_p90": hi, f"{key}_within_noise": lo <= 1.0 <= hi}

@@ -6,6 +6,14 @@ reported as the 10th and 90th percentiles.  Bandwidth is bytes moved (DESIGN.md 
 read once, each output written once) over time, and is compared with the fp32 copy bandwidth
 measured in the same run.  A copy's destination is also read by the CPU's write-allocate, which
 the convention does not count, so in-place kernels can exceed 100% of it.
+
+Each ratio comes with its own repeat-to-repeat spread: the 10th and 90th percentiles of the
+ratio taken within each repetition (the contenders of one repetition run back to back, so what
+drifts between repetitions cancels).  When that spread includes 1.0 the difference is within
+this run's noise, and the tables say so.
+
+Long stages print: :func:`progress` starts a stage, and a :class:`Heartbeat` thread prints a line
+("still on ...") whenever nothing was printed for ``interval`` seconds (30 by default).
 """
 from __future__ import annotations
 
@@ -15,9 +23,11 @@ import platform
 import random
 import statistics
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,17 +39,38 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 @dataclass
 class Timing:
     median: float
     p10: float
     p90: float
+    samples: list[float] = field(default_factory=list, repr=False)   # in repetition order
 
     @classmethod
     def of(cls, samples: list[float]) -> "Timing":
-        ordered = sorted(samples)
-        pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-        return cls(statistics.median(ordered), pick(0.1), pick(0.9))
+        return cls(statistics.median(samples), percentile(samples, 0.1), percentile(samples, 0.9),
+                   list(samples))
+
+
+def ratio_spread(samples: list[float], base: list[float]) -> tuple[float, float]:
+    """p10 and p90 of ``samples[r] / base[r]`` over the repetitions r (paired, as interleaved)."""
+    ratios = [a / b for a, b in zip(samples, base)]
+    return percentile(ratios, 0.1), percentile(ratios, 0.9)
+
+
+def ratio_fields(key: str, timing: Timing, base: Timing, is_base: bool) -> dict[str, object]:
+    """``key`` (median over median), its p10-p90 over paired repetitions, and whether that
+    spread includes 1.0 (``<key>_within_noise``; None for the reference itself)."""
+    if is_base:
+        return {key: 1.0, f"{key}_p10": 1.0, f"{key}_p90": 1.0, f"{key}_within_noise": None}
+    lo, hi = ratio_spread(timing.samples, base.samples)
+    return {key: timing.median / base.median, f"{key}_p10": lo, f"{key}_p90": hi,
+            f"{key}_within_noise": lo <= 1.0 <= hi}
 
 
 def time_interleaved(contenders: dict[str, Callable[[], object]], device: torch.device,
@@ -52,7 +83,8 @@ def time_interleaved(contenders: dict[str, Callable[[], object]], device: torch.
     samples: dict[str, list[float]] = {name: [] for name in contenders}
     order = list(contenders)
     rng = random.Random(seed)
-    for _ in range(repeats):
+    for r in range(repeats):
+        status(f"repetition {r + 1} of {repeats}")
         rng.shuffle(order)
         for name in order:
             if device.type == "cuda":
@@ -111,5 +143,118 @@ def machine(device: torch.device) -> dict[str, object]:
     return info
 
 
+_print_lock = threading.Lock()
+_heartbeat: "Heartbeat | None" = None
+PROGRESS_ENV = "FUSED_ACCUM_BENCH_PROGRESS_S"   # the heartbeat's interval, for child processes
+
+
+def _say(line: str) -> None:
+    with _print_lock:
+        print(line, flush=True)
+
+
 def progress(message: str) -> None:
-    print(f"  .. {message}", flush=True)
+    """Print that a stage begins (with the time of day, so that logs show where time went); the
+    heartbeat names it until the next one."""
+    _say(f"  .. {time.strftime('%H:%M:%S')} {message}")
+    if _heartbeat is not None:
+        _heartbeat.said(stage=message)
+
+
+def status(detail: str) -> None:
+    """Where the current stage is (printed only by the heartbeat)."""
+    if _heartbeat is not None:
+        _heartbeat.detail = detail
+
+
+def echo(line: str) -> None:
+    """Print a line (a child process's output): it counts as progress."""
+    _say(line)
+    if _heartbeat is not None:
+        _heartbeat.said()
+
+
+class Heartbeat:
+    """Prints ``  .. still on <stage>: <s> s[, <detail>]`` whenever nothing was printed for
+    ``interval`` seconds.  :meth:`check` does the work (tests call it with their own clock);
+    :meth:`start` calls it from a daemon thread."""
+
+    def __init__(self, interval: float = 30.0, clock: Callable[[], float] = time.monotonic,
+                 say: Callable[[str], None] = _say):
+        self.interval, self.clock, self.say = interval, clock, say
+        self.last = self.stage_start = clock()
+        self.stage: str | None = None
+        self.detail = ""
+        self._stop = threading.Event()
+
+    def said(self, stage: str | None = None) -> None:
+        now = self.clock()
+        self.last = now
+        if stage is not None:
+            self.stage, self.stage_start, self.detail = stage, now, ""
+
+    def check(self) -> str | None:
+        now = self.clock()
+        if self.stage is None or now - self.last < self.interval:
+            return None
+        line = f"  .. {time.strftime('%H:%M:%S')} still on {self.stage}: {now - self.stage_start:.0f} s"
+        if self.detail:
+            line += f", {self.detail}"
+        self.last = now
+        self.say(line)
+        return line
+
+    def start(self) -> "Heartbeat":
+        global _heartbeat
+        _heartbeat = self
+
+        def beat() -> None:
+            while not self._stop.wait(min(1.0, self.interval / 4)):
+                self.check()
+        threading.Thread(target=beat, name="bench-heartbeat", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        global _heartbeat
+        self._stop.set()
+        if _heartbeat is self:
+            _heartbeat = None
+
+
+def heartbeat_interval(default: float = 30.0) -> float:
+    return float(os.environ.get(PROGRESS_ENV) or default)
+
+
+class Interrupted(Exception):
+    """SIGTERM (a time cap, a closed job): the bench stops and keeps what it measured."""
+
+
+def run_child(cmd: list[str], env: dict[str, str] | None = None,
+              timeout: float | None = None) -> tuple[int, str]:
+    """Run ``cmd``, relaying its output line by line as progress; its exit status (or "timeout")
+    and the last lines of its output.  Killed if this process is interrupted."""
+    tail: list[str] = []
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, bufsize=1)
+
+    def relay() -> None:
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            echo(line)
+            tail.append(line)
+            del tail[:-40]
+    reader = threading.Thread(target=relay, daemon=True)
+    reader.start()
+    try:
+        try:
+            code: int | str = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            code = "timeout"
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    reader.join(timeout=5)
+    return code, "\n".join(tail)

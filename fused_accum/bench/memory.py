@@ -1,86 +1,108 @@
-"""Peak memory of a window, per pipeline.
+"""Peak memory of a window, per pipeline, measured in the configuration's own process while the
+pipeline runs its first windows (:func:`fused_accum.bench.windows.measure_config`).
 
-CUDA: ``max_memory_allocated`` over a few windows, less what the workload (the model and its
-micro-batches) holds before the pipeline is built.  CPU: a process's peak
-resident size cannot be reset, so each pipeline runs in a fresh process
-(``python -m fused_accum.bench.memory CONFIG PIPELINE``) and the peak of one that only builds
-the workload is subtracted.  The children allocate every block above 128 KB with mmap
-(``MALLOC_MMAP_THRESHOLD_``), so memory a pipeline frees goes back to the system at once and the
-peak is what was live: glibc's adaptive threshold would otherwise keep freed blocks resident
-in its heap, by amounts that depend on the order of frees (tens of MB either way), not on what
-the pipeline holds.
+Each pipeline is built on its own copy of the workload (the model and its micro-batches); the
+peak is what the pipeline adds above that workload over its first ``WINDOWS`` windows: the
+optimizer, its state, gradients and every transient.
+
+- CUDA: ``max_memory_allocated`` since ``reset_peak_memory_stats``, less what was allocated
+  before the pipeline was built.
+- CPU (Linux): the process's peak resident size (``VmHWM``), reset to the current resident
+  size by writing 5 to ``/proc/self/clear_refs`` before the pipeline is built, less that size.
+  So that memory freed goes back to the system at once and the peak is what was live, every
+  block above 128 KB is allocated with mmap while pipelines are measured (glibc's ``mallopt``;
+  its adaptive threshold would otherwise keep freed blocks resident in its heap, by amounts that
+  depend on the order of frees, not on what the pipeline holds); :func:`timing_allocator` then
+  sets glibc's steady state back for the timed windows.
+- Elsewhere (no ``clear_refs``): None ("n/a" in the tables).
 """
 from __future__ import annotations
 
-import json
-import os
-import resource
-import subprocess
-import sys
+import ctypes
+import ctypes.util
+import gc
 
 import torch
 
-WORKLOAD_ONLY = "workload only"
 WINDOWS = 3
 
-
-def _config(device: torch.device, quick: bool, name: str):
-    from .windows import configs
-    return next(c for c in configs(device, quick) if c.name == name)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt parameters
 
 
-def _build(config, device, pipeline: str, backend: str):
-    from .windows import Workload, make_pipeline
-    work = Workload(config, device, 0)
-    return work, (None if pipeline == WORKLOAD_ONLY else make_pipeline(pipeline, config, work, backend))
+def _libc(name: str):
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or None), name)
+    except (OSError, AttributeError):   # not glibc
+        return None
 
 
-def cuda_peak_bytes(config, device: torch.device, pipeline: str, backend: str) -> int:
-    torch.cuda.synchronize(device)
-    work = _build(config, device, WORKLOAD_ONLY, backend)[0]
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    from .windows import make_pipeline
-    p = make_pipeline(pipeline, config, work, backend)
-    for _ in range(WINDOWS):
-        p.window()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - before
+def _mallopt(param: int, value: int) -> bool:
+    mallopt = _libc("mallopt")
+    return bool(mallopt is not None and mallopt(param, value))
 
 
-def _child(config_name: str, pipeline: str, quick: bool, backend: str) -> int:
-    device = torch.device("cpu")
-    work, p = _build(_config(device, quick, config_name), device, pipeline, backend)
-    for _ in range(WINDOWS if p is not None else 0):
-        p.window()
-    return _peak_resident_bytes()
+def _malloc_trim() -> None:
+    trim = _libc("malloc_trim")
+    if trim is not None:
+        trim(0)   # free heap memory back to the system, so the next peak starts from live memory
 
 
-def _peak_resident_bytes() -> int:
-    # VmHWM belongs to this address space, which exec made fresh.  ru_maxrss would not do: Linux
-    # carries it across exec, so a child inherits its (larger) parent's peak.
+def _status_bytes(field: str) -> int | None:
     try:
         with open("/proc/self/status") as status:
             for line in status:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # elsewhere: best effort
+    return None
 
 
-def cpu_peak_bytes(config_name: str, pipelines: list[str], quick: bool, backend: str) -> dict[str, int]:
-    """Peak resident bytes each pipeline adds to its workload, from fresh processes."""
-    peaks = {}
-    for pipeline in [WORKLOAD_ONLY, *pipelines]:
-        out = subprocess.run([sys.executable, "-m", "fused_accum.bench.memory", config_name, pipeline,
-                              "--quick" if quick else "--full", backend],
-                             capture_output=True, text=True, timeout=600, check=True,
-                             env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)})
-        peaks[pipeline] = json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
-    return {p: peaks[p] - peaks[WORKLOAD_ONLY] for p in pipelines}
+def _reset_resident_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
-if __name__ == "__main__":
-    name, which, mode, backend_name = sys.argv[1:5]
-    print(json.dumps({"peak_bytes": _child(name, which, mode == "--quick", backend_name)}))
+class PeakMeter:
+    """``start()`` before a pipeline is built, ``peak()`` after its windows: the bytes it added
+    at its peak, or None where this machine cannot tell.  Made before the process allocates
+    what it will free (on CPUs it sets the allocator up)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.base = 0
+        self.available = device.type == "cuda" or (
+            _status_bytes("VmHWM") is not None and _reset_resident_peak())
+        if self.available and device.type != "cuda":
+            _mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+
+    def start(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.available:
+            _malloc_trim()
+            _reset_resident_peak()
+            self.base = _status_bytes("VmRSS") or 0
+
+    def peak(self) -> int | None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - self.base
+        if not self.available:
+            return None
+        return max(0, (_status_bytes("VmHWM") or 0) - self.base)
+
+    def timing_allocator(self) -> None:
+        """After the peaks: glibc's allocator as it settles by itself in a long run (blocks up to
+        32 MB from its heap, trimmed above 64 MB), so the timed windows do not pay an mmap and
+        fresh pages for every tensor."""
+        if self.available and self.device.type != "cuda":
+            _mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
+            _mallopt(_M_TRIM_THRESHOLD, 64 * 2**20)

@@ -92,9 +92,12 @@ class Wide(nn.Module):
 
 
 def build(kind: str, size: dict, dtype: torch.dtype, device: torch.device, seed: int) -> nn.Module:
+    """The model, its parameters made and initialised on ``device`` (by its own random generator,
+    seeded: every pipeline's copy is the same), then cast to ``dtype``."""
     torch.manual_seed(seed)
-    model = {"convmlp": ConvMLP, "gpt": GPT, "small": ManySmall, "wide": Wide}[kind](**size)
-    return model.to(device=device, dtype=dtype)
+    with torch.device(device):
+        model = {"convmlp": ConvMLP, "gpt": GPT, "small": ManySmall, "wide": Wide}[kind](**size)
+    return model.to(dtype=dtype)
 
 
 def batches(kind: str, size: dict, shape: dict, dtype: torch.dtype, device: torch.device,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
-from .harness import progress, time_interleaved
+from .harness import progress, ratio_fields, time_interleaved
 
 F32 = torch.float32
 HYPER_ADAM = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, amsgrad=False, maximize=False)
@@ -109,8 +109,9 @@ def backends_for(device: torch.device) -> list[str]:
 
 
 def run(device: torch.device, sizes_mb: list[int], repeats: int, copy_bw: float,
-        backends: list[str] | None = None) -> list[dict]:
-    """One row per (case, size, contender)."""
+        backends: list[str] | None = None,
+        emit: Callable[[str, list[dict]], None] | None = None) -> list[dict]:
+    """One row per (case, size, contender); ``emit(case, rows)`` as each case and size is done."""
     rows = []
     backends = backends or backends_for(device)
     for case in CASES:
@@ -123,14 +124,19 @@ def run(device: torch.device, sizes_mb: list[int], repeats: int, copy_bw: float,
                 backend = kernels.get_backend(name, device)
                 contenders[f"fused_accum:{name}"] = lambda b=backend: case.ours(b, data)
             timings = time_interleaved(contenders, device, repeats)
-            base = timings["torch"].median
+            base = timings["torch"]
+            case_rows = []
             for contender, t in timings.items():
                 nbytes = n * (case.bytes_torch if contender == "torch" else case.bytes_ours)
-                rows.append(dict(
+                case_rows.append(dict(
                     op=case.op, variant=case.variant, size_mb=size_mb, elements=n,
                     contender=contender, runs=case.torch_runs if contender == "torch" else contender,
                     bytes=nbytes, time_s=t.median, time_p10_s=t.p10, time_p90_s=t.p90,
-                    gb_per_s=nbytes / t.median / 1e9, fraction_of_copy=nbytes / t.median / copy_bw,
-                    time_vs_torch=t.median / base))
+                    repeats=repeats, gb_per_s=nbytes / t.median / 1e9,
+                    fraction_of_copy=nbytes / t.median / copy_bw,
+                    **ratio_fields("time_vs_torch", t, base, contender == "torch")))
+            rows += case_rows
+            if emit is not None:
+                emit(f"{case.op} ({case.variant}), {size_mb} MB", case_rows)
             del data
     return rows

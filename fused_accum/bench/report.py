@@ -15,29 +15,104 @@ def _machine_line(result: dict) -> str:
             f"copy bandwidth {result['copy_bandwidth_gb_per_s']:.1f} GB/s")
 
 
+NOISE_MARK = "*"
+
+
+def ratio(row: dict, key: str) -> str:
+    """``1.03x (0.97-1.10) *``: the ratio, its p10-p90 over repetitions (results from before
+    2026-12-05 have none), and the mark when that spread includes 1.0."""
+    text = f"{row[key]:.2f}x"
+    if row.get(f"{key}_p10") is not None and row.get(f"{key}_within_noise") is not None:
+        text += f" ({row[f'{key}_p10']:.2f}-{row[f'{key}_p90']:.2f})"
+        if row[f"{key}_within_noise"]:
+            text += f" {NOISE_MARK}"
+    return text
+
+
+RATIOS = {"ops": "time_vs_torch", "windows": "time_vs_torch_best", "comm": "time_vs_fused_accum"}
+
+
+def within_noise(rows: list[dict], key: str) -> list[dict]:
+    return [r for r in rows if r.get(f"{key}_within_noise")]
+
+
+FEW_REPEATS = 5   # fewer repetitions than this: their p10-p90 says little about the noise
+
+
+def _repetitions(n: int) -> str:
+    return f"{n} repetition{'' if n == 1 else 's'}"
+
+
+def noise_note(rows: list[dict], key: str) -> str:
+    """The footnote of a table with marked ratios, or with too few repetitions to tell."""
+    marked = within_noise(rows, key)
+    repeats = sorted({r["repeats"] for r in rows if "repeats" in r})
+    over = f" over {'/'.join(map(str, repeats))} repetitions" if repeats else ""
+    note = ""
+    if marked:
+        note += (f"\n{NOISE_MARK} the ratio's p10-p90{over} includes 1.0: the difference is within "
+                 f"this run's repeat-to-repeat noise ({len(marked)} of {len(rows)} rows).")
+    if repeats and repeats[0] < FEW_REPEATS:
+        note += (f"\nThe spreads come from {_repetitions(repeats[0])}: too few to tell noise from "
+                 "an effect.")
+    return note
+
+
+def noise_warnings(result: dict) -> list[str]:
+    """One warning per level whose ratios include some within the run's own noise."""
+    out = []
+    for level, key in RATIOS.items():
+        rows = result.get(level) or []
+        compared = [r for r in rows if r.get(f"{key}_within_noise") is not None]
+        marked = within_noise(rows, key)
+        if marked:
+            out.append(f"warning: {len(marked)} of {len(compared)} {level} time ratios are within "
+                       f"this run's noise (their p10-p90 includes 1.0, marked {NOISE_MARK}): "
+                       + ", ".join(_who(level, r) for r in marked))
+        few = min((r["repeats"] for r in rows if "repeats" in r), default=FEW_REPEATS)
+        if few < FEW_REPEATS:
+            out.append(f"warning: the {level} spreads come from {_repetitions(few)}, too few to "
+                       "tell noise from an effect")
+    return out
+
+
+def _who(level: str, r: dict) -> str:
+    if level == "windows":
+        return f"({r['config']}) {r['pipeline']}"
+    if level == "ops":
+        return f"{r['op']} {r['variant']} {r['size_mb']} MB {r['contender']}"
+    return f"{r['model_dtype']} {r['pipeline']}"
+
+
+def _peak(r: dict) -> str:
+    if r.get("peak_memory_bytes") is None:
+        return "n/a"
+    return f"{r['peak_memory_bytes'] / 2**20:.0f} ({r['peak_memory_vs_torch_best']:.2f}x)"
+
+
 def ops_table(rows: list[dict]) -> str:
-    lines = ["| op | case | MB | contender | ms | GB/s | of copy | time vs torch |",
+    lines = ["| op | case | MB | contender | ms | GB/s | of copy | time vs torch (p10-p90) |",
              "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {r['op']} | {r['variant']} | {r['size_mb']} | {r['runs']} | "
                      f"{r['time_s'] * 1e3:.3f} | {r['gb_per_s']:.1f} | {r['fraction_of_copy']:.0%} | "
-                     f"{r['time_vs_torch']:.2f}x |")
-    return "\n".join(lines)
+                     f"{ratio(r, 'time_vs_torch')} |")
+    return "\n".join(lines) + noise_note(rows, "time_vs_torch")
 
 
 def windows_table(rows: list[dict]) -> str:
-    lines = ["| config | parameters | k | pipeline | ms per window (p10-p90) | time vs torch best | "
-             "bytes/param | GB/s | of copy | peak memory MB (vs torch best) | max rel. diff vs torch best |",
+    lines = ["| config | parameters | k | pipeline | ms per window (p10-p90) | time vs torch best "
+             "(p10-p90) | bytes/param | GB/s | of copy | peak memory MB (vs torch best) | "
+             "max rel. diff vs torch best |",
              "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(
             f"| ({r['config']}) {r['describe']} | {r['parameters'] / 1e6:.1f}M in {r['tensors']} | "
             f"{r['k']} | {r['pipeline']} | {r['time_s'] * 1e3:.1f} ({r['time_p10_s'] * 1e3:.1f}-"
-            f"{r['time_p90_s'] * 1e3:.1f}) | {r['time_vs_torch_best']:.2f}x | "
+            f"{r['time_p90_s'] * 1e3:.1f}) | {ratio(r, 'time_vs_torch_best')} | "
             f"{r['bytes_per_parameter']} | {r['gb_per_s']:.1f} | {r['fraction_of_copy']:.0%} | "
-            f"{r['peak_memory_bytes'] / 2**20:.0f} ({r['peak_memory_vs_torch_best']:.2f}x) | "
-            f"{r['max_rel_diff_vs_torch_best']:.1e} |")
-    return "\n".join(lines)
+            f"{_peak(r)} | {r['max_rel_diff_vs_torch_best']:.1e} |")
+    return "\n".join(lines) + noise_note(rows, "time_vs_torch_best")
 
 
 def _state(row: dict) -> str:
@@ -59,7 +134,7 @@ def _overlap(row: dict) -> str:
 
 def comm_table(rows: list[dict]) -> str:
     lines = ["| model | pipeline | k | ranks | accumulates in | bytes/param per window | "
-             "collectives per window | bytes vs fused_accum | ms per window | time vs fused_accum "
+             "collectives per window | bytes vs fused_accum | ms per window | time vs fused_accum (p10-p90) "
              "| optimizer state bytes/param per rank | chunks reduced during backward | "
              "all-gathers done during the step |",
              "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -68,8 +143,8 @@ def comm_table(rows: list[dict]) -> str:
                      f"{r['k']} | {r['ranks']} | {r['accumulates_in']} | "
                      f"{r['bytes_per_parameter']:.2f} | {r['collectives_per_window']:.0f} | "
                      f"{r['bytes_vs_fused_accum']:.2f}x | {r['time_s'] * 1e3:.1f} | "
-                     f"{r['time_vs_fused_accum']:.2f}x | {_state(r)} | {_overlap(r)} |")
-    return "\n".join(lines)
+                     f"{ratio(r, 'time_vs_fused_accum')} | {_state(r)} | {_overlap(r)} |")
+    return "\n".join(lines) + noise_note(rows, "time_vs_fused_accum")
 
 
 def tables(result: dict) -> str:
@@ -80,6 +155,13 @@ def tables(result: dict) -> str:
         parts += ["", "Ops:", "", ops_table(result["ops"])]
     if result.get("comm"):
         parts += ["", "Data parallel, communication per window:", "", comm_table(result["comm"])]
+    warnings = noise_warnings(result)
+    if warnings:
+        parts += [""] + warnings
+    for failure in result.get("failures", []):
+        parts += ["", f"FAILED: {failure['level']} {failure.get('config', '')}: {failure['error']}"]
+    if result.get("complete") is False:
+        parts += ["", "INCOMPLETE: the run was stopped; these are the measurements it finished."]
     return "\n".join(parts)
 
 

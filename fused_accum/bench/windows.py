@@ -13,17 +13,30 @@ micro-batches:
   model-dtype ``.grad``, the default optimizer on the model's own parameters.
 
 The window time is therefore what a user sees: forward, backward, accumulation, clipping, the
-optimizer step and zeroing.  Peak memory is measured in a fresh process per pipeline.
+optimizer step and zeroing.
+
+Each configuration is measured in a process of its own (:func:`run` starts
+``python -m fused_accum.bench.config_child`` per configuration, in the order asked for), which
+builds every pipeline's model on the target device once, measures its peak memory over its first
+windows (:mod:`fused_accum.bench.memory`), then times all pipelines interleaved.  Each
+configuration's rows are handed back (``emit``) as soon as it is measured, so a run stopped
+later keeps them; a configuration that fails or overruns ``timeout`` is reported and skipped.
 """
 from __future__ import annotations
 
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 import fused_accum
 from . import memory, models
-from .harness import progress, time_interleaved
+from .harness import progress, ratio_fields, run_child, time_interleaved
 
 
 @dataclass
@@ -241,43 +254,94 @@ def bytes_per_parameter(config: Config, pipeline: str) -> int:
     return (k - 1) * 3 * e + (3 * e if clip else 0) + 2 * e + e + 2 * state
 
 
+def find(device: torch.device, quick: bool, name: str) -> Config:
+    return next(c for c in configs(device, quick) if c.name == name)
+
+
+def measure_config(config: Config, device: torch.device, repeats: int, copy_bw: float,
+                   backend: str = "auto") -> list[dict]:
+    """One configuration's rows, measured in this process: each pipeline built (its model on
+    ``device``) and run for its first windows under a :class:`memory.PeakMeter`, then all timed
+    together, interleaved."""
+    # Every pipeline once on the quick version of this configuration first: modules imported
+    # (torch.optim's first optimizer imports torch._dynamo, about 100 MB), libraries loaded,
+    # kernels compiled, handles and workspaces made, so that the first measured pipeline's peak
+    # does not carry what every later one finds ready.
+    meter = memory.PeakMeter(device)   # before any allocation that it should see freed
+    progress(f"windows: ({config.name}) warm-up on small sizes")
+    small = find(device, True, config.name)
+    for name in pipeline_names(small):
+        make_pipeline(name, small, Workload(small, device, 0), backend).window()
+    pipelines, peaks = [], {}
+    for name in pipeline_names(config):
+        progress(f"windows: ({config.name}) {name}: built, peak memory over {memory.WINDOWS} windows")
+        work = Workload(config, device, 0)
+        meter.start()
+        p = make_pipeline(name, config, work, backend)
+        for _ in range(memory.WINDOWS):   # also the warm-up of the timing below
+            p.window()
+        peaks[name] = meter.peak()
+        pipelines.append(p)
+    meter.timing_allocator()
+    progress(f"windows: ({config.name}) timing, {repeats} interleaved repetitions")
+    timings = time_interleaved({p.name: p.window for p in pipelines}, device, repeats, warmup=1)
+    reference = next(p for p in pipelines if p.name == "torch best").parameters()
+    base = timings["torch best"]
+    base_peak = peaks["torch best"]
+    rows = []
+    for p in pipelines:
+        t = timings[p.name]
+        nbytes = bytes_per_parameter(config, p.name) * config.numel
+        diff = max(((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+                   for a, b in zip(p.parameters(), reference))
+        peak = peaks[p.name]
+        rows.append(dict(
+            config=config.name, describe=config.describe, parameters=config.numel,
+            tensors=config.tensors, dtype=str(config.dtype).replace("torch.", ""),
+            k=config.k, pipeline=p.name, time_s=t.median, time_p10_s=t.p10, time_p90_s=t.p90,
+            repeats=repeats, **ratio_fields("time_vs_torch_best", t, base, p.name == "torch best"),
+            bytes_per_parameter=bytes_per_parameter(config, p.name), bytes=nbytes,
+            gb_per_s=nbytes / t.median / 1e9, fraction_of_copy=nbytes / t.median / copy_bw,
+            peak_memory_bytes=peak,
+            peak_memory_vs_torch_best=(None if peak is None or base_peak is None
+                                       else peak / max(base_peak, 1)),
+            max_rel_diff_vs_torch_best=diff))
+    return rows
+
+
 def run(device: torch.device, quick: bool, repeats: int, copy_bw: float, backend: str = "auto",
-        only: list[str] | None = None) -> list[dict]:
+        only: list[str] | None = None, emit: Callable[[str, list[dict]], None] | None = None,
+        timeout: float | None = None, failures: list[dict] | None = None) -> list[dict]:
+    """Every configuration (or those of ``only``, in that order), each in its own process.
+    ``emit(config, rows)`` is called as each one is measured; one that fails or runs past
+    ``timeout`` seconds is appended to ``failures`` and skipped."""
     chosen = configs(device, quick)
     unknown = set(only or ()) - {c.name for c in chosen}
     if unknown:
         raise ValueError(f"--configs: no configuration {sorted(unknown)}; "
                          f"there are {[c.name for c in chosen]}")
+    if only:
+        chosen = [find(device, quick, name) for name in dict.fromkeys(only)]
     rows = []
-    for config in chosen:
-        if only and config.name not in only:
-            continue
-        progress(f"windows: ({config.name}) {config.describe}, {config.numel / 1e6:.1f}M parameters, k={config.k}")
-        pipelines = [make_pipeline(name, config, Workload(config, device, 0), backend)
-                     for name in pipeline_names(config)]
-        timings = time_interleaved({p.name: p.window for p in pipelines}, device, repeats, warmup=1)
-        names = [p.name for p in pipelines]
-        if device.type == "cuda":
-            peaks = {n: memory.cuda_peak_bytes(config, device, n, backend) for n in names}
-        else:
-            progress(f"windows: ({config.name}) peak memory, one process per pipeline")
-            peaks = memory.cpu_peak_bytes(config.name, names, quick, backend)
-        reference = next(p for p in pipelines if p.name == "torch best").parameters()
-        base = timings["torch best"].median
-        for p in pipelines:
-            t = timings[p.name]
-            nbytes = bytes_per_parameter(config, p.name) * config.numel
-            diff = max(((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-                       for a, b in zip(p.parameters(), reference))
-            rows.append(dict(
-                config=config.name, describe=config.describe, parameters=config.numel,
-                tensors=config.tensors, dtype=str(config.dtype).replace("torch.", ""),
-                k=config.k, pipeline=p.name, time_s=t.median, time_p10_s=t.p10, time_p90_s=t.p90,
-                time_vs_torch_best=t.median / base,
-                bytes_per_parameter=bytes_per_parameter(config, p.name), bytes=nbytes,
-                gb_per_s=nbytes / t.median / 1e9, fraction_of_copy=nbytes / t.median / copy_bw,
-                peak_memory_bytes=peaks[p.name],
-                peak_memory_vs_torch_best=peaks[p.name] / max(peaks["torch best"], 1),
-                max_rel_diff_vs_torch_best=diff))
-        del pipelines
+    with tempfile.TemporaryDirectory(prefix="fused_accum_bench_") as tmp:
+        for config in chosen:
+            progress(f"windows: ({config.name}) {config.describe}, {config.numel / 1e6:.1f}M "
+                     f"parameters, k={config.k}, in its own process")
+            out = Path(tmp) / f"{config.name}.json"
+            code, tail = run_child(
+                [sys.executable, "-m", "fused_accum.bench.config_child", config.name,
+                 "--device", str(device), "--repeats", str(repeats), "--copy-bw", repr(copy_bw),
+                 "--backend", backend, "--out", str(out)] + (["--quick"] if quick else []),
+                env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=timeout)
+            if code != 0 or not out.exists():
+                why = f"past its {timeout:.0f} s cap" if code == "timeout" else f"exit {code}"
+                progress(f"windows: ({config.name}) FAILED ({why}), its output above; going on")
+                if failures is not None:
+                    failures.append(dict(level="windows", config=config.name, error=why,
+                                         output_tail=tail[-4000:]))
+                continue
+            config_rows = json.loads(out.read_text())["rows"]
+            rows += config_rows
+            if emit is not None:
+                emit(config.name, config_rows)
     return rows
