@@ -179,7 +179,9 @@ class GradBuffers:
         self._on_backward_start = weakref.WeakMethod(on_backward_start)
         self.buckets: list[Bucket] = []
         self.slots: dict[Tensor, tuple[Bucket, int]] = {}
-        self.unhooked: list[Tensor] = []            # params that did not require grad when added
+        # Parameters that did not require grad when hooked (a dict: tensors compare elementwise,
+        # so `in` on a list of them is wrong; their hash is their identity)
+        self.unhooked: dict[Tensor, None] = {}
         self.found_inf: dict[torch.device, Tensor] = {}
         self._ones: dict[torch.device, Tensor] = {}
         self.micro_weight: dict[torch.device, Tensor] | None = None
@@ -271,8 +273,7 @@ class GradBuffers:
         optimizer's step() raises, naming it)."""
         if param in self._hooks:
             self._unregister_hook(param)
-        if param in self.unhooked:
-            self.unhooked.remove(param)
+        self.unhooked.pop(param, None)
         holders.remove(param, self)
         if param in self.slots:
             self.lost.append(self.label(param))
@@ -282,8 +283,8 @@ class GradBuffers:
             return
         if param.requires_grad:
             self._register_hook(param)
-        elif param not in self.unhooked:
-            self.unhooked.append(param)
+        else:
+            self.unhooked[param] = None
 
     def _make_collector(self):
         kind = os.environ.get(HOOKS_ENV, "auto")
@@ -601,7 +602,7 @@ class GradBuffers:
                     self._check_param(bucket, p)
         for p in list(self.unhooked):
             if p.requires_grad:
-                self.unhooked.remove(p)
+                del self.unhooked[p]
                 self._register_hook(p)
             if p.grad is not None:
                 grad, p.grad = p.grad, None
@@ -773,6 +774,28 @@ class GradBuffers:
             self._collector.clear_added()
         self.arrived = False
 
+    def since_last_step(self) -> tuple[list[tuple[Bucket, int]], list[tuple[Bucket, int]]]:
+        """What arrived since the last ``step()``: the sums that began since then (dense or
+        sparse slots), and the sums of earlier micro-batches added into since then."""
+        collector_added = (set(self._collector.added_slots()) if self._collector is not None
+                           else set())
+        began, added = [], []
+        for bucket in self.buckets:
+            slots = self._bucket_slots.get(bucket)
+            for i, touched in enumerate(bucket.touched):
+                if not touched:
+                    continue
+                if not bucket.settled[i]:
+                    began.append((bucket, i))
+                elif bucket.added[i] or (slots is not None and slots[i] in collector_added):
+                    added.append((bucket, i))
+        for key, entry in self.sparse.sums.items():
+            if not entry.settled:
+                began.append(key)
+            elif entry.added:
+                added.append(key)
+        return began, added
+
     def discard(self, params: list[Tensor] | None) -> bool:
         """``zero_grad()`` while gradients are taken as they arrive: discard what arrived for
         ``params`` (all by default) since the last ``step()``.  A sum that began since then is
@@ -783,26 +806,13 @@ class GradBuffers:
             raise RuntimeError("fused_accum: zero_grad() was called during a backward pass")
         if not self.arrived:
             return False   # the usual loop: nothing arrived since the last step()
-        wanted = None if params is None else set(params)
-        added = set(self._collector.added_slots()) if self._collector is not None else set()
-        drop, refused = [], []
-        for bucket in self.buckets:
-            slots = self._bucket_slots.get(bucket)
-            for i, p in enumerate(bucket.params):
-                if not bucket.touched[i] or (wanted is not None and p not in wanted):
-                    continue
-                if not bucket.settled[i]:
-                    drop.append((bucket, i))
-                elif bucket.added[i] or (slots is not None and slots[i] in added):
-                    refused.append(bucket.labels[i])
-        sparse_drop = []
-        for (bucket, i), entry in self.sparse.sums.items():
-            if wanted is not None and bucket.params[i] not in wanted:
-                continue
-            if not entry.settled:
-                sparse_drop.append((bucket, i))
-            elif entry.added:
-                refused.append(bucket.labels[i])
+        began, added = self.since_last_step()
+        if params is not None:
+            wanted = set(params)
+            began = [(b, i) for b, i in began if b.params[i] in wanted]
+            refused = [b.labels[i] for b, i in added if b.params[i] in wanted]
+        else:
+            refused = [b.labels[i] for b, i in added]
         if refused:
             raise RuntimeError(
                 f"fused_accum: zero_grad() would discard what {len(refused)} parameters "
@@ -812,18 +822,18 @@ class GradBuffers:
                 "gradients you do not want out of backward(): detach the tensors, or freeze the "
                 "parameters (requires_grad_(False)) for that pass; or use accumulation_steps=1, "
                 "where zero_grad() works as in torch.optim")
-        for bucket, i in drop:
-            bucket.untouch(i)
-        for bucket, i in sparse_drop:
-            self.sparse.drop(bucket, i)
-        if drop or sparse_drop:
+        for bucket, i in began:
+            if (bucket, i) in self.sparse.sums:
+                self.sparse.drop(bucket, i)
+            else:
+                bucket.untouch(i)
+                bucket.added[i] = False
+        if began:
             self._recheck_finite()
-        left = any(t and not s for b in self.buckets for t, s in zip(b.touched, b.settled))
-        left = left or any(True in b.added for b in self.buckets) or bool(added)
-        left = left or any(not e.settled or e.added for e in self.sparse.sums.values())
-        if not left:
+        began_left, added_left = self.since_last_step()
+        if not began_left and not added_left:
             self.arrived = False
-        return not left
+        return not began_left and not added_left
 
     def _recheck_finite(self) -> None:
         """The non-finite flags of the sums that are left (some were just discarded)."""

@@ -87,10 +87,10 @@ class SparseSums:
         for entry in self.sums.values():
             entry.settled, entry.added = True, False
 
-    def restore(self, bucket: Bucket, i: int, total: Tensor, pending: bool) -> None:
+    def restore(self, bucket: Bucket, i: int, total: Tensor, settled: bool, added: bool) -> None:
         total = total.to(bucket.device).coalesce()
         self.sums[(bucket, i)] = SparseSum(total.shape, [total._indices()], [total._values()],
-                                           settled=True, added=pending, coalesced=True)
+                                           settled=settled, added=added, coalesced=True)
 
     def reset(self) -> None:
         self.sums.clear()

@@ -439,3 +439,56 @@ def test_a_parameter_first_touched_late_in_a_window_overwrites_what_its_slice_he
     for a, b in zip([*model.parameters(), extra], [*twin.parameters(), twin_extra]):
         assert torch.isfinite(a).all() and torch.equal(a, b)
 
+
+
+def test_an_undone_pass_restores_the_non_finite_flag(backend, monkeypatch):
+    """A failed first pass whose NaN gradients were accumulated (and flagged) before it failed is
+    undone exactly: the window it was in still applies."""
+    monkeypatch.setenv("FUSED_ACCUM_GROUP_MB", "0")   # every gradient accumulated as it arrives
+    batches = make_batches(31, 2, 2)
+    base = make_model(seed=31)
+    expected = clone(base)
+    (sum(lm_loss(expected, *b) for b in batches) / 2).backward()
+    torch.optim.SGD(expected.parameters(), lr=0.1).step()
+    model = clone(base)
+    opt = fused_accum.SGD(model.parameters(), lr=0.1, accumulation_steps=2, loss_scale=8.0,
+                          backend=backend)
+    failing = FailsInBackward.apply(model.norm.bias).sum() * 0   # built first: fails last
+    with pytest.raises(InjectedFailure):
+        opt.backward(lm_loss(model, *batches[0]) * float("nan") + failing)
+    for batch in batches:
+        opt.backward(lm_loss(model, *batch))
+        opt.step()
+    assert opt.stepped and opt.skipped_steps == 0
+    assert_same_params(model, expected)
+
+
+def test_a_failed_pass_whose_group_mixed_first_touches_and_adds_discards_the_window(backend,
+                                                                                   monkeypatch):
+    """A pass that accumulated one group holding both a parameter's first gradient of the window
+    and another's second, then failed, cannot be undone: the window is discarded, not kept with
+    half a micro-batch in it."""
+    model = make_model(seed=32)
+    extra = torch.nn.Parameter(torch.randn(9))
+    head = model.head.weight.numel() * 4
+    monkeypatch.setenv("FUSED_ACCUM_GROUP_MB", str((head + 20) / 2**20))   # extra's and head's
+    # Loss scaling: fp32 first gradients are copied into accumulators, not adopted whole, so
+    # a group can hold a first touch beside an add.
+    opt = fused_accum.SGD([*model.parameters(), extra], lr=0.1, accumulation_steps=2,
+                          loss_scale=8.0, backend=backend)
+    batches = make_batches(32, 3, 2)
+    opt.backward(lm_loss(model, *batches[0]))   # every parameter but extra
+    opt.step()
+    before = [p.detach().clone() for p in [*model.parameters(), extra]]
+    tokens, targets = batches[1]
+    h = model.embed(tokens)
+    h = h + model.down(torch.nn.functional.gelu(model.up(model.norm(h))))
+    logits = model.head(FailsInBackward.apply(h))   # fails once the head's gradient is out
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                             targets.reshape(-1)) + extra.square().sum()
+    with pytest.warns(RuntimeWarning, match="window is discarded"):
+        with pytest.raises(InjectedFailure):
+            opt.backward(loss)   # one group, [extra (first), head (added)], then the failure
+        opt.step()
+    assert opt.stepped and opt.skipped_steps == 1
+    assert all(torch.equal(p, q) for p, q in zip([*model.parameters(), extra], before))

@@ -201,3 +201,53 @@ def test_a_torch_optimizer_that_loaded_a_mid_window_dict_saves_dicts_that_load_b
     theirs.step()
     fresh.load_state_dict(theirs.state_dict())
     assert fresh.micro_batches == 0
+
+
+def test_a_window_resumed_in_items_mode_ends_as_an_items_window(backend):
+    """Resumed between a num_items micro-batch's step() and the window's end, flush() takes the
+    item-weighted mean: the window's mode comes back with it.  (SGD: the update scales with the
+    window's weight, which Adam's would hide.)"""
+    batches = make_batches(24, 2, 2, pad_fraction=0.4)
+    base = make_model(seed=24)
+    expected = clone(base)
+    train_large_batch(expected, lambda p: torch.optim.SGD(p, lr=0.5), [batches])
+    model = clone(base)
+    make_opt = lambda: fused_accum.SGD(model.parameters(), lr=0.5, accumulation_steps=4,
+                                       backend=backend)
+    opt = make_opt()
+    _micro_batches(model, opt, batches, num_items=True)
+    state = _round_trip(opt.state_dict())
+    del opt
+    resumed = make_opt()
+    resumed.load_state_dict(state)
+    assert resumed.flush()
+    assert_same_params(model, expected)
+
+
+def test_the_saved_learning_rates_come_back(backend):
+    """A scheduler's lr, and a group's own, are part of the state dict, as in torch."""
+    model = make_model(seed=25)
+    opt = fused_accum.SGD([{"params": list(model.parameters())[:3], "lr": 0.3},
+                           {"params": list(model.parameters())[3:]}], lr=0.1, momentum=0.9,
+                          backend=backend)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for batch in make_batches(25, 2, 2):
+        lm_loss(model, *batch).backward()
+        opt.step()
+        opt.zero_grad()
+        scheduler.step()
+    state = _round_trip(opt.state_dict())
+    fresh = fused_accum.SGD([{"params": list(model.parameters())[:3], "lr": 0.3},
+                             {"params": list(model.parameters())[3:]}], lr=0.1, momentum=0.9,
+                            backend=backend)
+    fresh.load_state_dict(state)
+    assert [g["lr"] for g in fresh.param_groups] == [0.3 * 0.25, 0.1 * 0.25]
+    twin = clone(model)
+    ref = torch.optim.SGD([{"params": list(twin.parameters())[:3]},
+                           {"params": list(twin.parameters())[3:]}], lr=1.0, momentum=0.9)
+    ref.load_state_dict(state)
+    batch = make_batches(26, 1, 2)[0]
+    for m, o in ((model, fresh), (twin, ref)):
+        lm_loss(m, *batch).backward()
+        o.step()
+    assert_same_params(model, twin)

@@ -29,6 +29,9 @@ from ..kernels import reference
 from . import window_checkpoint
 
 
+ZERO_GRADS_TAG = "fused_accum.zero_grads/1"
+
+
 def index_params(groups: list[dict[str, Any]]) -> list[Tensor]:
     """The parameters of ``groups`` in torch's state-dict order."""
     return [p for g in groups for p in g["params"]]
@@ -69,6 +72,7 @@ class WindowStateDict:
             "rounding_seed": self._rounding_seed,
             "loss_scaler": None if self._scaler is None else self._scaler.state_dict(),
             "window": window_checkpoint.pack(self, index),
+            "zero_grads": self._pack_zero_grads(index),
         }
         if packed["param_groups"]:
             packed["param_groups"][0][window_checkpoint.MID_WINDOW] = \
@@ -137,6 +141,7 @@ class WindowStateDict:
             self._publish_state(bucket)
         by_id = {by_param[p][1]: self._buffers.slots[p] for p in params}
         window_checkpoint.restore(self, window, by_id)
+        self._load_zero_grads(common, by_id)
         self._load_common(common, window)
 
     def _check_state_names(self, entry: dict[str, Any], label: str,
@@ -158,6 +163,29 @@ class WindowStateDict:
             if missing:
                 raise ValueError(f"state_dict: parameter {label} has stepped but has no "
                                  f"{', '.join(map(repr, missing))}, which {name} needs")
+
+    def _pack_zero_grads(self, index: dict[Tensor, int]) -> tuple[str, dict[str, list[int]]]:
+        """Which parameters torch would hold a .grad for, and which of them a
+        zero_grad(set_to_none=False) zeroed (stepped with zeros where no gradient comes: see
+        :meth:`fused_accum.buffers.Bucket.touch_zeroed`).  torch keeps that on the parameters;
+        here it goes with the state dict.  A tuple, which DCP keeps whole, as the window."""
+        holds, zeroed = [], []
+        for bucket in self._buffers.buckets:
+            for i, p in enumerate(bucket.params):
+                if bucket.holds_grad[i]:
+                    holds.append(index[p])
+                if bucket.zeroed[i]:
+                    zeroed.append(index[p])
+        return ZERO_GRADS_TAG, {"holds": holds, "zeroed": zeroed}
+
+    def _load_zero_grads(self, common: dict[str, Any] | None,
+                         by_id: dict[int, tuple[Bucket, int]]) -> None:
+        entry = (common or {}).get("zero_grads")
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and entry[0] == ZERO_GRADS_TAG):
+            return   # a torch state dict, or an earlier fused_accum's: nothing to say
+        holds, zeroed = set(entry[1]["holds"]), set(entry[1]["zeroed"])
+        for sid, (bucket, i) in by_id.items():
+            bucket.holds_grad[i], bucket.zeroed[i] = sid in holds, sid in zeroed
 
     def _saved_window(self, common: dict[str, Any] | None) -> dict[str, Any] | None:
         """The saved window in progress (None: none, or a torch state dict), with the position

@@ -55,16 +55,25 @@ def pack(opt: Any, index: dict[Tensor, int]) -> tuple[str, dict[str, Any]] | Non
                       # the collectives below alone
     if reducer is not None:
         _check_collectable(opt)
-    items = opt._weight_sum[main] if opt._mode == "items" else torch.zeros((), device=main)
+    zero = torch.zeros((), device=main)
+    items = opt._weight_sum[main] if opt._mode == "items" else zero
+    pending_items = opt._items_since_step[main] if opt._mode == "items" else zero
     found = torch.stack([f.to(main) for f in buffers.found_inf.values()]).amax()
-    numbers = torch.stack([items, found, torch.tensor(float(buffers.discarded), device=main)])
+    numbers = torch.stack([items, found, torch.tensor(float(buffers.discarded), device=main),
+                           pending_items])
+    since = None
     if reducer is not None:
         flats, touched = reducer.sum_accumulators_to_host()   # a copy already
         numbers = reducer.sum_numbers(numbers)
         ranks = reducer.world_size
     else:
         flats, touched, ranks = None, [b.touched for b in buffers.buckets], 1
-    items, found, discarded = numbers.tolist()
+        # Which sums began or grew since the last step(), so that zero_grad() after a resume
+        # drops or refuses exactly what it would have (one process: ranks would disagree).
+        began, added = buffers.since_last_step()
+        since = {"began": [index[b.params[i]] for b, i in began],
+                 "added": [index[b.params[i]] for b, i in added]}
+    items, found, discarded, pending_items = numbers.tolist()
     accumulated = {}
     for b, bucket in enumerate(buffers.buckets):
         for i, p in enumerate(bucket.params):
@@ -77,6 +86,7 @@ def pack(opt: Any, index: dict[Tensor, int]) -> tuple[str, dict[str, Any]] | Non
     # window too: restored, step() or flush() ends it as they would have.
     return TAG, {"ranks": ranks, "accumulated_grads": accumulated, "items": float(items),
                  "found_inf": float(found) > 0, "discarded": bool(discarded),
+                 "since_last_step": since, "items_since_step": float(pending_items),
                  "pending": bool(buffers.arrived)}
 
 
@@ -157,13 +167,25 @@ def restore(opt: Any, window: dict[str, Any] | None, by_id: dict[int, tuple[Buck
     opt._buffers.discarded = bool(window and window["discarded"])
     if not (window and first):
         return
+    for total in opt._items_since_step.values():
+        total.fill_(window.get("items_since_step", 0.0))
     for sid, value in window["accumulated_grads"].items():
         bucket, i = by_id[sid]
+        settled, added = _since_last_step(window, sid)
         if value.layout != torch.strided:
-            opt._buffers.sparse.restore(bucket, i, value, bool(window.get("pending", False)))
+            opt._buffers.sparse.restore(bucket, i, value, settled=settled, added=added)
             continue
         bucket.load_accumulator(i, value)
         bucket.touched[i] = True
-        # Earlier micro-batches, and a pending one, summed: zero_grad() cannot take it apart.
-        bucket.settled[i] = True
-        bucket.added[i] = bool(window.get("pending", False))
+        bucket.settled[i], bucket.added[i] = settled, added
+
+
+def _since_last_step(window: dict[str, Any], sid: int) -> tuple[bool, bool]:
+    """(settled, added since the last step()) of a restored sum: as saved in one process; else a
+    pending micro-batch is summed with earlier ones and cannot be taken apart by zero_grad(),
+    unless no micro-batch had ended (then it can be dropped whole)."""
+    since = window.get("since_last_step")
+    if since is not None:
+        return sid not in since["began"], sid in since["added"]
+    pending = bool(window.get("pending", False))
+    return window["position"] > 0 or not pending, pending and window["position"] > 0

@@ -29,16 +29,23 @@ def _loader(n=10, seed=1):
     return torch.utils.data.DataLoader(data, batch_size=2, shuffle=False)
 
 
-def train(fused: bool, epochs: int = 2, clip: float | None = 0.05, **accelerator_kwargs):
-    """The documented recipe; with fused, one changed line and follow()."""
+def train(fused: bool, epochs: int = 2, clip: float | None = 0.05, followed: bool = True,
+          scaler: bool = False, **accelerator_kwargs):
+    """The documented recipe; with fused, one changed line and follow() (unless ``followed`` is
+    False: then accelerate's windows sum .grad as with torch's optimizer)."""
     accelerator = accelerate.Accelerator(gradient_accumulation_steps=K, cpu=True,
                                          **accelerator_kwargs)
     model = _model()
-    opt_cls = fused_accum.AdamW if fused else torch.optim.AdamW
-    optimizer = opt_cls(model.parameters(), lr=1e-2, weight_decay=0.1)
+    if fused:
+        optimizer = fused_accum.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1,
+                                      loss_scale="dynamic" if scaler else None)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, _loader(), scheduler)
-    opt = follow(accelerator, optimizer) if fused else None
+    if scaler:   # what accelerate makes for fp16 on a GPU; follow() hands it to the optimizer
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    opt = follow(accelerator, optimizer) if fused and followed else None
     norms = []
     for _ in range(epochs):
         for tokens, targets in loader:
@@ -91,12 +98,22 @@ def test_follow_refuses_what_would_train_wrongly():
     assert opt.max_grad_norm == 0.5
 
 
-def test_accelerator_clipping_without_follow_is_refused_not_a_norm_of_nothing():
+def test_without_follow_a_fused_optimizer_is_a_torch_optimizer():
+    """accumulation_steps=1 leaves gradients in .grad: accelerate's windows sum and clip them as
+    with torch's AdamW, and the fused kernels step them."""
+    stock, stock_norms, _ = train(fused=False)
+    ours, norms, _ = train(fused=True, followed=False)
+    assert_same_model(ours, stock)
+    torch.testing.assert_close(norms, stock_norms, rtol=1e-5, atol=0)
+
+
+def test_accelerator_clipping_what_a_fused_optimizer_takes_is_refused():
     """accelerator.clip_grad_norm_ skips parameters whose .grad is None: around a fused optimizer
-    not handed to follow() it would clip nothing and return 0.  Refused; other parameters clip."""
+    that takes gradients as they arrive (accumulation_steps > 1) it would clip nothing and return
+    0.  Refused; other parameters clip."""
     accelerator = accelerate.Accelerator(cpu=True)
     model = _model()
-    inner = fused_accum.AdamW(model.parameters())
+    inner = fused_accum.AdamW(model.parameters(), accumulation_steps=2)
     model, opt = accelerator.prepare(model, inner)
     tokens, targets = next(iter(_loader()))
     accelerator.backward(nn.functional.cross_entropy(model(tokens).flatten(0, 1), targets.flatten()))
@@ -108,7 +125,7 @@ def test_accelerator_clipping_without_follow_is_refused_not_a_norm_of_nothing():
     other(torch.randn(2, 3)).sum().backward()
     assert accelerator.clip_grad_norm_(other.parameters(), 1e-3) > 0   # not held: clipped as before
     opt.step()   # the window is still whole
-    assert inner.stepped
+    assert inner.micro_batches == 1
 
 
 def test_fp16_grad_scaler_becomes_the_optimizer_s_loss_scaling():
@@ -138,6 +155,16 @@ sys.stdout.flush()
 sys.stderr.flush()
 os._exit(0)
 '''
+
+
+def test_the_loss_scaling_backward_divides_by_accelerate_s_window():
+    """Under fp16 follow() routes accelerator.backward through the optimizer's loss scaling; it
+    divides the loss by accelerate's gradient_accumulation_steps as accelerate's own does."""
+    stock, stock_norms, _ = train(fused=False, epochs=1)
+    ours, norms, opt = train(fused=True, epochs=1, scaler=True)
+    assert opt.loss_scale is not None
+    torch.testing.assert_close(norms, stock_norms, rtol=1e-5, atol=0)
+    assert_same_model(ours, stock)
 
 
 def test_ddp_on_two_cpu_ranks_as_the_stock_recipe(tmp_path):

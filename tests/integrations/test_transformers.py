@@ -127,27 +127,31 @@ def test_a_window_counted_twice_is_refused_naming_both_settings(tmp_path):
                           data_collator=_collate, optimizers=(opt, None))
 
 
-@pytest.mark.parametrize("k", [1, 4])
-def test_the_stock_trainer_with_a_fused_optimizer_is_refused_not_silently_wrong(k, tmp_path):
-    """Its clipping would see no .grad (clipping off, grad_norm logged as 0.0) and, with k = 4,
-    every window would be counted twice: both the issue's findings."""
+def test_the_stock_trainer_with_a_fused_optimizer_counting_windows_is_refused(tmp_path):
+    """accumulation_steps=4 inside the Trainer's own windows would count every window twice."""
     model = _model()
-    opt = fused_accum.AdamW(model.parameters(), lr=1e-2, accumulation_steps=k)
+    opt = fused_accum.AdamW(model.parameters(), lr=1e-2, accumulation_steps=4)
     with pytest.raises(RuntimeError, match=r"accelerate is forming accumulation windows.*"
                                            r"FusedAccumTrainer"):
         _train(transformers.Trainer, tmp_path, model=model, optimizers=(opt, None))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), _model().parameters()))
 
 
-def test_the_stock_trainer_without_accumulation_refuses_to_clip_nothing(tmp_path):
-    """gradient_accumulation_steps=1 and a fused optimizer with accumulation_steps=1: the windows
-    are right, but Trainer clips through accelerate, which skips parameters without .grad and
-    would report a norm of 0.0 and clip nothing: refused, naming what to use."""
-    model = _model()
-    opt = fused_accum.AdamW(model.parameters(), lr=1e-2)
-    with pytest.raises(RuntimeError, match=r"accelerator.clip_grad_norm_.*max_grad_norm="):
-        _train(transformers.Trainer, tmp_path, model=model, optimizers=(opt, None),
-               args=_args(tmp_path, gradient_accumulation_steps=1))
+@pytest.mark.parametrize("accumulation", [4, 1])
+def test_the_stock_trainer_with_a_fused_optimizer_is_the_stock_trainer(accumulation, tmp_path):
+    """accumulation_steps=1 leaves gradients in .grad: the stock Trainer accumulates them, clips
+    them and logs their norm as with torch's AdamW, and steps them through the fused kernels."""
+    runs = []
+    for make in (torch.optim.AdamW, fused_accum.AdamW):
+        model = _model()
+        runs.append(_train(transformers.Trainer, tmp_path, model=model,
+                           optimizers=(make(model.parameters(), lr=1e-2), None),
+                           args=_args(tmp_path, gradient_accumulation_steps=accumulation)))
+    stock, ours = runs
+    assert_same_model(ours.model, stock.model, rtol=1e-5)
+    assert min(_logs(stock, "grad_norm")) > 0.05   # clipping acts
+    torch.testing.assert_close(_logs(ours, "grad_norm"), _logs(stock, "grad_norm"), rtol=1e-5,
+                               atol=0)
 
 
 def test_checkpoints_save_and_resume_to_the_uninterrupted_result(tmp_path):
