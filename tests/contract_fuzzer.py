@@ -382,8 +382,8 @@ class Oracle:
         as a no-op)."""
         return bool(self.touched | self.zeroed)
 
-    def end_window(self, model):
-        """fused_accum's window ended: step the twin on its mean, compare."""
+    def end_window(self, opt):
+        """fused_accum's window ended: step the twin on its mean; compare the gradient norm."""
         config = self.config
         stepped = self.touched | self.zeroed   # zeroed .grads are stepped, as torch does
         if stepped and not self.discarded:
@@ -396,6 +396,10 @@ class Oracle:
                 parts = [g[name] * w for (g, _, _), w in zip(self.window, weights) if name in g]
                 p.grad = (torch.stack(parts).sum(0) if parts else
                           torch.zeros_like(p) if name in stepped else None)
+            grads = [p.grad for p in params.values() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
+            if abs(opt.grad_norm.item() - norm) > 1e-5 * max(norm, 1e-3):
+                raise Mismatch(f"grad_norm {opt.grad_norm.item():.7g}, the window's is {norm:.7g}")
             if config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(
                     [p for p in params.values() if p.grad is not None], config.max_grad_norm)
@@ -429,7 +433,7 @@ def run_against_large_batch(config: Config, calls: list[tuple]) -> None:
             if oracle.micro == config.k:
                 if opt.stepped != oracle.steps() :
                     raise Mismatch(f"{where}: step() {'stepped' if opt.stepped else 'did not'}")
-                oracle.end_window(model)
+                oracle.end_window(opt)
                 compare(twin, model, grads=False, where=where)
         elif name == "flush":
             if oracle.pending:
@@ -438,7 +442,7 @@ def run_against_large_batch(config: Config, calls: list[tuple]) -> None:
             if oracle.micro:
                 if stepped != oracle.steps():
                     raise Mismatch(f"{where}: flush() returned {stepped}")
-                oracle.end_window(model)
+                oracle.end_window(opt)
             compare(twin, model, grads=False, where=where)
         elif name in ("zero_grad", "module_zero_grad"):
             set_to_none = call[1] if name == "zero_grad" else True

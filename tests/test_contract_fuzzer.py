@@ -1,0 +1,39 @@
+"""The differential contract fuzzer (tests/contract_fuzzer.py) on a bounded number of seeds.
+
+More seeds: ``python tests/contract_fuzzer.py --seeds 500``.  A failing seed prints its
+configuration and a minimal sequence of calls that still fails.
+"""
+import pytest
+import torch
+
+import contract_fuzzer as fuzzer
+from fused_accum.optim.base import AccumulatingOptimizer
+
+SEEDS = 36   # about a minute and a half on 2 CPU cores
+
+
+@pytest.mark.parametrize("seed", range(SEEDS))
+def test_a_seed_keeps_the_contract(seed):
+    fuzzer.check_seed(seed, fuzzer.cpu_backends())
+
+
+def test_the_fuzzer_catches_a_wrong_window_weight(monkeypatch):
+    """Not a fuzzer that passes everything: a window mean off by one micro-batch is found."""
+    weight = AccumulatingOptimizer._inverse_weight
+    monkeypatch.setattr(AccumulatingOptimizer, "_inverse_weight",
+                        lambda self, device: weight(self, device) * (self._micro / (self._micro + 1)))
+    seed = next(s for s in range(100) if fuzzer.draw_config(s, ["reference"]).k > 1
+                and fuzzer.draw_config(s, ["reference"]).optimizer == "SGD")
+    with pytest.raises(AssertionError, match=r"(?s)contract broken.*minimal calls"):
+        fuzzer.check_seed(seed, ["reference"])
+
+
+def test_the_fuzzer_catches_a_zero_grad_that_discards_nothing(monkeypatch):
+    """At accumulation_steps=1 the fused optimizer must be torch.optim: a zero_grad() that does
+    nothing is found."""
+    monkeypatch.setattr(AccumulatingOptimizer, "zero_grad", lambda self, set_to_none=True: None)
+    seeds = [s for s in range(60) if fuzzer.draw_config(s, ["reference"]).k == 1][:5]
+    with pytest.raises(AssertionError, match="contract broken"):
+        for seed in seeds:
+            fuzzer.check_seed(seed, ["reference"])
+    assert torch.is_grad_enabled()
