@@ -239,3 +239,23 @@ def test_step_with_a_closure(backend):
         assert torch.isfinite(opt.step(closure))
     assert opt.stepped
     assert_same_params(model, expected)
+
+
+def test_a_scheduler_stepped_every_micro_batch_is_warned_once(backend):
+    """Kept from a loop that called step() once per window, it would run k times too fast; a
+    scheduler stepped when opt.stepped warns nothing."""
+    import warnings
+    for per_micro_batch in (False, True):
+        model = make_model(seed=40)
+        opt = fused_accum.SGD(model.parameters(), lr=0.1, accumulation_steps=3, backend=backend)
+        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for batch in make_batches(40, 6, 2):
+                lm_loss(model, *batch).backward()
+                opt.step()
+                opt.zero_grad()
+                if per_micro_batch or opt.stepped:
+                    scheduler.step()
+        said = [w for w in caught if "learning rate changed in the middle of a window" in str(w.message)]
+        assert len(said) == (1 if per_micro_batch else 0)

@@ -129,6 +129,7 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
         self._weight_sum: dict[torch.device, Tensor] = {}   # items seen in the window
         self._items_since_step: dict[torch.device, Tensor] = {}   # of them, since the last step()
         self._grad_norm: Tensor | None = None
+        self._window_lrs: list | None = None   # the lrs when the window's first micro-batch ended
         self.stepped = False
         super().__init__(params, defaults)
         main = self._buffers.buckets[0].device if self._buffers.buckets else torch.device("cpu")
@@ -437,6 +438,7 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
         self._buffers.settle_unfinished()   # only backward passes that raised are left here
         self._micro += 1
         self._end_micro_batch()
+        self._check_schedule()
         self.stepped = False
         try:
             if self._micro >= self.accumulation_steps:
@@ -531,6 +533,22 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
         finally:
             self._arm()
         return self.stepped
+
+    def _check_schedule(self) -> None:
+        """Warn once when the learning rate changes in the middle of a window: an LR scheduler
+        stepped at every micro-batch (kept from a loop that called step() once per window) runs
+        k times too fast.  Learning rates held in tensors are not compared (that would read the
+        device)."""
+        lrs = [g["lr"] if not isinstance(g["lr"], Tensor) else None for g in self.param_groups]
+        if self._micro == 1 or self._window_lrs is None:
+            self._window_lrs = lrs
+        elif lrs != self._window_lrs:
+            self._warn_once("schedule", "fused_accum: the learning rate changed in the middle of "
+                            f"a window ({self._micro} of {self.accumulation_steps} micro-batches "
+                            "ended): is an LR scheduler stepped at every micro-batch? It would run "
+                            f"{self.accumulation_steps} times too fast; step it once per window: "
+                            "`if opt.stepped: scheduler.step()`")
+            self._window_lrs = lrs
 
     def _end_micro_batch(self) -> None:
         self._buffers.end_micro_batch()
@@ -650,6 +668,7 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
 
     def _reset_window(self) -> None:
         self._micro = 0
+        self._window_lrs = None
         self._window_passes = 0
         if not callable(self._final_hint):
             self._final_hint = None
