@@ -357,8 +357,10 @@ void check_state(const char* op, at::TensorList params, at::TensorList state, co
 // Complements such as 1 - beta are taken in double and rounded once, as torch does: 1 - 0.999f
 // would carry 0.999f's rounding error (1e-5 relative) into every update.  Options that would
 // branch per element are compile-time flags, or folded into factors that are exact when unused
-// (maximize into the sign of scale, decoupled decay into a factor of 1; L2 decay stays a
-// loop-invariant condition, since 0 * p is NaN for an infinite p).
+// (maximize into the sign of scale, decoupled decay into a factor of 1; L2 decay cannot be a
+// factor, since 0 * p is NaN for an infinite p: SGD's is a loop-invariant condition, which the
+// compiler takes out of the loop, and Adam's a compile-time flag: GCC 12 does not unswitch a
+// loop that large, and a condition left in it keeps the loop scalar.
 struct SgdHyper {
   float lr, momentum, one_minus_dampening, weight_decay, scale;
   bool nesterov;
@@ -446,7 +448,7 @@ struct AdamHyper {
   float lerp_back;   // 1 - (1 - beta1) in fp32: torch.lerp's second form, for weights >= 0.5
 };
 
-template <typename P, Master kM, bool kAmsgrad, bool kStochastic, bool kLerpSmall>
+template <typename P, Master kM, bool kAmsgrad, bool kStochastic, bool kLerpSmall, bool kL2>
 void adam_range(P* __restrict__ param, float* __restrict__ master, int16_t* __restrict__ rem,
                 const float* __restrict__ acc, float* __restrict__ m, float* __restrict__ v,
                 float* __restrict__ vmax, int64_t n, float step_size, float bc2_sqrt,
@@ -455,7 +457,7 @@ void adam_range(P* __restrict__ param, float* __restrict__ master, int16_t* __re
   for (int64_t j = 0; j < n; ++j) {
     const float g0 = acc[j] * h.scale;
     float p = load_working<P, kM>(param, master, rem, j) * h.decay;
-    const float g = h.l2 != 0 ? g0 + h.l2 * p : g0;   // 0 * inf would be NaN
+    const float g = kL2 ? g0 + h.l2 * p : g0;   // without L2 decay, no 0 * p: NaN for an infinite p
     // torch.lerp(m, g, w): m + w * (g - m) for w < 0.5, g - (g - m) * (1 - w) otherwise
     // (the form is a compile-time choice: a per-element select stops the loop vectorizing)
     const float mj = kLerpSmall ? m[j] + h.one_minus_beta1 * (g - m[j])
@@ -523,9 +525,11 @@ void adam_step_cpu(at::TensorList params, at::TensorList accs, at::TensorList ex
         with_flag(amsgrad, [&](auto ams) {
           with_flag(rounding_seed >= 0, [&](auto sr) {
             with_flag(h.one_minus_beta1 < 0.5f, [&](auto small) {
-              adam_range<P, decltype(mm)::value, decltype(ams)::value, decltype(sr)::value,
-                         decltype(small)::value>(param, ms.fp32, ms.rem, acc, m, v, vmax, n, ss,
-                                                 bc, h, rounding);
+              with_flag(h.l2 != 0, [&](auto l2) {
+                adam_range<P, decltype(mm)::value, decltype(ams)::value, decltype(sr)::value,
+                           decltype(small)::value, decltype(l2)::value>(
+                    param, ms.fp32, ms.rem, acc, m, v, vmax, n, ss, bc, h, rounding);
+              });
             });
           });
         });
