@@ -161,17 +161,46 @@ def test_a_written_parameter_moves_its_compact_master_with_it(backend, op):
         assert torch.equal(p.view(torch.int16), w.view(torch.int16))
 
 
-@pytest.mark.xfail(strict=True, reason="known, left as it is: a bf16 zero written over a negative "
-                   "remainder makes (0 << 16) + r wrap past the sign bit into a NaN master, which "
-                   "splits back into a zero parameter: the element stops training, silently")
-def test_a_parameter_written_to_zero_keeps_training_with_compact_masters(backend):
+@pytest.mark.parametrize("zero", [0.0, -0.0])
+def test_a_parameter_written_to_zero_keeps_training_with_compact_masters(backend, zero):
+    """A bf16 zero written over a negative remainder (LayerNorm.reset_parameters() on its bias
+    writes +0; p.mul_(0) on a negative weight writes -0) made (p << 16) + r wrap past the sign
+    bit into a NaN master, which split back into a zero parameter: the element stopped training,
+    silently.  The pair is no longer one a step writes, so it reads as the written zero."""
     params, remainders = _compact_pairs([4097], seed=5)
-    params[0].zero_()   # e.g. LayerNorm.reset_parameters() on its bias
+    params[0].fill_(zero)
     negative = remainders[0] < 0
-    assert negative.any()
+    assert negative.any() and (remainders[0] > 0).any()
     kernels.get_backend(backend, torch.device("cpu")).sgd_step(
         params, [torch.ones(4097)], None, [torch.tensor(3.0)], remainders, lr=0.1, momentum=0.0,
         dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False, grad_scale=1.0,
         found_inf=torch.tensor(0.0))
-    assert not torch.isnan(compact_master(params[0], remainders[0])).any()
+    master = compact_master(params[0], remainders[0])
+    assert not torch.isnan(master).any()
     assert (params[0][negative] != 0).all()   # each element moved by -0.1
+    # exactly from the written zero where the remainder was dropped: the master is 0 - 0.1
+    assert torch.equal(master[negative], torch.full_like(master[negative], -0.1))
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_an_infinite_parameter_written_over_a_positive_remainder_stays_infinite(backend, sign):
+    """bf16 +-inf written over a positive remainder made (p << 16) + r a NaN master.  It reads as
+    the written infinity now, and a step keeps it.  Over a negative remainder the pair is the one
+    a step writes for the largest finite fp32 masters, which round to infinity: the master stays
+    within the parameter's rounding, finite, as every written parameter's master does."""
+    params, remainders = _compact_pairs([4097], seed=6)
+    params[0].fill_(sign * float("inf"))
+    positive, negative = remainders[0] > 0, remainders[0] < 0
+    assert positive.any() and negative.any()
+    kernels.get_backend(backend, torch.device("cpu")).sgd_step(
+        params, [torch.ones(4097)], None, [torch.tensor(3.0)], remainders, lr=0.1, momentum=0.0,
+        dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False, grad_scale=1.0,
+        found_inf=torch.tensor(0.0))
+    master = compact_master(params[0], remainders[0])
+    assert not torch.isnan(master).any()
+    assert (params[0] == sign * float("inf")).all()
+    assert (master[positive] == sign * float("inf")).all()
+    assert (remainders[0][positive] == 0).all()
+    largest = torch.tensor(0x7F7F8000, dtype=torch.int32).view(torch.float32)   # rounds to inf
+    assert (master[negative].abs() >= largest).all() and torch.isfinite(master[negative]).all()
+
