@@ -132,6 +132,36 @@ def write_some_elements(param: torch.Tensor, seed: int, fraction: float = 0.3) -
     return written.to(param.device)
 
 
+def write_compact_parameters(param: torch.Tensor, remainder: torch.Tensor, seed: int):
+    """Writes into a contiguous bf16 CPU parameter with compact remainders (fp32 master = bits
+    (param << 16) + remainder) what load_state_dict or an initialiser would between two steps:
+    new values on some elements (``write_some_elements``), and on others the values whose stale
+    remainders make no master a step can write: +0 and -0 over negative remainders (their
+    masters were NaN bit patterns), +inf and -inf over positive ones (NaN too).  The last element
+    is never written.  Returns (mask of the elements written, mask of those whose remainders a
+    step must drop, their master being the written value)."""
+    written = write_some_elements(param, seed)
+    index = torch.arange(param.numel()).view(param.shape)
+    free = ~written
+    free.view(-1)[-1] = False
+    specials = [(1, -1, 0.0), (2, -1, -0.0), (3, 1, float("inf")), (4, 1, -float("inf"))]
+    dropped = torch.zeros_like(written)
+    for slot, sign, value in specials:
+        at = free & (index % 7 == slot) & (remainder.sign() == sign)
+        param.masked_fill_(at, value)
+        dropped |= at
+    return written | dropped, dropped
+
+
+def every_compact_pair() -> tuple[torch.Tensor, torch.Tensor]:
+    """(bf16 parameter, int16 remainder): every bf16 bit pattern, each with the remainders at the
+    ends of the range and around zero."""
+    remainders = torch.tensor([-2**15, -2**15 + 1, -1, 0, 1, 2**15 - 1], dtype=torch.int32)
+    high = torch.arange(-2**15, 2**15, dtype=torch.int32)
+    param = high.repeat_interleave(len(remainders)).to(torch.int16).view(torch.bfloat16)
+    return param, remainders.repeat(len(high)).to(torch.int16)
+
+
 class InjectedFailure(RuntimeError):
     pass
 

@@ -10,8 +10,9 @@ import torch
 import fused_accum
 from fused_accum import kernels
 from fused_accum.kernels import reference
-from helpers import (assert_same_params, clone, make_batches, make_model, train_accumulated,
-                     train_large_batch, write_some_elements)
+from helpers import (assert_same_params, clone, every_compact_pair, make_batches, make_model,
+                     train_accumulated, train_large_batch, write_compact_parameters,
+                     write_some_elements)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (CPU versions: tests/ops, tests/test_*.py)")
@@ -163,6 +164,80 @@ def test_compact_masters_on_gpu_match_reference(gpu_backend):
                           grad_scale=1.0, found_inf=torch.zeros((), device=CUDA))
         results.append([compact_master(p, r) for p, r in zip(params, rems)])
     _close(results[1], results[0], rtol=1e-6)
+
+
+def _pair_bits(param, remainder):
+    return param.view(torch.int16).to(torch.int64) & 0xFFFF, remainder.to(torch.int64)
+
+
+def test_compact_pairs_on_gpu_through_a_step_that_moves_nothing(gpu_backend):
+    """CPU version: tests/ops/test_optimizer_steps.py (the same rule: a pair whose master is not
+    NaN is kept bit for bit; +-0 over a negative remainder and +-inf over a positive one drop
+    it; a NaN parameter becomes 0x7FC0 with remainder 0)."""
+    param, remainder = (t.to(CUDA) for t in every_compact_pair())
+    p_bits, r_bits = _pair_bits(param, remainder)
+    u = ((p_bits << 16) + r_bits) & 0xFFFFFFFF
+    master_is_nan = (u & 0x7FFFFFFF) > 0x7F800000
+    param_is_nan = (p_bits & 0x7FFF) > 0x7F80
+    n = param.numel()
+    for op in ("sgd", "adam"):
+        p, r = param.clone(), remainder.clone()
+        ones = torch.ones(n, device=CUDA)
+        zero = torch.zeros((), device=CUDA)
+        if op == "sgd":
+            gpu_backend.sgd_step([p], [ones], None, [torch.full((), 3.0, device=CUDA)], [r],
+                                 lr=0.0, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                                 nesterov=False, maximize=False, grad_scale=1.0, found_inf=zero)
+        else:
+            gpu_backend.adam_step([p], [ones], [torch.zeros(n, device=CUDA)],
+                                  [torch.ones(n, device=CUDA)], None,
+                                  [torch.full((), 3.0, device=CUDA)], [r], lr=0.0, beta1=0.9,
+                                  beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False,
+                                  maximize=False, decoupled_weight_decay=True, grad_scale=1.0,
+                                  found_inf=zero)
+        got_p, got_r = _pair_bits(p, r)
+        assert torch.equal(got_p, torch.where(param_is_nan, 0x7FC0, p_bits)), op
+        assert torch.equal(got_r, torch.where(master_is_nan, 0, r_bits)), op
+
+
+def test_written_compact_parameters_on_gpu_match_reference(gpu_backend):
+    """Compact masters of parameters partly written since the last step (new values; +-0 over
+    negative remainders, +-inf over positive ones), in vector steps and tails alike.  CPU
+    version, bit for bit: tests/ops/test_against_reference.py."""
+    from fused_accum.kernels.reference import compact_master, split_master
+    g = torch.Generator().manual_seed(6)
+    params, rems = [], []
+    for i, n in enumerate(SIZES):
+        high, rem = split_master(torch.randn(n, generator=g))
+        param = high.view(torch.bfloat16).clone()
+        write_compact_parameters(param, rem, seed=i)
+        params.append(param.to(CUDA))
+        rems.append(rem.to(CUDA))
+    d = _lists(7, torch.float32)
+    results = []
+    for backend in (reference, gpu_backend):
+        p, r = [t.clone() for t in params], [t.clone() for t in rems]
+        x = _clone(d)
+        backend.adam_step(p, x["accs"], x["m"], x["v"], x["vmax"], x["steps"], r, lr=3e-3,
+                          beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=True,
+                          maximize=False, decoupled_weight_decay=True,
+                          grad_scale=torch.full((), 0.5, device=CUDA),
+                          found_inf=torch.zeros((), device=CUDA))
+        backend.sgd_step(p, x["accs"], x["v"], x["steps"], r, lr=0.1, momentum=0.9,
+                         dampening=0.1, weight_decay=0.0, nesterov=True, maximize=False,
+                         grad_scale=0.25, found_inf=torch.zeros((), device=CUDA))
+        masters = [compact_master(pi, ri) for pi, ri in zip(p, r)]
+        for pi, ri, mi in zip(p, r, masters):   # the pairs hold their masters
+            assert torch.equal(torch.isnan(mi), torch.isnan(pi))
+            high, remainder = split_master(mi)
+            assert torch.equal(high, pi.view(torch.int16)) and torch.equal(remainder, ri)
+        results.append(masters)
+    for a, b in zip(results[1], results[0]):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(torch.isinf(a), torch.isinf(b))
+        finite = torch.isfinite(b)
+        assert torch.equal(a[~finite].nan_to_num(), b[~finite].nan_to_num())
+    _close([a[torch.isfinite(b)] for a, b in zip(results[1], results[0])],
+           [b[torch.isfinite(b)] for b in results[0]], rtol=1e-6)
 
 
 def test_stochastic_rounding_on_gpu_draws_the_reference_bits(gpu_backend):

@@ -218,7 +218,8 @@ void norm_cpu(at::TensorList accs, const at::Tensor& sumsq) {
 
 // ---------------------------------------------------------------------------------------------
 // Optimizer steps.  The fp32 working value of a parameter is its master when there is one (an
-// fp32 master only while the parameter holds its rounding), else the parameter itself
+// fp32 master only while the parameter holds its rounding, a compact one only while its bits
+// round back to the parameter), else the parameter itself
 // converted; the result is written to both.
 
 struct StepLists {
@@ -247,7 +248,7 @@ void check_step_lists(const char* op, const StepLists& l, at::TensorList steps) 
 
 // How a parameter's fp32 working value is kept: the parameter itself, an fp32 master, or a
 // compact master (bfloat16 parameter + int16 remainder: u = (p << 16) + r as bits, p rounded to
-// nearest with ties away from zero; see reference.py).
+// nearest with ties away from zero, unless written since; see compact_master and reference.py).
 enum class Master { kNone, kFp32, kCompact };
 
 Master master_mode(at::TensorList masters) {
@@ -301,13 +302,28 @@ inline float master_unless_written(const P* param, const float* master, int64_t 
   return held_bits(param, j) == stored_bits(param, m) ? m : load(param, j);
 }
 
+// Compact masters (see reference.py): the fp32 bits u = (p << 16) + r; p is u rounded to nearest
+// with ties away from zero, a NaN u is held as (0x7FC0, 0).  A pair whose u does not round back
+// to p was written since the last step (+-0 over a negative remainder, +-inf over a positive
+// one: NaN bit patterns; NaN parameters): its master is p, the remainder dropped.  Selects, no
+// branches, so that the loops vectorize.
+constexpr uint32_t kCanonicalNan = 0x7FC00000u;
+inline uint32_t canonical_nan(uint32_t u) {
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? kCanonicalNan : u;
+}
+inline uint32_t compact_high(uint32_t u) { return ((canonical_nan(u) + 0x8000u) >> 16) & 0xFFFFu; }
+
+inline float compact_master(uint32_t high, int16_t rem) {
+  const uint32_t u = (high << 16) + static_cast<uint32_t>(static_cast<int32_t>(rem));
+  return bits_to_f32(compact_high(u) == high ? u : high << 16);
+}
+
 template <typename P, Master kM>
 inline float load_working(const P* param, const float* master, const int16_t* rem, int64_t j) {
   if constexpr (kM == Master::kFp32) {
     return master_unless_written(param, master, j);
   } else if constexpr (kM == Master::kCompact) {
-    const uint32_t high = reinterpret_cast<const uint16_t*>(param)[j];
-    return bits_to_f32((high << 16) + static_cast<uint32_t>(static_cast<int32_t>(rem[j])));
+    return compact_master(reinterpret_cast<const uint16_t*>(param)[j], rem[j]);
   } else {
     return load(param, j);
   }
@@ -339,8 +355,8 @@ inline uint16_t stochastic_bf16(float p, uint32_t key, int64_t index) {
 template <typename P, Master kM>
 inline void store_working(P* param, float* master, int16_t* rem, int64_t j, float p) {
   if constexpr (kM == Master::kCompact) {
-    const uint32_t u = f32_to_bits(p);
-    const uint32_t high = ((u + 0x8000u) >> 16) & 0xFFFFu;
+    const uint32_t u = canonical_nan(f32_to_bits(p));
+    const uint32_t high = compact_high(u);
     rem[j] = static_cast<int16_t>(static_cast<uint16_t>(u - (high << 16)));
     reinterpret_cast<uint16_t*>(param)[j] = static_cast<uint16_t>(high);
   } else {
@@ -357,8 +373,10 @@ void check_state(const char* op, at::TensorList params, at::TensorList state, co
 // Complements such as 1 - beta are taken in double and rounded once, as torch does: 1 - 0.999f
 // would carry 0.999f's rounding error (1e-5 relative) into every update.  Options that would
 // branch per element are compile-time flags, or folded into factors that are exact when unused
-// (maximize into the sign of scale, decoupled decay into a factor of 1; L2 decay stays a
-// loop-invariant condition, since 0 * p is NaN for an infinite p).
+// (maximize into the sign of scale, decoupled decay into a factor of 1; L2 decay cannot be a
+// factor, since 0 * p is NaN for an infinite p: SGD's is a loop-invariant condition, which the
+// compiler takes out of the loop, and Adam's a compile-time flag: GCC 12 does not unswitch a
+// loop that large, and a condition left in it keeps the loop scalar.
 struct SgdHyper {
   float lr, momentum, one_minus_dampening, weight_decay, scale;
   bool nesterov;
@@ -446,7 +464,7 @@ struct AdamHyper {
   float lerp_back;   // 1 - (1 - beta1) in fp32: torch.lerp's second form, for weights >= 0.5
 };
 
-template <typename P, Master kM, bool kAmsgrad, bool kStochastic, bool kLerpSmall>
+template <typename P, Master kM, bool kAmsgrad, bool kStochastic, bool kLerpSmall, bool kL2>
 void adam_range(P* __restrict__ param, float* __restrict__ master, int16_t* __restrict__ rem,
                 const float* __restrict__ acc, float* __restrict__ m, float* __restrict__ v,
                 float* __restrict__ vmax, int64_t n, float step_size, float bc2_sqrt,
@@ -455,7 +473,7 @@ void adam_range(P* __restrict__ param, float* __restrict__ master, int16_t* __re
   for (int64_t j = 0; j < n; ++j) {
     const float g0 = acc[j] * h.scale;
     float p = load_working<P, kM>(param, master, rem, j) * h.decay;
-    const float g = h.l2 != 0 ? g0 + h.l2 * p : g0;   // 0 * inf would be NaN
+    const float g = kL2 ? g0 + h.l2 * p : g0;   // without L2 decay, no 0 * p: NaN for an infinite p
     // torch.lerp(m, g, w): m + w * (g - m) for w < 0.5, g - (g - m) * (1 - w) otherwise
     // (the form is a compile-time choice: a per-element select stops the loop vectorizing)
     const float mj = kLerpSmall ? m[j] + h.one_minus_beta1 * (g - m[j])
@@ -523,9 +541,11 @@ void adam_step_cpu(at::TensorList params, at::TensorList accs, at::TensorList ex
         with_flag(amsgrad, [&](auto ams) {
           with_flag(rounding_seed >= 0, [&](auto sr) {
             with_flag(h.one_minus_beta1 < 0.5f, [&](auto small) {
-              adam_range<P, decltype(mm)::value, decltype(ams)::value, decltype(sr)::value,
-                         decltype(small)::value>(param, ms.fp32, ms.rem, acc, m, v, vmax, n, ss,
-                                                 bc, h, rounding);
+              with_flag(h.l2 != 0, [&](auto l2) {
+                adam_range<P, decltype(mm)::value, decltype(ams)::value, decltype(sr)::value,
+                           decltype(small)::value, decltype(l2)::value>(
+                    param, ms.fp32, ms.rem, acc, m, v, vmax, n, ss, bc, h, rounding);
+              });
             });
           });
         });

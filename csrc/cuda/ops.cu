@@ -423,15 +423,28 @@ void norm_cuda(std::vector<Tensor> accs, Tensor sumsq) {
 }
 
 // The fp32 working value of a parameter's elements and its write-back: the parameter itself, its
-// fp32 master (while the parameter holds its rounding), or its compact master (bfloat16 parameter + int16 remainder, u = (p << 16) + r as
-// bits, p rounded to nearest with ties away from zero; see reference.py).
+// fp32 master (while the parameter holds its rounding), or its compact master (bfloat16
+// parameter + int16 remainder, u = (p << 16) + r as bits, p rounded to nearest with ties away
+// from zero, a NaN held as (0x7FC0, 0); see reference.py).  A pair whose u does not round back to
+// p was written since the last step (+-0 over a negative remainder, +-inf over a positive one:
+// NaN bit patterns; NaN parameters): its master is p, the remainder dropped.
+constexpr uint32_t kCanonicalNan = 0x7FC00000u;
+__device__ __forceinline__ uint32_t canonical_nan(uint32_t u) {
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? kCanonicalNan : u;
+}
+__device__ __forceinline__ uint32_t compact_high(uint32_t u) {
+  return ((canonical_nan(u) + 0x8000u) >> 16) & 0xFFFFu;
+}
+
 __device__ __forceinline__ float combine(uint16_t high, int16_t rem) {
-  return __uint_as_float((static_cast<uint32_t>(high) << 16) + static_cast<uint32_t>(static_cast<int32_t>(rem)));
+  const uint32_t h = high;
+  const uint32_t u = (h << 16) + static_cast<uint32_t>(static_cast<int32_t>(rem));
+  return __uint_as_float(compact_high(u) == h ? u : h << 16);
 }
 
 __device__ __forceinline__ void split(float p, uint16_t& high, int16_t& rem) {
-  const uint32_t u = __float_as_uint(p);
-  const uint32_t h = ((u + 0x8000u) >> 16) & 0xFFFFu;
+  const uint32_t u = canonical_nan(__float_as_uint(p));
+  const uint32_t h = compact_high(u);
   high = static_cast<uint16_t>(h);
   rem = static_cast<int16_t>(static_cast<uint16_t>(u - (h << 16)));
 }

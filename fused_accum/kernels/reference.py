@@ -59,25 +59,63 @@ def norm(accs: list[Tensor], sumsq: Tensor) -> None:
 # bits: u = (p << 16) + r.  p is u rounded to nearest with ties away from zero: round-to-nearest-
 # even cannot be split losslessly (an even bf16 value has 65537 fp32 values rounding to it), and
 # rounding ties away keeps r within [-2^15, 2^15).  p differs from an RNE cast only at exact ties.
+# A NaN master is held as torch's bf16 NaN, 0x7FC0, with remainder 0 (its payload is dropped):
+# split as bits, a NaN could carry into the sign bit or past bit 31 and leave a parameter of +-0
+# or +-inf that hides it (0x7FFFFFFF, CUDA's NaN, would split into -0.0 and -1).  So a step
+# never writes a pair whose bits (p << 16) + r are a NaN unless p is NaN, and it rounds no finite
+# value across the sign bit: the rounding below carries at most into the exponent (the largest
+# finite masters, 0x7F7F8000 and up, round to +-inf with a negative remainder).
+#
+# The rule for parameters written since the last step (load_state_dict, an initialiser, clamp_):
+# a pair is read as its master u = (p << 16) + r only if u rounds back to p (as split_master
+# rounds it, NaN to 0x7FC0); otherwise p was written and the master is p itself, u = p << 16, its
+# remainder dropped.  Every pair a step writes passes (in 32-bit arithmetic, the rounding of
+# (p << 16) + r for r in [-2^15, 2^15) is p; a NaN u is written as (0x7FC0, 0)), so only a write
+# fails it: +-0 over a negative remainder and +-inf over a positive
+# one, whose bits are NaN patterns (a zero bias from LayerNorm.reset_parameters() would otherwise
+# read as a NaN master, and split back into a zero parameter that never trains again), and NaN
+# parameters other than 0x7FC0 (whose master is NaN either way).  Any other written value w keeps
+# its stale remainder: the master is w plus less than half of w's ulp, which rounds to w.
+
+_CANONICAL_NAN = 0x7FC00000   # the fp32 bits of a NaN master: bf16 0x7FC0, remainder 0
+
 
 def _bits(x: Tensor) -> Tensor:
     """The fp32 bit pattern of ``x`` as an int64 in [0, 2^32)."""
     return x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
 
 
+def _as_fp32(u: Tensor, shape: torch.Size) -> Tensor:
+    """fp32 values of bit patterns held as int64 in [0, 2^32)."""
+    return torch.where(u >= 2**31, u - 2**32, u).to(torch.int32).view(torch.float32).view(shape)
+
+
+def _canonical(u: Tensor) -> Tensor:
+    """fp32 bits ``u`` (int64), with every NaN as the NaN a compact master holds."""
+    return torch.where((u & 0x7FFFFFFF) > 0x7F800000, _CANONICAL_NAN, u)
+
+
+def _high(u: Tensor) -> Tensor:
+    """The bf16 bits (int64 in [0, 2^16)) that hold fp32 bits ``u``: rounded to nearest, ties away
+    from zero; a NaN as 0x7FC0.  Past the NaNs, u + 0x8000 carries neither into the sign bit nor
+    past bit 31."""
+    return ((_canonical(u) + 0x8000) >> 16) & 0xFFFF
+
+
 def compact_master(param: Tensor, remainder: Tensor) -> Tensor:
-    """The fp32 master that a bf16 parameter and its int16 remainder hold."""
+    """The fp32 master that a bf16 parameter and its int16 remainder hold: bits (p << 16) + r,
+    unless they do not round back to p, the parameter having been written since (then p)."""
     high = param.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
     u = ((high << 16) + remainder.to(torch.int64)) & 0xFFFFFFFF
-    return torch.where(u >= 2**31, u - 2**32, u).to(torch.int32).view(torch.float32).view(param.shape)
+    u = torch.where(_high(u) == high, u, high << 16)
+    return _as_fp32(u, param.shape)
 
 
 def split_master(master: Tensor) -> tuple[Tensor, Tensor]:
-    """(bf16 bits as int16, int16 remainder) of an fp32 master."""
-    u = _bits(master)
-    high = ((u + 0x8000) >> 16) & 0xFFFF
-    remainder = u - (high << 16)
-    remainder = torch.where(remainder >= 2**31, remainder - 2**32, remainder)   # carry past bit 31
+    """(bf16 bits as int16, int16 remainder) of an fp32 master (a NaN as 0x7FC0 and 0)."""
+    u = _canonical(_bits(master))
+    high = _high(u)
+    remainder = u - (high << 16)   # in [-2^15, 2^15): no carry past bit 31 to undo
     high = torch.where(high >= 2**15, high - 2**16, high)
     return high.to(torch.int16).view(master.shape), remainder.to(torch.int16).view(master.shape)
 
@@ -143,10 +181,11 @@ def _load_fp32(param: Tensor, master: Tensor | None) -> Tensor:
     """The fp32 value a step updates (a new tensor).
 
     Without a master it is the parameter; a compact master is the parameter's bits above its
-    remainder.  An fp32 master is the value only while the parameter still holds what the last
-    step wrote to it, the master rounded to the parameter's dtype: an element whose bits differ
-    was written since (``load_state_dict``, an initialiser, ``clamp_``), and the written value
-    is the one updated, its master forgotten.
+    remainder, unless they do not round back to the parameter (written since, see
+    ``compact_master``: then the parameter).  An fp32 master is the value only while the
+    parameter still holds what the last step wrote to it, the master rounded to the parameter's
+    dtype: an element whose bits differ was written since (``load_state_dict``, an initialiser,
+    ``clamp_``), and the written value is the one updated, its master forgotten.
     """
     if master is None:
         return param.to(torch.float32, copy=True)
@@ -163,10 +202,10 @@ def _store(updated: Tensor, param: Tensor, master: Tensor | None, keep: Tensor,
     if master is None:
         cast = updated.to(param.dtype) if rounding is None else stochastic_round_bf16(updated, rounding)
         param.copy_(torch.where(keep, param, cast))
-    elif master.dtype == torch.int16:
-        high, remainder = split_master(torch.where(keep, compact_master(param, master), updated))
-        param.view(torch.int16).copy_(high)
-        master.copy_(remainder)
+    elif master.dtype == torch.int16:   # a skipped step keeps the pair's bits, even a written one's
+        high, remainder = split_master(updated)
+        param.view(torch.int16).copy_(torch.where(keep, param.view(torch.int16), high))
+        master.copy_(torch.where(keep, master, remainder))
     else:
         master.copy_(torch.where(keep, master, updated))
         param.copy_(torch.where(keep, param, updated.to(param.dtype)))

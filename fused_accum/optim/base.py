@@ -60,7 +60,10 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
       instead of 4, the same fp32 value bit for bit; fp16 parameters get full masters); False
       updates low-precision parameters directly from fp32 maths.  A parameter written between
       steps (``load_state_dict``, ``reset_parameters()``, ``p.data.clamp_()``) is trained on from
-      its written value: an element that no longer holds its master's rounding replaces it.
+      its written value: an element that no longer holds its master's rounding replaces it.  A
+      compact master keeps its remainder under a written value (less than half an ulp of it, so
+      it still rounds to it) unless the two would not make a master a step writes (a zero over a
+      negative remainder, an infinity over a positive one): then it is the written value.
     - ``loss_scale``: "auto" (dynamic when any parameter is fp16, else none), "dynamic", a
       :class:`fused_accum.DynamicLossScale` (GradScaler's knobs), a number (static), or None.
       Loss scaling applies to losses passed to ``opt.backward(loss)``.

@@ -26,7 +26,8 @@ def sgd(p, acc, buf, step, *, lr, momentum, dampening, weight_decay, nesterov, m
     g = acc.to(f64) * grad_scale
     g = -g if maximize else g
     p = p.to(f64)
-    g = g + weight_decay * p
+    if weight_decay != 0:   # as torch.optim: no 0 * p, which is NaN for an infinite parameter
+        g = g + weight_decay * p
     new_buf = None
     if momentum != 0:
         new_buf = g.clone() if step == 0 else momentum * buf.to(f64) + (1 - dampening) * g
@@ -42,7 +43,7 @@ def adam(p, acc, m, v, vmax, step, *, lr, beta1, beta2, eps, weight_decay, amsgr
     t = step + 1
     if decoupled_weight_decay:
         p = p * (1 - lr * weight_decay)
-    else:
+    elif weight_decay != 0:
         g = g + weight_decay * p
     m = beta1 * m.to(f64) + (1 - beta1) * g
     v = beta2 * v.to(f64) + (1 - beta2) * g * g

@@ -5,7 +5,7 @@ import torch
 
 from fused_accum import kernels
 from fused_accum.kernels import reference
-from helpers import write_some_elements
+from helpers import every_compact_pair, write_compact_parameters, write_some_elements
 
 CPU = torch.device("cpu")
 OTHERS = [n for n in kernels.backend_names()
@@ -303,3 +303,77 @@ def test_written_parameters_are_updated_as_the_reference_does_bit_for_bit(other,
     for key in ("params", "masters", "m", "v", "vmax", "steps"):
         for a, b in zip(results[1][key], results[0][key]):
             assert torch.equal(_bits(a), _bits(b)), key
+
+
+def _same_or_both_nan(a, b):
+    """Bit for bit, NaN payloads aside (an fp32 NaN's payload is what the hardware propagates)."""
+    return torch.equal(_bits(a), _bits(b)) or bool(((_bits(a) == _bits(b)) | (a.isnan() & b.isnan())).all())
+
+
+def _compact_step(backend, x, op, options):
+    found = torch.tensor(0.0)
+    if op == "sgd":
+        hp = SGD_OPTIONS[options]
+        backend.sgd_step(x["params"], x["accs"], x["m"] if hp["momentum"] else None, x["steps"],
+                         x["masters"], lr=0.0123, **hp, grad_scale=torch.tensor(0.3),
+                         found_inf=found)
+    else:
+        backend.adam_step(x["params"], x["accs"], x["m"], x["v"], x["vmax"], x["steps"],
+                          x["masters"], lr=torch.tensor(3e-3), beta2=0.995, eps=1e-8,
+                          **ADAM_OPTIONS[options], grad_scale=0.37, found_inf=found)
+
+
+def _check_compact_results(results):
+    """Every backend writes the reference's bits, and the reference writes pairs that hold their
+    masters: the split of the master they hold (a NaN master is parameter 0x7FC0, remainder 0, so
+    a parameter never hides one)."""
+    for p, r in zip(results[0]["params"], results[0]["masters"]):
+        master = reference.compact_master(p, r)
+        assert torch.equal(torch.isnan(master), torch.isnan(p))
+        high, remainder = reference.split_master(master)
+        assert torch.equal(high, p.view(torch.int16)) and torch.equal(remainder, r)
+    for key in ("params", "masters", "steps"):
+        for a, b in zip(results[1][key], results[0][key]):
+            assert torch.equal(_bits(a), _bits(b)), key
+    for key in ("m", "v", "vmax"):
+        for a, b in zip(results[1][key], results[0][key]):
+            assert _same_or_both_nan(a, b), key
+
+
+@pytest.mark.parametrize("op,options", [("sgd", i) for i in range(len(SGD_OPTIONS))]
+                         + [("adam", i) for i in range(len(ADAM_OPTIONS))])
+def test_written_compact_parameters_are_updated_as_the_reference_does_bit_for_bit(other, op, options):
+    """bf16 parameters with compact masters, partly written since the last step: new values
+    (which keep their stale remainders, less than half an ulp) and zeros over negative
+    remainders, infinities over positive ones (which drop them)."""
+    d = _bucket(9, SIZES, torch.float32)
+    pairs = [reference.split_master(t) for t in d["params"]]
+    d["params"] = [h.view(torch.bfloat16).clone() for h, _ in pairs]
+    d["masters"] = [r.clone() for _, r in pairs]
+    dropped = [write_compact_parameters(p, r, seed=i)[1]
+               for i, (p, r) in enumerate(zip(d["params"], d["masters"]))]
+    assert sum(int(x.sum()) for x in dropped) > 100
+    results = []
+    for backend in (reference, other):
+        x = _clone(d)
+        _compact_step(backend, x, op, options)
+        results.append(x)
+    _check_compact_results(results)
+
+
+@pytest.mark.parametrize("op,options", [("sgd", 1), ("adam", 0), ("adam", 1)])
+def test_every_compact_pair_steps_as_the_reference_does_bit_for_bit(other, op, options):
+    """Every bf16 parameter with remainders at the ends of their range and around zero: +-0,
+    +-inf, the largest finite values, NaNs, and the pairs no step writes (written parameters)."""
+    param, remainder = every_compact_pair()
+    n = param.numel()
+    g = torch.Generator().manual_seed(10)
+    d = dict(params=[param], masters=[remainder], accs=[torch.randn(n, generator=g)],
+             m=[torch.randn(n, generator=g) * 0.1], v=[torch.rand(n, generator=g) * 0.1],
+             vmax=[torch.rand(n, generator=g) * 0.2], steps=[torch.tensor(4.0)])
+    results = []
+    for backend in (reference, other):
+        x = _clone(d)
+        _compact_step(backend, x, op, options)
+        results.append(x)
+    _check_compact_results(results)

@@ -4,7 +4,8 @@ import torch
 
 import oracle
 from fused_accum import kernels
-from helpers import write_some_elements
+from fused_accum.kernels.reference import compact_master, split_master
+from helpers import every_compact_pair, write_compact_parameters, write_some_elements
 
 SIZES = oracle.SIZES
 
@@ -146,6 +147,128 @@ def test_adam_step_updates_written_parameters_from_the_written_values(backend, d
         assert oracle.rel_err(vmax, evmax) < 1e-6
 
 
+# Compact masters (bf16 parameter p, int16 remainder r: the fp32 master is the bits (p << 16) + r)
+# of parameters written since the last step: a written value that the stale remainder leaves the
+# master's rounding keeps the remainder (less than half an ulp); one whose master it is not (a
+# zero over a negative remainder, an infinity over a positive one: a NaN bit pattern) drops it.
+
+def _compact_tensors(size, seed):
+    g = torch.Generator().manual_seed(seed)
+    high, remainder = split_master(torch.randn(size, generator=g))
+    return dict(param=high.view(torch.bfloat16).clone(), rem=remainder.clone(),
+                acc=torch.randn(size, generator=g) * 5,
+                state=[torch.randn(size, generator=g) * 0.1 for _ in range(2)] + [torch.rand(size, generator=g)])
+
+
+def _stale_master(param, remainder):
+    """fp32 (param bits << 16) + remainder, computed apart from the backends."""
+    u = (param.view(torch.int16).to(torch.int64) << 16) + remainder.to(torch.int64)
+    u = u & 0xFFFFFFFF
+    return torch.where(u >= 2**31, u - 2**32, u).to(torch.int32).view(torch.float32)
+
+
+def _write_compact(t, seed):
+    """Writes t["param"] (see write_compact_parameters); returns the fp32 values a step updates."""
+    master = compact_master(t["param"], t["rem"]).clone()
+    written, dropped = write_compact_parameters(t["param"], t["rem"], seed)
+    assert dropped.any() and (written & ~dropped).any()
+    stale = _stale_master(t["param"], t["rem"])
+    assert torch.isnan(stale[dropped]).all()   # what the masters of those used to be
+    kept = torch.where(written, stale, master)
+    return torch.where(dropped, t["param"].float(), kept)
+
+
+def _check_with_non_finite(actual, expected, tol=1e-6):
+    """Finite elements to ``tol`` of the oracle; infinities and NaNs where the oracle has them."""
+    expected = expected.to(torch.float32)
+    finite = torch.isfinite(expected)
+    assert torch.equal(torch.isnan(actual), torch.isnan(expected))
+    assert torch.equal(actual[torch.isinf(expected)], expected[torch.isinf(expected)])
+    assert oracle.rel_err(actual[finite], expected.double()[finite]) < tol
+
+
+def _check_compact(t, expected):
+    master = compact_master(t["param"], t["rem"])
+    _check_with_non_finite(master, expected)
+    # what a step writes is a pair the split of its master gives: the parameter shows the master
+    high, remainder = split_master(master)
+    assert torch.equal(high, t["param"].view(torch.int16)) and torch.equal(remainder, t["rem"])
+
+
+@pytest.mark.parametrize("case", range(len(SGD_CASES)))
+@pytest.mark.parametrize("size", [3 * 7, 4097, oracle.LARGE])
+def test_sgd_step_updates_written_compact_parameters_from_the_written_values(backend, case, size):
+    size = oracle.size_for(backend, size)
+    hp, t = SGD_CASES[case], _compact_tensors(size, seed=size + case + 200)
+    p0 = _write_compact(t, seed=size + case)
+    buf = t["state"][0]
+    buf0 = buf.clone()
+    _ops(backend).sgd_step([t["param"]], [t["acc"]], [buf] if hp["momentum"] else None,
+                           [torch.tensor(3.0)], [t["rem"]], **hp,
+                           grad_scale=torch.tensor(0.25), found_inf=torch.tensor(0.0))
+    expected, expected_buf = oracle.sgd(p0, t["acc"], buf0, 3, **hp, grad_scale=0.25)
+    _check_compact(t, expected)
+    if hp["momentum"]:
+        _check_with_non_finite(buf, expected_buf)
+
+
+@pytest.mark.parametrize("case", range(len(ADAM_CASES)))
+@pytest.mark.parametrize("size", [3 * 7, 4097, oracle.LARGE])
+def test_adam_step_updates_written_compact_parameters_from_the_written_values(backend, case, size):
+    size = oracle.size_for(backend, size)
+    hp, t = ADAM_CASES[case], _compact_tensors(size, seed=size * 7 + case + 200)
+    p0 = _write_compact(t, seed=size + case)
+    m, v, vmax = t["state"][0], t["state"][1].abs(), t["state"][2]
+    m0, v0, vmax0 = m.clone(), v.clone(), vmax.clone()
+    _ops(backend).adam_step([t["param"]], [t["acc"]], [m], [v], [vmax] if hp["amsgrad"] else None,
+                            [torch.tensor(41.0)], [t["rem"]], **hp,
+                            grad_scale=torch.tensor(0.5), found_inf=torch.tensor(0.0))
+    expected, em, ev, evmax = oracle.adam(p0, t["acc"], m0, v0, vmax0, 41, **hp, grad_scale=0.5)
+    _check_compact(t, expected)
+    _check_with_non_finite(m, em)
+    _check_with_non_finite(v, ev)
+    if hp["amsgrad"]:
+        _check_with_non_finite(vmax, evmax)
+
+
+def _pair_bits(param, remainder):
+    return param.view(torch.int16).to(torch.int64) & 0xFFFF, remainder.to(torch.int64)
+
+
+def test_a_step_that_moves_nothing_keeps_every_compact_pair_a_step_writes(backend):
+    """Every bf16 parameter with remainders at the ends of their range and around zero, through
+    a step that moves nothing (lr 0, a positive gradient: p - 0 is p, -0.0 included).  A pair
+    whose master is not NaN is one a step writes, whatever it is (remainder -32768, p at the
+    largest finite bf16, +-0, +-inf over a negative remainder: the largest finite fp32 values,
+    which round to inf) and is kept bit for bit.  A pair whose master is a NaN bit pattern and
+    whose parameter is not NaN was written (+-0 over a negative remainder, +-inf over a positive
+    one): it drops its remainder.  A NaN parameter stays NaN, as torch writes it (0x7FC0), with
+    remainder 0: a NaN master is always split so."""
+    param, remainder = every_compact_pair()
+    p_bits, r_bits = _pair_bits(param, remainder)
+    u = ((p_bits << 16) + r_bits) & 0xFFFFFFFF
+    master_is_nan = (u & 0x7FFFFFFF) > 0x7F800000
+    param_is_nan = (p_bits & 0x7FFF) > 0x7F80
+    assert (master_is_nan & ~param_is_nan).sum() == 2 * 3 + 2 * 2   # +-0 over r < 0, +-inf over r > 0
+    for op in ("sgd", "adam"):
+        p, r = param.clone(), remainder.clone()
+        ones = torch.ones(p.numel())
+        state = [torch.zeros(p.numel()), torch.ones(p.numel())]
+        if op == "sgd":
+            _ops(backend).sgd_step([p], [ones], None, [torch.tensor(3.0)], [r], lr=0.0,
+                                   momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                                   maximize=False, grad_scale=1.0, found_inf=torch.tensor(0.0))
+        else:   # lr 0: a step size of 0 times a positive update
+            _ops(backend).adam_step([p], [ones], state[:1], state[1:], None, [torch.tensor(3.0)],
+                                    [r], lr=0.0, beta1=0.9, beta2=0.999, eps=1e-8,
+                                    weight_decay=0.0, amsgrad=False, maximize=False,
+                                    decoupled_weight_decay=True, grad_scale=1.0,
+                                    found_inf=torch.tensor(0.0))
+        got_p, got_r = _pair_bits(p, r)
+        assert torch.equal(got_p, torch.where(param_is_nan, 0x7FC0, p_bits)), op
+        assert torch.equal(got_r, torch.where(master_is_nan, 0, r_bits)), op
+
+
 @pytest.mark.parametrize("op", ["sgd", "adam"])
 def test_a_set_non_finite_flag_changes_nothing(backend, op):
     t = _tensors(4097, torch.bfloat16, seed=1, master=True)
@@ -162,6 +285,27 @@ def test_a_set_non_finite_flag_changes_nothing(backend, op):
         ops.adam_step([t["param"]], [t["acc"]], [state[0]], [state[1]], [state[2]], steps,
                       [t["master"]], **ADAM_CASES[1], grad_scale=1.0, found_inf=torch.tensor(1.0))
     for b, a in zip(before, [t["param"], t["master"], *state, steps[0]]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("op", ["sgd", "adam"])
+def test_a_set_non_finite_flag_changes_no_compact_pair(backend, op):
+    """Not even a written one's: its remainder is dropped by a step taken, not by a skipped one."""
+    t = _compact_tensors(4097, seed=2)
+    write_compact_parameters(t["param"], t["rem"], seed=2)
+    t["param"][5] = float("nan")   # and a NaN parameter is not made 0x7FC0
+    t["acc"][17] = float("inf")
+    state = [s.abs() for s in t["state"]]
+    steps = [torch.tensor(5.0)]
+    before = [x.clone() for x in [t["param"].view(torch.int16), t["rem"], *state, steps[0]]]
+    ops = _ops(backend)
+    if op == "sgd":
+        ops.sgd_step([t["param"]], [t["acc"]], [state[0]], steps, [t["rem"]], **SGD_CASES[1],
+                     grad_scale=1.0, found_inf=torch.tensor(1.0))
+    else:
+        ops.adam_step([t["param"]], [t["acc"]], [state[0]], [state[1]], [state[2]], steps,
+                      [t["rem"]], **ADAM_CASES[1], grad_scale=1.0, found_inf=torch.tensor(1.0))
+    for b, a in zip(before, [t["param"].view(torch.int16), t["rem"], *state, steps[0]]):
         assert torch.equal(a, b)
 
 

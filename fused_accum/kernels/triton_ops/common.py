@@ -100,16 +100,40 @@ def rounding_key(seed, step, position):
 
 
 @triton.jit
+def canonical_nan(u):
+    """fp32 bits ``u`` (uint32), with every NaN as the NaN a compact master holds (0x7FC00000:
+    bf16 0x7FC0, remainder 0)."""
+    return tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC00000, u).to(tl.uint32)
+
+
+@triton.jit
+def compact_high(u):
+    """The bf16 bits that hold fp32 bits ``u`` in a compact master: rounded to nearest, ties away
+    from zero, a NaN as 0x7FC0 (uint32)."""
+    return ((canonical_nan(u) + 0x8000) >> 16) & 0xFFFF
+
+
+@triton.jit
+def compact_master(high, rem):
+    """The fp32 master of bf16 bits ``high`` above remainder ``rem`` (both uint32): bits
+    (high << 16) + rem, unless they do not round back to ``high``: the parameter was written
+    since the last step (+-0 over a negative remainder, +-inf over a positive one; a NaN other
+    than 0x7FC0), and its master is the parameter, ``high << 16``."""
+    u = (high << 16) + rem
+    return tl.where(compact_high(u) == high, u, high << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def load_working(param, master, offs, mask, MASTER: tl.constexpr):
     """The fp32 value being updated: the fp32 master (while the parameter holds its rounding),
-    the compact master (bf16 bits of the parameter above an int16 remainder), or the parameter
-    itself."""
+    the compact master (bf16 bits of the parameter above an int16 remainder, while they round
+    back to the parameter), or the parameter itself."""
     if MASTER == 1:
         value = master_unless_written(param, tl.load(master + offs, mask=mask), offs, mask)
     elif MASTER == 2:
         high = tl.load(param.to(tl.pointer_type(tl.uint16)) + offs, mask=mask).to(tl.uint32)
         rem = tl.load(master + offs, mask=mask).to(tl.int32).to(tl.uint32, bitcast=True)
-        value = ((high << 16) + rem).to(tl.float32, bitcast=True)
+        value = compact_master(high, rem)
     else:
         value = load_f32(param, offs, mask)
     return value
@@ -119,13 +143,14 @@ def load_working(param, master, offs, mask, MASTER: tl.constexpr):
 def store_working(param, master, offs, mask, value, key, start,
                   MASTER: tl.constexpr, STOCHASTIC: tl.constexpr):
     """Writes the updated fp32 ``value`` back: master and parameter cast (round to nearest even),
-    compact split (ties away from zero), or stochastic rounding of a bf16 parameter."""
+    compact split (ties away from zero, a NaN as 0x7FC0 and 0), or stochastic rounding of a bf16
+    parameter."""
     if MASTER == 1:
         tl.store(master + offs, value, mask=mask)
         store_f32(param, offs, mask, value)
     elif MASTER == 2:
-        u = value.to(tl.uint32, bitcast=True)
-        high = ((u + 0x8000) >> 16) & 0xFFFF
+        u = canonical_nan(value.to(tl.uint32, bitcast=True))
+        high = compact_high(u)
         rem = (u - (high << 16)).to(tl.uint16).to(tl.int16, bitcast=True)
         tl.store(param.to(tl.pointer_type(tl.uint16)) + offs, high.to(tl.uint16), mask=mask)
         tl.store(master + offs, rem, mask=mask)
