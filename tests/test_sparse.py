@@ -58,12 +58,25 @@ def _assert_close(expected, actual, rtol=1e-5):
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("k", [1, 3])
-@pytest.mark.parametrize("hyper", [dict(lr=0.5), dict(lr=0.5, momentum=0.9),
-                                   dict(lr=0.5, momentum=0.5, nesterov=True, weight_decay=0.01)],
-                         ids=["plain", "momentum", "nesterov-decay"])
+HYPER = pytest.mark.parametrize(
+    "hyper", [dict(lr=0.5), dict(lr=0.5, momentum=0.9),
+              dict(lr=0.5, momentum=0.5, nesterov=True, weight_decay=0.01)],
+    ids=["plain", "momentum", "nesterov-decay"])
+
+
+@HYPER
 @pytest.mark.parametrize("clip", [None, 0.05])
-def test_sparse_sgd_gives_the_large_batch(k, hyper, clip, backend, hooks):
+def test_sparse_sgd_gives_the_large_batch(hyper, clip, backend, hooks):
+    _train_and_compare(3, hyper, clip, backend)
+
+
+@HYPER
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_sparse_sgd_with_gradients_in_grad_is_torch_sgd(hyper, clip, backend):
+    _train_and_compare(1, hyper, clip, backend)
+
+
+def _train_and_compare(k, hyper, clip, backend):
     model = _model(1)
     windows = [_tokens(10 + w, k) for w in range(3)]
     expected = _large_batch(model, windows, clip, **hyper)
