@@ -52,17 +52,28 @@ class Block(nn.Module):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw")
-    parser.add_argument("--accumulation-steps", type=int, default=4)
+    parser.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw",
+                        help="the optimizer, fused_accum's and torch.optim's of the same name")
+    parser.add_argument("--accumulation-steps", type=int, default=4,
+                        help="micro-batches per optimizer step (k): the large batch is k "
+                             "micro-batches")
     parser.add_argument("--micro-batch", type=int, default=4, help="sequences per micro-batch")
-    parser.add_argument("--windows", type=int, default=5, help="optimizer steps to take")
-    parser.add_argument("--max-grad-norm", type=float, default=1.0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--windows", type=int, default=5,
+                        help="optimizer steps to take, one per accumulation window")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0,
+                        help="clip the gradients to this total norm before each step, in both "
+                             "runs")
+    parser.add_argument("--device", default="cpu",
+                        help="where to train: cpu or cuda; under torchrun with cuda, each rank "
+                             "uses GPU LOCAL_RANK")
+    parser.add_argument("--backend", default="auto",
+                        help="fused_accum's kernels: auto, extension, triton or reference; "
+                             "python -m fused_accum info says which run here")
     parser.add_argument("--tolerance", type=float, default=None,
                         help="largest relative difference allowed (default: 1e-5, or 1.5x that "
                              "of plain PyTorch accumulating the same micro-batches if larger)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the model's initial weights and of the random data")
 
 
 _FLOOR_MARGIN = 1.5

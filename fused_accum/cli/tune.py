@@ -9,9 +9,11 @@ import torch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="cuda", help="the GPU to tune for (default cuda)")
-    parser.add_argument("--size-mb", type=float, default=256.0, help="bucket size (fp32 MB)")
-    parser.add_argument("--repeats", type=int, default=15, help="repetitions per candidate")
+    parser.add_argument("--device", default="cuda", help="the GPU to tune for, e.g. cuda:1")
+    parser.add_argument("--size-mb", type=float, default=256.0,
+                        help="size of the bucket each candidate is timed on, in MB of fp32")
+    parser.add_argument("--repeats", type=int, default=15,
+                        help="timed repetitions per candidate block size")
     parser.add_argument("--out", type=Path, default=None,
                         help="tuning file to update (default: the tuned.json the backend reads)")
 

@@ -1,17 +1,32 @@
 """Building and loading the compiled ops in csrc/.
 
-The CPU library is built just in time with ninja on first use (``torch.utils.cpp_extension``
-caches it under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) unless
-``setup.py`` built it ahead of time (``FUSED_ACCUM_BUILD_EXT=1``).  The CUDA library is built the
-same way where torch has CUDA.  A failed build is remembered with its message: ``backend="auto"``
-then falls back, and ``backend="extension"`` raises with it.  The gradient collector
-(``csrc/autograd/collector.cpp``, C++ hooks on autograd's gradient accumulators) is a Python
-module built the same way; without it the gradient hooks run in Python.
+The CPU library is built just in time with ninja on first use unless ``setup.py`` built it ahead
+of time (``FUSED_ACCUM_BUILD_EXT=1``).  The CUDA library is built the same way where torch has
+CUDA.  A failed build is remembered with its message: ``backend="auto"`` then falls back, and
+``backend="extension"`` raises with it.  The gradient collector (``csrc/autograd/collector.cpp``,
+C++ hooks on autograd's gradient accumulators) is a Python module built the same way; without it
+the gradient hooks run in Python.
+
+Each just-in-time build has a directory of its own under torch's extensions root
+(``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions/py<version>_<accelerator>``),
+named after the extension and a short hash of its source, its flags, the compiler, and the Python
+and torch versions (:func:`build_directory`): checkouts, venvs and torch versions that share the
+root never rebuild each other's extensions, and the same source builds once wherever it lies (the
+source is copied into the directory and compiled from there).  A build holds an ``fcntl.flock`` on
+``fused_accum.lock`` in its directory from start to end.  The kernel releases it when the process
+dies however it dies, so torch's own ``lock`` file (``torch.utils.file_baton``), which a killed
+build leaves behind and on which torch would wait forever, is stale whenever it is found under
+the flock, and is removed.  An interrupted build (Ctrl-C, or ninja stopped by a signal) raises
+KeyboardInterrupt rather than falling back.  First use says on stderr what it builds, where, and
+how long it took.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.util
 import os
+import platform
 import sys
 import threading
 import time
@@ -67,27 +82,171 @@ def _prebuilt(device_type: str) -> Path | None:
     return Path(spec.origin) if spec and spec.origin else None
 
 
-def _build(device_type: str) -> None:
+def extensions_root() -> Path:
+    """The directory the just-in-time builds go under: torch's choice, made the same way."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return Path(root)
     from torch.utils import cpp_extension
+    if torch.version.hip is not None:
+        accelerator = f"rocm{torch.version.hip.replace('.', '')}"
+    elif torch.version.cuda is not None:
+        accelerator = f"cu{torch.version.cuda.replace('.', '')}"
+    else:
+        accelerator = "cpu"
+    python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return Path(cpp_extension.get_default_build_root()) / f"{python}_{accelerator}"
+
+
+def _cpu_identity() -> str:
+    # -march=native compiles for this CPU: a home directory shared by machines with other CPUs
+    # must not hand them this build (it would stop on an illegal instruction).
+    keys = ("model name", "flags", "Features", "CPU implementer", "CPU part")
+    found: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in keys and key not in found:
+                    found[key] = value.strip()
+    except OSError:
+        pass
+    return repr(sorted(found.items())) if found else platform.processor()
+
+
+def build_directory(name: str, sources: list[Path], options: dict) -> Path:
+    """``<extensions root>/<name>_<hash>``: the hash of the sources' names and contents, the
+    build options, the compiler, and the Python and torch versions."""
+    digest = hashlib.sha256()
+    for source in sources:
+        digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+    flags = [str(flag) for value in options.values() if isinstance(value, (list, tuple))
+             for flag in value]
+    identity = [repr(sorted(options.items())), os.environ.get("CXX", "c++"),
+                sys.implementation.cache_tag, getattr(sys, "abiflags", ""), platform.machine(),
+                torch.__version__, str(torch.version.git_version), str(torch.version.cuda),
+                str(torch.version.hip)]
+    if any(source.suffix == ".cu" for source in sources):
+        from torch.utils import cpp_extension
+        identity.append(str(cpp_extension.CUDA_HOME))
+    if "-march=native" in flags:
+        identity.append(_cpu_identity())
+    digest.update("\0".join(identity).encode())
+    return extensions_root() / f"{name}_{digest.hexdigest()[:10]}"
+
+
+LOCK_NAME = "fused_accum.lock"   # the flock; torch's own lock file is "lock"
+
+
+@contextlib.contextmanager
+def _exclusive(directory: Path, what: str):
+    """Hold an flock on ``directory/fused_accum.lock``; on entry, remove torch's ``lock`` if a
+    dead build left one.  Yields whether it did."""
+    try:
+        import fcntl
+    except ImportError:   # not POSIX: torch's lock alone, as before
+        yield False
+        return
+    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            started = time.monotonic()
+            said = None
+            while True:
+                waited = time.monotonic() - started
+                if said is None or waited - said >= 60:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                    print(f"fused_accum: waiting for process {holder}, which is building {what} "
+                          f"in {directory}" + (f" (waited {waited:.0f} s)" if said is not None
+                                               else ""), file=sys.stderr, flush=True)
+                    said = waited
+                time.sleep(0.2)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    continue
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        # Every build in this directory holds the flock while torch's lock exists: one found now
+        # was left by a build that died (SIGKILL, a closed terminal, a job's time limit), and
+        # torch would wait on it forever.
+        stale = directory / "lock"
+        found = stale.exists()
+        if found:
+            stale.unlink(missing_ok=True)
+            print(f"fused_accum: removed the lock file an interrupted build of {what} left in "
+                  f"{directory}", file=sys.stderr, flush=True)
+        yield found
+    finally:
+        os.close(fd)   # releases the flock
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Whether a build failed because ninja was stopped by a signal (Ctrl-C where the terminal's
+    SIGINT reached ninja but this process ignores SIGINT, SIGTERM or SIGHUP to the group)."""
+    return "interrupted by user" in str(exc)
+
+
+def jit_load(name: str, what: str, sources: list[Path], duration: str = "about a minute",
+             **options):
+    """``torch.utils.cpp_extension.load`` in a directory of its own (:func:`build_directory`),
+    under an flock that clears a dead build's lock, with a line on stderr before and after a
+    build.  ``what`` names the extension in those lines."""
+    from torch.utils import cpp_extension
+    sources = [Path(s) for s in sources]
+    directory = build_directory(name, sources, options)
+    module_name = directory.name
+    directory.mkdir(parents=True, exist_ok=True)
+    with _exclusive(directory, what) as was_interrupted:
+        copies = []
+        for source in sources:   # built from a copy: its path, so ninja's commands, never change
+            copy = directory / source.name
+            text = source.read_bytes()
+            if not copy.exists() or copy.read_bytes() != text:
+                partial = copy.with_name(f".{copy.name}.{os.getpid()}")
+                partial.write_bytes(text)
+                os.replace(partial, copy)
+            copies.append(str(copy))
+        library = directory / f"{module_name}{getattr(cpp_extension, 'LIB_EXT', '.so')}"
+        announced = was_interrupted or not library.exists()
+        if announced:
+            print(f"fused_accum: first use: building {what} in {directory} ({duration}; later "
+                  "runs reuse it)", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        try:
+            result = cpp_extension.load(name=module_name, sources=copies,
+                                        build_directory=str(directory),
+                                        verbose=bool(os.environ.get("FUSED_ACCUM_VERBOSE")),
+                                        **options)
+        except RuntimeError as exc:
+            if _interrupted(exc):
+                raise KeyboardInterrupt(f"the build of {what} in {directory} was interrupted") \
+                    from exc
+            raise
+        seconds = time.perf_counter() - start
+        if announced or seconds > 2:   # a cached load takes milliseconds
+            print(f"fused_accum: built {what} in {seconds:.0f} s", file=sys.stderr, flush=True)
+    return result
+
+
+def _build(device_type: str) -> None:
     prebuilt = _prebuilt(device_type)
     if prebuilt is not None:
         torch.ops.load_library(str(prebuilt))
         return
     src = csrc_dir()
     if device_type == "cpu":
-        sources = [src / "cpu" / "ops.cpp"]
-        kwargs = {"extra_cflags": cpu_flags(), "extra_ldflags": ["-fopenmp"]}
+        jit_load("fused_accum_cpu", "the CPU extension (compiled ops)", [src / "cpu" / "ops.cpp"],
+                 extra_cflags=cpu_flags(), extra_ldflags=["-fopenmp"], is_python_module=False)
     else:
-        sources = [src / "cuda" / "ops.cu"]
-        kwargs = {"extra_cflags": ["-O3", "-std=c++17"], "extra_cuda_cflags": cuda_flags()}
-    start = time.perf_counter()
-    cpp_extension.load(name=f"fused_accum_{device_type}", sources=[str(s) for s in sources],
-                       is_python_module=False, verbose=bool(os.environ.get("FUSED_ACCUM_VERBOSE")),
-                       **kwargs)
-    seconds = time.perf_counter() - start
-    if seconds > 2:   # a cached load takes milliseconds: this was a build
-        print(f"fused_accum: built the {device_type.upper()} extension in {seconds:.0f} s "
-              "(cached for next time)", file=sys.stderr, flush=True)
+        jit_load("fused_accum_cuda", "the CUDA extension (compiled ops)",
+                 [src / "cuda" / "ops.cu"], duration="a few minutes",
+                 extra_cflags=["-O3", "-std=c++17"], extra_cuda_cflags=cuda_flags(),
+                 is_python_module=False)
 
 
 def load(device_type: str) -> str | None:
@@ -120,17 +279,9 @@ def load_collector():
                 if spec is not None and spec.origin:
                     module = importlib.import_module("fused_accum._C_collector")
                 else:
-                    from torch.utils import cpp_extension
-                    start = time.perf_counter()
-                    module = cpp_extension.load(
-                        name="fused_accum_collector",
-                        sources=[str(csrc_dir() / "autograd" / "collector.cpp")],
-                        extra_cflags=["-O2", "-std=c++17"], is_python_module=True,
-                        verbose=bool(os.environ.get("FUSED_ACCUM_VERBOSE")))
-                    if time.perf_counter() - start > 2:
-                        print("fused_accum: built the gradient collector in "
-                              f"{time.perf_counter() - start:.0f} s (cached for next time)",
-                              file=sys.stderr, flush=True)
+                    module = jit_load("fused_accum_collector", "the gradient collector",
+                                      [csrc_dir() / "autograd" / "collector.cpp"],
+                                      extra_cflags=["-O2", "-std=c++17"], is_python_module=True)
                 _collector.extend([module, None])
             except Exception as exc:
                 _collector.extend([None, f"build failed: {type(exc).__name__}: {exc}"])
