@@ -52,7 +52,7 @@ def _path(opt) -> str:
     buffers = opt._buffers
     if buffers._collector is None:
         return "python"
-    return "node" if any(isinstance(h, _CollectorHandle) for h in buffers._handles) else "tensor"
+    return "node" if any(isinstance(h, _CollectorHandle) for h in buffers._hooks.values()) else "tensor"
 
 
 def measure(device: str, layers: int, width: int, k: int, repeats: int, group_mb: float) -> dict:
