@@ -11,7 +11,7 @@ parameter for the window in progress.  The accumulators take one of two forms:
   its accumulator, as autograd's own ``.grad`` accumulation does; later gradients are added into
   it and it is released when the window ends.  The first micro-batch then moves no bytes at all,
   and nothing is held between windows: an fp32 window costs what plain PyTorch's does, in bytes
-  and in memory (DESIGN.md §6).
+  and in memory (docs/design.md#byte-accounting, docs/design.md#memory-accounting).
 """
 from __future__ import annotations
 

@@ -13,8 +13,9 @@ from types import ModuleType
 import torch
 
 # Name -> module path, in the order "auto" prefers them; "reference" is last because it is the
-# always-available fallback.  Neither GPU backend has been measured against the other yet, so the
-# order on a GPU is the compiled extension's first by default, not by measurement.
+# always-available fallback.  On a GPU the compiled extension comes first by default, not by
+# measurement: the two GPU backends ran op by op on one H200 (2026-12-04) and neither was faster
+# at every op (docs/backends.md#which-backend-runs).
 _BACKENDS: dict[str, str] = {
     "extension": "fused_accum.kernels.extension",
     "triton": "fused_accum.kernels.triton_ops",

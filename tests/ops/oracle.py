@@ -1,5 +1,5 @@
-"""Per-element formulas in float64, written from DESIGN.md and torch.optim's documentation
-independently of any backend: what every backend's ops are checked against."""
+"""Per-element formulas in float64, written from docs/design.md#the-op-set and torch.optim's
+documentation independently of any backend: what every backend's ops are checked against."""
 from __future__ import annotations
 
 
