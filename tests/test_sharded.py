@@ -58,12 +58,29 @@ def _dtype(scenario: str) -> torch.dtype:
         scenario, torch.float32)
 
 
-def _worker(rank: int, ranks: int, scenario: str, shard: bool, tmp: str) -> None:
-    result = {}
+def _worker(rank: int, ranks: int, runs: list, tmp: str) -> None:
+    """Each (scenario, shard) of ``runs`` in turn on one process group: starting ranks costs
+    more than the scenarios themselves.  A scenario that fails is recorded and its peers time out
+    on the group; the next scenarios report the broken group."""
     os.environ["FUSED_ACCUM_REDUCE_CHUNK_MB"] = "0.002"   # ~2 KB chunks: parameters cut by pieces
+    results = {}
     try:
-        dist.init_process_group("gloo", init_method=f"file://{tmp}/init{int(shard)}", rank=rank,
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank,
                                 world_size=ranks, timeout=datetime.timedelta(seconds=15))
+        for scenario, shard in runs:
+            results[scenario, shard] = _train(rank, ranks, scenario, shard)
+    except BaseException as exc:   # the parent reads the outcome; never leave the peers hanging
+        results["error"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+    finally:
+        failed = "error" in results or any("error" in r for r in results.values()
+                                           if isinstance(r, dict))
+        leave_rank({**results, **({"error": "a scenario failed"} if failed else {})},
+                   os.path.join(tmp, f"rank{rank}.pt"))
+
+
+def _train(rank: int, ranks: int, scenario: str, shard: bool) -> dict:
+    result = {}
+    try:
         model = make_model(seed=1 + rank, dtype=_dtype(scenario))   # rank 0's are broadcast
         if scenario == "ddp":
             model = torch.nn.parallel.DistributedDataParallel(model)
@@ -147,15 +164,27 @@ def _worker(rank: int, ranks: int, scenario: str, shard: bool, tmp: str) -> None
             for entry in own.values() for name, v in entry.items() if name == "exp_avg")
         result["overlapped"] = opt._reducer.launched_during_backward
         result["chunks"] = len(opt._reducer.chunks)
-    except BaseException as exc:   # the parent reads the outcome; never leave the peers hanging
+    except BaseException as exc:
         result["error"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
-    finally:
-        leave_rank(result, os.path.join(tmp, f"{int(shard)}rank{rank}.pt"))
+    return result
 
 
-def _run(scenario: str, ranks: int, shard: bool, tmp_path) -> list[dict]:
-    mp.spawn(_worker, args=(ranks, scenario, shard, str(tmp_path)), nprocs=ranks, join=True)
-    return [torch.load(tmp_path / f"{int(shard)}rank{r}.pt") for r in range(ranks)]
+_RUNS: dict[int, list[dict]] = {}
+
+
+def _run(scenario: str, ranks: int, shard: bool, tmp_path_factory) -> list[dict]:
+    """The outcome of ``scenario`` on each of ``ranks`` ranks; the first call for a rank count
+    runs every scenario of CASES on that many ranks, sharded and not, in one spawn."""
+    if ranks not in _RUNS:
+        runs = [(s, sh) for s, r in CASES if r == ranks for sh in (True, False)]
+        tmp = tmp_path_factory.mktemp(f"sharded{ranks}")
+        mp.spawn(_worker, args=(ranks, runs, str(tmp)), nprocs=ranks, join=True)
+        _RUNS[ranks] = [torch.load(tmp / f"rank{r}.pt") for r in range(ranks)]
+    outcomes = _RUNS[ranks]
+    for r in outcomes:   # the group itself failed: say so, with its traceback
+        if (scenario, shard) not in r:
+            assert "error" not in r, r["error"]
+    return [r[scenario, shard] for r in outcomes]
 
 
 def _ok(results: list[dict]) -> None:
@@ -171,9 +200,9 @@ CASES = [(s, 2) for s in ("sgd", "adamw", "clip", "bf16", "compact", "uneven", "
 
 
 @pytest.mark.parametrize("scenario, ranks", CASES)
-def test_sharded_equals_the_all_reduced_window(scenario, ranks, tmp_path):
-    sharded = _run(scenario, ranks, True, tmp_path)
-    plain = _run(scenario, ranks, False, tmp_path)
+def test_sharded_equals_the_all_reduced_window(scenario, ranks, tmp_path_factory):
+    sharded = _run(scenario, ranks, True, tmp_path_factory)
+    plain = _run(scenario, ranks, False, tmp_path_factory)
     _ok(sharded + plain)
     # Two ranks sum in one order either way: bit for bit, unless the clipping norm's sum of
     # squares (added in pieces) is involved.  On four, gloo's reduce-scatter adds the ranks in
@@ -228,9 +257,9 @@ def _assert_same_state(got: dict, expected: dict, rtol: float) -> None:
             torch.testing.assert_close(got["state"][key][name], value, rtol=rtol, atol=rtol * scale)
 
 
-def test_sharded_fp32_equals_one_process_on_the_whole_batch(tmp_path):
+def test_sharded_fp32_equals_one_process_on_the_whole_batch(tmp_path_factory):
     """Against torch.optim.AdamW on one batch of all 8 micro-batches, with clipping."""
-    _ok(results := _run("clip", 4, True, tmp_path))
+    _ok(results := _run("clip", 4, True, tmp_path_factory))
     expected = make_model(seed=1)
     opt = torch.optim.AdamW(expected.parameters(), lr=1e-2, weight_decay=0.1)
     for window in _windows():
@@ -246,11 +275,11 @@ def test_sharded_fp32_equals_one_process_on_the_whole_batch(tmp_path):
         assert_same_params(model, expected)
 
 
-def test_sharded_bf16_equals_one_process_on_the_same_micro_batches(tmp_path):
+def test_sharded_bf16_equals_one_process_on_the_same_micro_batches(tmp_path_factory):
     """4 ranks, bf16 with fp32 masters, against one process accumulating all 8 micro-batches of
     each window: the fp32 sums run in another order, so the bf16 parameters agree to within one
     bf16 step of the largest."""
-    _ok(results := _run("bf16", 4, True, tmp_path))
+    _ok(results := _run("bf16", 4, True, tmp_path_factory))
     model = make_model(seed=1, dtype=torch.bfloat16)
     opt = _optimizer(model.parameters(), "bf16", False, 1)
     for window in _windows():
@@ -267,7 +296,8 @@ def test_sharded_bf16_equals_one_process_on_the_same_micro_batches(tmp_path):
 
 
 def test_a_rank_that_stops_mid_window_makes_the_others_fail_clearly(tmp_path):
-    results = _run("rank fails", 2, True, tmp_path)
+    mp.spawn(_worker, args=(2, [("rank fails", True)], str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt")["rank fails", True] for r in range(2)]
     assert "rank 1 stops mid-window" in results[1]["error"]
     assert "fused_accum: the reduce-scatter" in results[0]["error"] or \
         "fused_accum: the all-reduce" in results[0]["error"], results[0].get("error")
