@@ -59,7 +59,7 @@ def ahead_of_time_extensions():
     cpu_flags = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp", "-ffp-contract=off"] + ([f"-march={arch}"] if arch else [])
     modules = [CppExtension("fused_accum._C_cpu", sources("cpu", ".cpp"), include_dirs=[INCLUDE],
                             extra_compile_args={"cxx": cpu_flags}, extra_link_args=["-fopenmp"]),
-               CppExtension("fused_accum._C_collector", ["csrc/autograd/collector.cpp"],
+               CppExtension("fused_accum._C_collector", sources("autograd", ".cpp"),
                             extra_compile_args={"cxx": ["-O2", "-std=c++17"]})]
     if torch.version.cuda and CUDA_HOME:
         modules.append(CUDAExtension(

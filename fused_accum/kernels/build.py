@@ -3,8 +3,8 @@
 The CPU library is built just in time with ninja on first use unless ``setup.py`` built it ahead
 of time (``FUSED_ACCUM_BUILD_EXT=1``).  The CUDA library is built the same way where torch has
 CUDA.  A failed build is remembered with its message: ``backend="auto"`` then falls back, and
-``backend="extension"`` raises with it.  The gradient collector (``csrc/autograd/collector.cpp``,
-C++ hooks on autograd's gradient accumulators) is a Python module built the same way; without it
+``backend="extension"`` raises with it.  The gradient collector (``csrc/autograd/``, C++ hooks
+on autograd's gradient accumulators) is a Python module built the same way; without it
 the gradient hooks run in Python.
 
 Each just-in-time build has a directory of its own under torch's extensions root
@@ -82,11 +82,13 @@ HEADER_SUFFIXES = (".h", ".cuh")
 INCLUDE_DIR = "include"   # csrc/include: headers shared by the CPU and CUDA kernels
 
 
-def extension_files(src: Path, part: str, suffix: str) -> tuple[list[Path], list[Path]]:
+def extension_files(src: Path, part: str, suffix: str,
+                    shared: bool = True) -> tuple[list[Path], list[Path]]:
     """The sources of one extension, every ``*<suffix>`` file in ``src/<part>``, and the headers
-    they may include: those of ``src/<part>`` and of ``src/include``."""
+    they may include: those of ``src/<part>`` and, if ``shared``, of ``src/include``."""
     sources = sorted((src / part).glob(f"*{suffix}"))
-    headers = sorted(path for folder in (src / part, src / INCLUDE_DIR) if folder.is_dir()
+    folders = (src / part, src / INCLUDE_DIR) if shared else (src / part,)
+    headers = sorted(path for folder in folders if folder.is_dir()
                      for path in folder.rglob("*") if path.suffix in HEADER_SUFFIXES)
     return sources, headers
 
@@ -315,8 +317,10 @@ def load_collector():
                 if spec is not None and spec.origin:
                     module = importlib.import_module("fused_accum._C_collector")
                 else:
-                    module = jit_load("fused_accum_collector", "the gradient collector",
-                                      [csrc_dir() / "autograd" / "collector.cpp"],
+                    src = csrc_dir()
+                    sources, headers = extension_files(src, "autograd", ".cpp", shared=False)
+                    module = jit_load("fused_accum_collector", "the gradient collector", sources,
+                                      headers=headers, root=src,
                                       extra_cflags=["-O2", "-std=c++17"], is_python_module=True)
                 _collector.extend([module, None])
             except Exception as exc:
