@@ -36,6 +36,17 @@ def cuda_nvcc_flags():
     return cuda_flags()
 
 
+# Headers shared by the CPU and CUDA kernels (formulas.h); absolute: ninja runs in the build's
+# temporary directory.
+INCLUDE = str(ROOT / "csrc" / "include")
+
+
+def sources(part, suffix):
+    """Every source of csrc/<part>, as the just-in-time build takes them (relative paths)."""
+    return sorted(path.relative_to(ROOT).as_posix()
+                  for path in (ROOT / "csrc" / part).glob(f"*{suffix}"))
+
+
 def ahead_of_time_extensions():
     if os.environ.get("FUSED_ACCUM_BUILD_EXT") != "1":
         return [], {}
@@ -46,13 +57,13 @@ def ahead_of_time_extensions():
     # FUSED_ACCUM_CPU_ARCH asks for an architecture.
     arch = os.environ.get("FUSED_ACCUM_CPU_ARCH")
     cpu_flags = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp", "-ffp-contract=off"] + ([f"-march={arch}"] if arch else [])
-    modules = [CppExtension("fused_accum._C_cpu", ["csrc/cpu/ops.cpp"],
+    modules = [CppExtension("fused_accum._C_cpu", sources("cpu", ".cpp"), include_dirs=[INCLUDE],
                             extra_compile_args={"cxx": cpu_flags}, extra_link_args=["-fopenmp"]),
-               CppExtension("fused_accum._C_collector", ["csrc/autograd/collector.cpp"],
+               CppExtension("fused_accum._C_collector", sources("autograd", ".cpp"),
                             extra_compile_args={"cxx": ["-O2", "-std=c++17"]})]
     if torch.version.cuda and CUDA_HOME:
         modules.append(CUDAExtension(
-            "fused_accum._C_cuda", ["csrc/cuda/ops.cu"],
+            "fused_accum._C_cuda", sources("cuda", ".cu"), include_dirs=[INCLUDE],
             extra_compile_args={"cxx": ["-O3", "-std=c++17"],
                                 "nvcc": cuda_nvcc_flags()}))
     return modules, {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}

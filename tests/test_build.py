@@ -230,3 +230,35 @@ def test_a_live_build_is_waited_for_and_said_so(tmp_path, monkeypatch, capfd):
     assert build._collector[0] is not None, build._collector
     assert not (directory / "lock").exists()
     assert list(directory.glob("*.so"))
+
+
+def test_headers_are_built_in_csrc_layout_and_a_changed_one_builds_anew(tmp_path, monkeypatch):
+    # csrc/cpu/*.cpp include headers next to them and in csrc/include (formulas.h): both are
+    # copied into the build directory in that layout, and a header's contents are hashed.
+    extensions = tmp_path / "ext"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
+    monkeypatch.delenv("FUSED_ACCUM_VERBOSE", raising=False)
+    csrc = _tiny_csrc(tmp_path / "csrc", "headers")
+    (csrc / "cpu" / "ops.cpp").write_text(
+        '#include "fused_accum/shared.h"\n#include "local.h"\n'
+        'extern "C" int fused_accum_tiny() { return kShared + kLocal; }\n')
+    (csrc / "cpu" / "second.cpp").write_text('#include "local.h"\nint second() { return kLocal; }\n')
+    (csrc / "cpu" / "local.h").write_text("#pragma once\nconstexpr int kLocal = 1;\n")
+    shared = csrc / "include" / "fused_accum" / "shared.h"
+    shared.parent.mkdir(parents=True)
+    shared.write_text("#pragma once\nconstexpr int kShared = 1;\n")
+    sources, headers = build.extension_files(csrc, "cpu", ".cpp")
+    assert sources == [csrc / "cpu" / "ops.cpp", csrc / "cpu" / "second.cpp"]
+    assert headers == [csrc / "cpu" / "local.h", shared]
+
+    monkeypatch.setattr(build, "csrc_dir", lambda: csrc)
+    monkeypatch.setattr(build, "_prebuilt", lambda device_type: None)
+    for value in ("1", "2"):
+        shared.write_text(f"#pragma once\nconstexpr int kShared = {value};\n")
+        monkeypatch.setattr(build, "_loaded", {})
+        assert build.load("cpu") is None
+    built = _built(extensions)
+    assert len(built) == 2 and all(len(libraries) == 1 for libraries in built.values()), built
+    for directory in extensions.iterdir():
+        assert (directory / "cpu" / "local.h").exists()
+        assert (directory / "include" / "fused_accum" / "shared.h").exists()

@@ -3,16 +3,17 @@
 The CPU library is built just in time with ninja on first use unless ``setup.py`` built it ahead
 of time (``FUSED_ACCUM_BUILD_EXT=1``).  The CUDA library is built the same way where torch has
 CUDA.  A failed build is remembered with its message: ``backend="auto"`` then falls back, and
-``backend="extension"`` raises with it.  The gradient collector (``csrc/autograd/collector.cpp``,
-C++ hooks on autograd's gradient accumulators) is a Python module built the same way; without it
+``backend="extension"`` raises with it.  The gradient collector (``csrc/autograd/``, C++ hooks
+on autograd's gradient accumulators) is a Python module built the same way; without it
 the gradient hooks run in Python.
 
 Each just-in-time build has a directory of its own under torch's extensions root
 (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions/py<version>_<accelerator>``),
-named after the extension and a short hash of its source, its flags, the compiler, and the Python
-and torch versions (:func:`build_directory`): checkouts, venvs and torch versions that share the
-root never rebuild each other's extensions, and the same source builds once wherever it lies (the
-source is copied into the directory and compiled from there).  A build holds an ``fcntl.flock`` on
+named after the extension and a short hash of its sources and headers, its flags, the compiler,
+and the Python and torch versions (:func:`build_directory`): checkouts, venvs and torch versions
+that share the root never rebuild each other's extensions, a changed header builds anew, and the
+same source builds once wherever it lies (the sources and headers are copied into the directory,
+in csrc/'s layout, and compiled from there).  A build holds an ``fcntl.flock`` on
 ``fused_accum.lock`` in its directory from start to end.  The kernel releases it when the process
 dies however it dies, so torch's own ``lock`` file (``torch.utils.file_baton``), which a killed
 build leaves behind and on which torch would wait forever, is stale whenever it is found under
@@ -44,7 +45,7 @@ _loaded: dict[str, str | None] = {}   # device type -> None when loaded, else th
 def csrc_dir() -> Path:
     """csrc/ of a source checkout, or the copy setup.py puts inside an installed package."""
     for candidate in (_PACKAGE / "_csrc", _PACKAGE.parent / "csrc"):
-        if (candidate / "cpu" / "ops.cpp").exists():
+        if (candidate / "cpu").is_dir():
             return candidate
     raise FileNotFoundError(f"csrc/ not found next to {_PACKAGE}")
 
@@ -75,6 +76,21 @@ def cuda_flags() -> list[str]:
     # build's -ffp-contract=off, and Triton's enable_fp_fusion=False) rounds it, so backends agree
     # bit for bit and a checkpoint can move between them.
     return ["-O3", "-std=c++17", "-lineinfo", "-DUSE_CUDA", "--fmad=false", *CUDA_TARGETS]
+
+
+HEADER_SUFFIXES = (".h", ".cuh")
+INCLUDE_DIR = "include"   # csrc/include: headers shared by the CPU and CUDA kernels
+
+
+def extension_files(src: Path, part: str, suffix: str,
+                    shared: bool = True) -> tuple[list[Path], list[Path]]:
+    """The sources of one extension, every ``*<suffix>`` file in ``src/<part>``, and the headers
+    they may include: those of ``src/<part>`` and, if ``shared``, of ``src/include``."""
+    sources = sorted((src / part).glob(f"*{suffix}"))
+    folders = (src / part, src / INCLUDE_DIR) if shared else (src / part,)
+    headers = sorted(path for folder in folders if folder.is_dir()
+                     for path in folder.rglob("*") if path.suffix in HEADER_SUFFIXES)
+    return sources, headers
 
 
 def _prebuilt(device_type: str) -> Path | None:
@@ -115,12 +131,20 @@ def _cpu_identity() -> str:
     return repr(sorted(found.items())) if found else platform.processor()
 
 
-def build_directory(name: str, sources: list[Path], options: dict) -> Path:
-    """``<extensions root>/<name>_<hash>``: the hash of the sources' names and contents, the
-    build options, the compiler, and the Python and torch versions."""
+def _relative(path: Path, root: Path | None) -> str:
+    """Where a copy of ``path`` goes in a build directory: its path under ``root`` (csrc/'s
+    layout, so that the includes between files resolve there), or its name without a root."""
+    return path.relative_to(root).as_posix() if root is not None else path.name
+
+
+def build_directory(name: str, sources: list[Path], options: dict, headers: list[Path] = (),
+                    root: Path | None = None) -> Path:
+    """``<extensions root>/<name>_<hash>``: the hash of the sources' and headers' paths (under
+    ``root``, else names) and contents, the build options, the compiler, and the Python and
+    torch versions."""
     digest = hashlib.sha256()
-    for source in sources:
-        digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+    for source in [*sources, *headers]:
+        digest.update(_relative(source, root).encode() + b"\0" + source.read_bytes() + b"\0")
     flags = [str(flag) for value in options.values() if isinstance(value, (list, tuple))
              for flag in value]
     identity = [repr(sorted(options.items())), os.environ.get("CXX", "c++"),
@@ -191,26 +215,37 @@ def _interrupted(exc: BaseException) -> bool:
     return "interrupted by user" in str(exc)
 
 
-def jit_load(name: str, what: str, sources: list[Path], duration: str = "about a minute",
-             **options):
+def jit_load(name: str, what: str, sources: list[Path], duration: str = "about a minute", *,
+             headers: list[Path] = (), root: Path | None = None,
+             include_dirs: list[str] = (), **options):
     """``torch.utils.cpp_extension.load`` in a directory of its own (:func:`build_directory`),
     under an flock that clears a dead build's lock, with a line on stderr before and after a
-    build.  ``what`` names the extension in those lines."""
+    build.  ``what`` names the extension in those lines.  The sources and ``headers`` are copied
+    there in their layout under ``root`` (flat without one); ``include_dirs``, relative to
+    ``root``, are put on the include path as their copies."""
     from torch.utils import cpp_extension
     sources = [Path(s) for s in sources]
-    directory = build_directory(name, sources, options)
+    headers = [Path(h) for h in headers]
+    root = Path(root) if root is not None else None
+    hashed = {**options, "include_dirs": list(include_dirs)} if include_dirs else options
+    directory = build_directory(name, sources, hashed, headers, root)
     module_name = directory.name
     directory.mkdir(parents=True, exist_ok=True)
+    if include_dirs:
+        options = {**options, "extra_include_paths": [
+            *options.get("extra_include_paths", []), *(str(directory / d) for d in include_dirs)]}
     with _exclusive(directory, what) as was_interrupted:
         copies = []
-        for source in sources:   # built from a copy: its path, so ninja's commands, never change
-            copy = directory / source.name
-            text = source.read_bytes()
+        for file in [*sources, *headers]:   # built from a copy: its path, so ninja's commands,
+            copy = directory / _relative(file, root)   # never change
+            text = file.read_bytes()
             if not copy.exists() or copy.read_bytes() != text:
+                copy.parent.mkdir(parents=True, exist_ok=True)
                 partial = copy.with_name(f".{copy.name}.{os.getpid()}")
                 partial.write_bytes(text)
                 os.replace(partial, copy)
-            copies.append(str(copy))
+            if file in sources:
+                copies.append(str(copy))
         library = directory / f"{module_name}{getattr(cpp_extension, 'LIB_EXT', '.so')}"
         announced = was_interrupted or not library.exists()
         if announced:
@@ -240,11 +275,14 @@ def _build(device_type: str) -> None:
         return
     src = csrc_dir()
     if device_type == "cpu":
-        jit_load("fused_accum_cpu", "the CPU extension (compiled ops)", [src / "cpu" / "ops.cpp"],
+        sources, headers = extension_files(src, "cpu", ".cpp")
+        jit_load("fused_accum_cpu", "the CPU extension (compiled ops)", sources,
+                 headers=headers, root=src, include_dirs=[INCLUDE_DIR],
                  extra_cflags=cpu_flags(), extra_ldflags=["-fopenmp"], is_python_module=False)
     else:
-        jit_load("fused_accum_cuda", "the CUDA extension (compiled ops)",
-                 [src / "cuda" / "ops.cu"], duration="a few minutes",
+        sources, headers = extension_files(src, "cuda", ".cu")
+        jit_load("fused_accum_cuda", "the CUDA extension (compiled ops)", sources,
+                 duration="a few minutes", headers=headers, root=src, include_dirs=[INCLUDE_DIR],
                  extra_cflags=["-O3", "-std=c++17"], extra_cuda_cflags=cuda_flags(),
                  is_python_module=False)
 
@@ -279,8 +317,10 @@ def load_collector():
                 if spec is not None and spec.origin:
                     module = importlib.import_module("fused_accum._C_collector")
                 else:
-                    module = jit_load("fused_accum_collector", "the gradient collector",
-                                      [csrc_dir() / "autograd" / "collector.cpp"],
+                    src = csrc_dir()
+                    sources, headers = extension_files(src, "autograd", ".cpp", shared=False)
+                    module = jit_load("fused_accum_collector", "the gradient collector", sources,
+                                      headers=headers, root=src,
                                       extra_cflags=["-O2", "-std=c++17"], is_python_module=True)
                 _collector.extend([module, None])
             except Exception as exc:

@@ -1,8 +1,9 @@
 """The compiled ops' schemas and fake implementations: the one place they are declared.
 
-``csrc/cpu/ops.cpp`` and ``csrc/cuda/ops.cu`` register one implementation per device for these
-names.  Optional tensor lists of the reference contract are empty lists here; values that may
-change between calls (weight, lr, grad_scale, flags) are 0-d fp32 tensors on the op's device.
+``csrc/cpu/registration.cpp`` and ``csrc/cuda/registration.cu`` register one implementation per
+device for these names.  Optional tensor lists of the reference contract are empty lists here;
+values that may change between calls (weight, lr, grad_scale, flags) are 0-d fp32 tensors on the
+op's device.
 The fake implementations let ``torch.compile`` trace a window: every op mutates its arguments in
 place and returns nothing, so they only check what a kernel would check cheaply.
 """
