@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import re
 import subprocess
@@ -118,7 +119,8 @@ def _exists(doc: Path, span: str, names: set[str]) -> bool:
                 return True
         elif (base / pattern).exists():
             return True
-    return "/" not in span and span in names   # a bare source name: somewhere in the repository
+    # a bare source name or pattern (`*.cu`): somewhere in the repository
+    return "/" not in span and any(fnmatch.fnmatch(name, pattern) for name in names)
 
 
 @pytest.mark.parametrize("doc", DOCUMENTS, ids=_ids(DOCUMENTS))
