@@ -21,6 +21,9 @@ def _train(stochastic: bool, backend: str, steps: int = 50, lr: float = 1e-4):
 
 
 def test_mean_of_stochastically_rounded_updates_converges_to_the_fp32_value(backend):
+    if kernels.interpreted(backend):   # 50 steps of 100 000 elements take minutes interpreted
+        pytest.skip("interpreted Triton draws the reference's bits (tested below, and on a GPU "
+                    "in tests/test_gpu.py), so its mean is the reference's")
     torch.manual_seed(0)
     rounded = _train(True, backend)
     nearest = _train(False, backend)
