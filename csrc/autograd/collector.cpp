@@ -132,7 +132,10 @@ void Collector::arrived(const at::Tensor& param, int64_t slot, bool from_python)
     each = each_;
   }
   if (ready) {
-    if (from_python) {
+    // A tensor hook holds the GIL.  On the CPU the op computes the group before it returns, so
+    // other threads get the GIL meanwhile; on a GPU it only queues a kernel, shorter than
+    // handing the GIL over and taking it back.
+    if (from_python && !ready->weight.is_cuda()) {
       py::gil_scoped_release no_gil;
       launch(*ready);
     } else {
