@@ -56,7 +56,7 @@ def test_largest_gap_is_relative_and_point_by_point():
 def _fake_example(fused):
     curves = {"large batch": [2.0, 1.0, 0.5], "fused_accum": fused}
     task = {"name": "fake task", "curves": curves, "x_label": "steps", "x_step": 1, "y_label": "loss"}
-    return types.SimpleNamespace(run=lambda quick: [task])
+    return types.SimpleNamespace(run=lambda quick, steps: [task])
 
 
 @pytest.mark.parametrize("fused, status", [([2.0, 1.0, 0.5], 0), ([2.0, 1.0, 0.52], 1)])

@@ -31,12 +31,26 @@ SCRIPTS = examples.EXAMPLES   # module, what it needs beyond torch and matplotli
 TOLERANCE = 0.01   # fused_accum against the large batch, relative, at every point
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"at least 1, not {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="short runs (about 40 s on 2 CPU cores; under two minutes)")
     parser.add_argument("--out", type=Path, default=Path("fused_accum_demo"),
                         help="folder for demo.json and the PNG plots, created if missing "
                              "(default: fused_accum_demo in the current directory)")
+    parser.add_argument("--steps", type=_positive, metavar="N",
+                        help="optimizer steps per curve instead of each example's own: a smoke run "
+                             "(the curves then show little; default: each example's, fewer with "
+                             "--quick)")
     names = [name for name, _ in SCRIPTS]
     parser.add_argument("--examples", nargs="+", choices=names, default=names, metavar="NAME",
                         help=f"the examples to train, of {', '.join(names)} "
@@ -104,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     strayed = []
     for name, module in modules.items():
         started = time.perf_counter()
-        tasks = module.run(quick=args.quick)
+        tasks = module.run(quick=args.quick, steps=getattr(args, "steps", None))
         result["seconds"][f"{name}.py"] = round(time.perf_counter() - started, 1)
         print(f"\nfused_accum.examples.{name}: {result['seconds'][f'{name}.py']} s")
         for task in tasks:

@@ -203,11 +203,14 @@ METHODS = {"large batch": large_batch, "fused_accum": with_fused_accum,
            "plain bf16 loop": plain_bf16_loop}
 
 
-def run(quick: bool = False) -> list[dict]:
-    steps, every = (100, 10) if quick else (300, 10)
+def run(quick: bool = False, steps: int | None = None) -> list[dict]:
+    """The demo's task; ``steps``: that many optimizer steps instead (a smoke run)."""
+    count, every = (100, 10) if quick else (300, 10)
+    if steps:
+        count, every = steps, min(every, steps)
     return [{"name": f"byte-level GPT in bf16, {K} x {SEQUENCES} sequences of "
                      f"{SHORTEST}-{LONGEST} bytes",
-             "curves": {name: train(method, steps, every) for name, method in METHODS.items()},
+             "curves": {name: train(method, count, every) for name, method in METHODS.items()},
              "x_label": f"optimizer steps of {K * SEQUENCES} sequences", "x_step": every,
              "y_label": "held-out loss per byte"}]
 

@@ -27,6 +27,7 @@ repository ``python examples/digits.py [--quick]``.
 """
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -123,17 +124,20 @@ def held_out_loss(model, images, labels) -> float:
     return loss
 
 
-def train(method, norm: str, epochs: int, every: int) -> list[float]:
-    """Held-out loss before training and after every ``every`` optimizer steps."""
+def train(method, norm: str, epochs: int, every: int, steps: int | None = None) -> list[float]:
+    """Held-out loss before training and after every ``every`` optimizer steps; ``steps``: stop
+    after that many."""
     images, labels, test_images, test_labels = load()
     order = torch.Generator().manual_seed(1)
     shuffles = [torch.randperm(len(images), generator=order) for _ in range(epochs)]
     model = make_model(norm)
     curve = [held_out_loss(model, test_images, test_labels)]
     data = [(images[s], labels[s]) for s in shuffles]
-    for steps, _ in enumerate(method(model, data), start=1):
-        if steps % every == 0:
+    for step, _ in enumerate(method(model, data), start=1):
+        if step % every == 0:
             curve.append(held_out_loss(model, test_images, test_labels))
+        if step == steps:
+            break
     return curve
 
 
@@ -143,13 +147,17 @@ METHODS = {"large batch": large_batch, "fused_accum": with_fused_accum,
            "clip each micro-batch": partial(by_hand, clip_each=True)}
 
 
-def run(quick: bool = False) -> list[dict]:
-    """The demo's tasks: GroupNorm with every method, BatchNorm with the large batch and fused_accum."""
+def run(quick: bool = False, steps: int | None = None) -> list[dict]:
+    """The demo's tasks: GroupNorm with every method, BatchNorm with the large batch and fused_accum.
+    ``steps``: that many optimizer steps instead of whole epochs (a smoke run)."""
     epochs, every = (2, 4) if quick else (4, 4)
+    if steps:
+        epochs, every = math.ceil(steps / math.ceil(TRAIN / K)), min(every, steps)
     tasks = [{"name": "digits CNN, GroupNorm, batch 1 x 32",
-              "curves": {name: train(m, "group", epochs, every) for name, m in METHODS.items()}},
+              "curves": {name: train(m, "group", epochs, every, steps)
+                         for name, m in METHODS.items()}},
              {"name": "digits CNN, BatchNorm, batch 1 x 32",
-              "curves": {name: train(METHODS[name], "batch", epochs, every)
+              "curves": {name: train(METHODS[name], "batch", epochs, every, steps)
                          for name in ("large batch", "fused_accum")},
               "expect_gap": "BatchNorm's statistics of one image are not those of 32"}]
     for task in tasks:

@@ -84,11 +84,14 @@ def train(trainer_class, per_device: int, accumulation: int, steps: int, every: 
     return callback.curve
 
 
-def run(quick: bool = False) -> list[dict]:
-    steps, every = (20, 2) if quick else (200, 10)
-    curves = {"large batch": train(transformers.Trainer, 16, 1, steps, every),
-              "fused_accum": train(FusedAccumTrainer, 2, 8, steps, every),
-              "stock Trainer, 2 x 8": train(transformers.Trainer, 2, 8, steps, every)}
+def run(quick: bool = False, steps: int | None = None) -> list[dict]:
+    """The demo's task; ``steps``: that many optimizer steps instead (a smoke run)."""
+    count, every = (20, 2) if quick else (200, 10)
+    if steps:
+        count, every = steps, min(every, steps)
+    curves = {"large batch": train(transformers.Trainer, 16, 1, count, every),
+              "fused_accum": train(FusedAccumTrainer, 2, 8, count, every),
+              "stock Trainer, 2 x 8": train(transformers.Trainer, 2, 8, count, every)}
     return [{"name": "transformers Trainer, GPT-2 (tiny), 2 x 8 sequences", "curves": curves,
              "x_label": "optimizer steps of 16 sequences", "x_step": every,
              "y_label": "held-out loss per byte"}]
