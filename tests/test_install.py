@@ -74,6 +74,6 @@ def test_the_demo_runs_from_the_installed_package(installed, tmp_path):
     out = tmp_path / "fused_accum_demo"
     assert f"go to {out}" in run.stdout and f"wrote {out / 'demo.json'}" in run.stdout, run.stdout
     result = json.loads((out / "demo.json").read_text())
-    assert list(result["seconds"]) == ["digits.py"]
+    assert list(result["seconds"]) == ["digits.py"] and result["steps"] == 4
     assert [len(t["curves"]["fused_accum"]) for t in result["tasks"]] == [2, 2]
     assert len(list(out.glob("*.png"))) == len(result["tasks"]) == 2

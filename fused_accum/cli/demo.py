@@ -113,12 +113,13 @@ def run(args: argparse.Namespace) -> int:
     out = args.out.resolve()
     print(f"demo: demo.json and the plots go to {out}")
     out.mkdir(parents=True, exist_ok=True)
+    steps = getattr(args, "steps", None)
     result = {"quick": args.quick, "fused_accum": __version__, "torch": torch.__version__,
-              "seconds": {}, "tasks": []}
+              **({"steps": steps} if steps else {}), "seconds": {}, "tasks": []}
     strayed = []
     for name, module in modules.items():
         started = time.perf_counter()
-        tasks = module.run(quick=args.quick, steps=getattr(args, "steps", None))
+        tasks = module.run(quick=args.quick, steps=steps)
         result["seconds"][f"{name}.py"] = round(time.perf_counter() - started, 1)
         print(f"\nfused_accum.examples.{name}: {result['seconds'][f'{name}.py']} s")
         for task in tasks:
