@@ -78,6 +78,8 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["fused_accum", "fused_accum.*"]),
+    # the Triton backend's tuned block sizes (read beside configs.py; python -m fused_accum tune)
+    package_data={"fused_accum.kernels.triton_ops": ["tuned.json"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
     extras_require={

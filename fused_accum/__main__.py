@@ -15,12 +15,14 @@ COMMANDS = {
               "status is 1 when it exceeds the tolerance. Under torchrun (torchrun "
               "--nproc_per_node=2 -m fused_accum check) each rank takes its share of every "
               "window and the result is compared with one process training on the whole batch."),
-    "demo": (demo, "train on real data (examples/) several ways; loss curves as JSON and PNG",
-             "Train the scripts of examples/ on real data several ways (the large batch, "
+    "demo": (demo, "train on real data several ways (fused_accum.examples); loss curves as JSON "
+                   "and PNG",
+             "Train the examples (fused_accum.examples: a digits CNN, a byte-level GPT in bf16, "
+             "the transformers Trainer) on real data several ways (the large batch, "
              "fused_accum, and the hand-written loops that go wrong) and write their held-out "
-             "loss curves as demo.json and one PNG per task. The exit status is 1 when a "
-             "fused_accum curve strays more than 1% from the large batch's. Needs the [demo] "
-             "extra and a clone of the repository."),
+             "loss curves as demo.json and one PNG per task into --out. The exit status is 1 "
+             "when a fused_accum curve strays more than 1% from the large batch's. Needs the "
+             "[demo] extra; nothing is downloaded."),
     "info": (info, "versions, devices and which backends can run",
              "Print the versions of fused_accum, Python, torch, Triton and NumPy, whether the "
              "C++ gradient collector loads, and for each device which backends can run and which "

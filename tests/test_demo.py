@@ -2,17 +2,21 @@
 stay on the large batch's, and the hand-written loops that go wrong do not."""
 import argparse
 import json
+import os
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
 from fused_accum.cli import demo
 
-pytest.importorskip("sklearn", reason="examples/digits.py needs scikit-learn")
+ROOT = Path(__file__).resolve().parents[1]
+
+pytest.importorskip("sklearn", reason="the digits example needs scikit-learn")
 pytest.importorskip("matplotlib", reason="the demo's plots need matplotlib")
-pytest.importorskip("transformers", reason="examples/hf_trainer.py needs transformers")
+pytest.importorskip("transformers", reason="the hf_trainer example needs transformers")
 
 
 def test_the_quick_demo_puts_fused_accum_on_the_large_batch_and_the_pitfalls_elsewhere(tmp_path):
@@ -52,7 +56,7 @@ def test_largest_gap_is_relative_and_point_by_point():
 def _fake_example(fused):
     curves = {"large batch": [2.0, 1.0, 0.5], "fused_accum": fused}
     task = {"name": "fake task", "curves": curves, "x_label": "steps", "x_step": 1, "y_label": "loss"}
-    return types.SimpleNamespace(run=lambda quick: [task])
+    return types.SimpleNamespace(run=lambda quick, steps: [task])
 
 
 @pytest.mark.parametrize("fused, status", [([2.0, 1.0, 0.5], 0), ([2.0, 1.0, 0.52], 1)])
@@ -75,7 +79,18 @@ def test_a_missing_requirement_is_named_before_any_training(monkeypatch, tmp_pat
     assert not (tmp_path / "demo.json").exists()
 
 
-def test_a_demo_without_its_examples_says_where_they_are(monkeypatch, tmp_path):
-    monkeypatch.setattr(demo, "EXAMPLES", tmp_path)
-    with pytest.raises(FileNotFoundError, match="clone of the repository"):
-        demo.load_example("digits")
+@pytest.mark.parametrize("name", [name for name, _ in demo.SCRIPTS])
+def test_the_scripts_of_examples_run_the_examples_of_the_package(name, tmp_path):
+    """examples/<name>.py (in a clone) is fused_accum.examples.<name> run as a script: the same
+    options, wherever it is run from; the demo never reads examples/."""
+    script = ROOT / "examples" / f"{name}.py"
+    assert f"from fused_accum.examples.{name} import main" in script.read_text()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
+                                                                       os.environ.get("PYTHONPATH")]))}
+    run = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    module = demo.load_example(name)
+    assert module.__name__ == f"fused_accum.examples.{name}"
+    assert module.__doc__.splitlines()[0][:40] in " ".join(run.stdout.split())
+    assert "--quick" in run.stdout

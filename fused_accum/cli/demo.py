@@ -1,56 +1,64 @@
-"""``python -m fused_accum demo``: the scripts of ``examples/`` trained on real data, as curves.
+"""``python -m fused_accum demo``: the examples (:mod:`fused_accum.examples`) trained on real data,
+as curves.
 
 Each example trains one model several ways on the same data (``large batch``, ``fused_accum``
 and the hand-written loops that go wrong) and returns tasks of held-out loss curves.  The demo
 prints each curve's final loss and its largest gap to the large batch, writes every curve to
 ``demo.json`` (``{"tasks": [{"name", "curves": {...}, ...}]}``) and plots one PNG per task from
-that data.  Its exit status is 1 when a fused_accum curve strays more than 1% from the large
-batch's at any point, where they should agree.
+that data, in ``--out`` (by default ``fused_accum_demo`` in the current directory).  Its exit
+status is 1 when a fused_accum curve strays more than 1% from the large batch's at any point,
+where they should agree.  The examples are part of the package: the demo runs from an installed
+fused_accum as from a clone of the repository.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import json
 import re
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
-from .. import __version__
+from .. import __version__, examples
+from ..examples import largest_gap, summarize  # noqa: F401  (demo.largest_gap, as before)
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-# module, what it needs beyond torch and matplotlib (the plots)
-SCRIPTS = [("digits", "scikit-learn"), ("byte_gpt", None), ("hf_trainer", "transformers")]
+SCRIPTS = examples.EXAMPLES   # module, what it needs beyond torch and matplotlib (the plots)
 TOLERANCE = 0.01   # fused_accum against the large batch, relative, at every point
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"at least 1, not {value}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="short runs (about 40 s on 2 CPU cores; under two minutes)")
     parser.add_argument("--out", type=Path, default=Path("fused_accum_demo"),
-                        help="folder for demo.json and the PNG plots (default: ./fused_accum_demo)")
+                        help="folder for demo.json and the PNG plots, created if missing "
+                             "(default: fused_accum_demo in the current directory)")
+    parser.add_argument("--steps", type=_positive, metavar="N",
+                        help="optimizer steps per curve instead of each example's own: a smoke run "
+                             "(the curves then show little; default: each example's, fewer with "
+                             "--quick)")
+    names = [name for name, _ in SCRIPTS]
+    parser.add_argument("--examples", nargs="+", choices=names, default=names, metavar="NAME",
+                        help=f"the examples to train, of {', '.join(names)} "
+                             f"(default: all of them)")
 
 
-def load_example(name: str):
-    path = EXAMPLES / f"{name}.py"
-    if not path.exists():
-        raise FileNotFoundError(f"demo: {path} not found: the examples are in fused_accum's source "
-                                "tree; run the demo from a clone of the repository")
-    spec = importlib.util.spec_from_file_location(f"fused_accum_examples.{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def largest_gap(curve: list[float], reference: list[float]) -> float:
-    """The largest relative difference between two curves, point by point."""
-    if len(curve) != len(reference):
-        raise ValueError(f"curves of {len(curve)} and {len(reference)} points: measured at "
-                         "different steps")
-    return max(abs(a - b) / abs(b) for a, b in zip(curve, reference))
+def load_example(name: str) -> ModuleType:
+    return importlib.import_module(f"{examples.__name__}.{name}")
 
 
 def plot(task: dict, path: Path) -> None:
@@ -90,56 +98,41 @@ def run(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("matplotlib") is None:   # before the training, not after it
         print("demo: the plots need matplotlib: pip install matplotlib", file=sys.stderr)
         return 2
+    chosen = getattr(args, "examples", None) or [name for name, _ in SCRIPTS]
     modules = {}
     for name, needs in SCRIPTS:
+        if name not in chosen:
+            continue
         try:
             modules[name] = load_example(name)
         except ImportError as exc:
-            print(f"demo: examples/{name}.py cannot be imported: {exc}"
-                  + (f" (it needs {needs}: pip install {needs})" if needs else ""), file=sys.stderr)
+            print(f"demo: the example {name} (fused_accum/examples/{name}.py) cannot be imported: "
+                  f"{exc}" + (f" (it needs {needs}: pip install {needs})" if needs else ""),
+                  file=sys.stderr)
             return 2
-        except FileNotFoundError as exc:
-            print(exc, file=sys.stderr)
-            return 2
-    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out.resolve()
+    print(f"demo: demo.json and the plots go to {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    steps = getattr(args, "steps", None)
     result = {"quick": args.quick, "fused_accum": __version__, "torch": torch.__version__,
-              "seconds": {}, "tasks": []}
+              **({"steps": steps} if steps else {}), "seconds": {}, "tasks": []}
     strayed = []
     for name, module in modules.items():
         started = time.perf_counter()
-        tasks = module.run(quick=args.quick)
+        tasks = module.run(quick=args.quick, steps=steps)
         result["seconds"][f"{name}.py"] = round(time.perf_counter() - started, 1)
-        print(f"\nexamples/{name}.py: {result['seconds'][f'{name}.py']} s")
+        print(f"\nfused_accum.examples.{name}: {result['seconds'][f'{name}.py']} s")
         for task in tasks:
             summarize(task)
             result["tasks"].append(task)
             if "expect_gap" not in task and task["largest_gap"]["fused_accum"] > TOLERANCE:
                 strayed.append(task["name"])
-    (args.out / "demo.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "demo.json").write_text(json.dumps(result, indent=1) + "\n")
     for task in result["tasks"]:
-        plot(task, args.out / f"{slug(task['name'])}.png")
-    print(f"\nwrote {args.out / 'demo.json'} and {len(result['tasks'])} plots in {args.out}")
+        plot(task, out / f"{slug(task['name'])}.png")
+    print(f"\nwrote {out / 'demo.json'} and {len(result['tasks'])} plots in {out}")
     if strayed:
         print(f"demo: fused_accum strayed more than {TOLERANCE:.0%} from the large batch in: "
               + "; ".join(strayed), file=sys.stderr)
         return 1
     return 0
-
-
-def summarize(task: dict) -> None:
-    """Add each curve's largest gap to the large batch's to ``task``, and print the task (what the
-    examples print when run on their own, too)."""
-    reference = task["curves"]["large batch"]
-    task["largest_gap"] = {name: largest_gap(curve, reference)
-                           for name, curve in task["curves"].items() if curve is not reference}
-    report(task)
-
-
-def report(task: dict) -> None:
-    print(f"  {task['name']}")
-    for name, curve in task["curves"].items():
-        gap = task["largest_gap"].get(name)
-        against = "" if gap is None else f"   largest gap to the large batch {gap:8.3%}"
-        print(f"  {name:>30}: final {task['y_label']} {curve[-1]:.4f}{against}")
-    if "expect_gap" in task:
-        print(f"  (a gap is expected here: {task['expect_gap']})")
