@@ -43,7 +43,7 @@ def _positive(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
-                        help="short runs (about 40 s on 2 CPU cores; under two minutes)")
+                        help="short runs (97 s on 2 CPU cores against 268 s; README.md, How long things take)")
     parser.add_argument("--out", type=Path, default=Path("fused_accum_demo"),
                         help="folder for demo.json and the PNG plots, created if missing "
                              "(default: fused_accum_demo in the current directory)")
