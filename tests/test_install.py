@@ -55,7 +55,11 @@ def test_the_wheel_holds_the_examples_and_what_the_backends_read(installed):
     package = site / "fused_accum"
     for name in ("__init__", "digits", "byte_gpt", "hf_trainer"):
         assert (package / "examples" / f"{name}.py").is_file(), name
-    assert (package / "_csrc" / "cpu" / "ops.cpp").is_file()
+    sources = [p.relative_to(ROOT / "csrc") for p in (ROOT / "csrc").rglob("*")
+               if p.is_file() and p.suffix in (".cpp", ".cu", ".h", ".cuh")]
+    assert len(sources) > 10   # the just-in-time build's sources and headers, every one
+    missing = [str(s) for s in sources if not (package / "_csrc" / s).is_file()]
+    assert not missing, missing
     assert (package / "kernels" / "triton_ops" / "tuned.json").is_file()
     assert not (site / "examples").exists() and not (site / "tests").exists()
 
