@@ -451,6 +451,35 @@ def test_zero_grad_keeping_zeros_steps_unused_parameters_as_torch_does(backend):
     _assert_same_params_only(reference, model)
 
 
+def test_a_window_whose_only_pass_was_discarded_steps_zeroed_grads_with_num_items(backend):
+    """Found by the fuzzer (seed 5792): a window of an empty micro-batch (step() with no
+    backward) and a num_items pass that zero_grad(set_to_none=False) discards holds no pass and
+    no items.  torch steps the zeroed .grads (weight decay, momentum); so must the window, not
+    divide zero sums by zero items and skip."""
+    seed, k = 87, 2
+    batch = make_batches(seed, 1, 2)[0]
+    stray = make_batches(seed + 1, 1, 2)[0]
+    base = make_model(seed)
+    reference = clone(base)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.2, momentum=0.9, nesterov=True,
+                              weight_decay=0.01)
+    lm_loss(reference, *batch).backward()
+    ref_opt.step()
+    ref_opt.zero_grad(set_to_none=False)
+    ref_opt.step()   # every .grad is zero: decay and momentum move the parameters
+    model = clone(base)
+    opt = fused_accum.SGD(model.parameters(), lr=0.2, momentum=0.9, nesterov=True,
+                          weight_decay=0.01, accumulation_steps=k, backend=backend)
+    opt.backward(lm_loss(model, *batch), num_items=7)
+    assert opt.flush()
+    opt.step()                                   # an empty micro-batch
+    opt.backward(lm_loss(model, *stray), num_items=5)
+    opt.zero_grad(set_to_none=False)             # discards that pass whole
+    opt.step()
+    assert opt.stepped and opt.skipped_steps == 0
+    _assert_same_params_only(reference, model)
+
+
 def test_a_later_fused_optimizer_over_the_same_parameters_makes_the_earlier_one_refuse(backend):
     model = make_model(86)
     old = fused_accum.SGD(model.parameters(), lr=0.1, accumulation_steps=2, backend=backend)

@@ -565,7 +565,12 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
             for device, total in self._weight_sum.items():
                 total.sub_(self._items_since_step[device])
                 self._items_since_step[device].zero_()
-            if self._micro == 0 and not any(True in b.touched for b in self._buffers.buckets):
+            # No sum left: no pass of the window is left either (micro-batches that ended without
+            # one, step() without backward(), weigh nothing), so nothing is weighted by items.
+            # Kept, a zero-item window would scale zero gradients by 1/0 and skip the step that
+            # torch takes on zeroed .grads.
+            if not self._buffers.sparse.sums and not any(True in b.touched
+                                                          for b in self._buffers.buckets):
                 self._mode = None
         self._buffers.keep_zero_grads(params, set_to_none)
 
