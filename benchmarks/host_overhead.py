@@ -48,17 +48,17 @@ def _percentile(samples: list[float], q: float) -> float:
 
 def _path(opt) -> str:
     """Which gradient path ``opt`` took, read off its hooks."""
-    from fused_accum.gradients import _CollectorHandle
-    buffers = opt._buffers
-    if buffers._collector is None:
+    from fused_accum.accumulation.hooks import _CollectorHandle
+    hooks = opt._buffers.hooks
+    if hooks.collector is None:
         return "python"
-    return "node" if any(isinstance(h, _CollectorHandle) for h in buffers._hooks.values()) else "tensor"
+    return "node" if any(isinstance(h, _CollectorHandle) for h in hooks.handles.values()) else "tensor"
 
 
 def measure(device: str, layers: int, width: int, k: int, repeats: int, group_mb: float) -> dict:
     import torch
     import fused_accum
-    from fused_accum.gradients import GROUP_ENV
+    from fused_accum.accumulation import GROUP_ENV
     os.environ[GROUP_ENV] = repr(group_mb)   # read when the optimizer is built
     torch.set_num_threads(1)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -98,7 +98,7 @@ def measure(device: str, layers: int, width: int, k: int, repeats: int, group_mb
     ratios = [a / b for a, b in zip(times["fused_accum"], times["torch"])]
     lo, hi = _percentile(ratios, 0.1), _percentile(ratios, 0.9)
     gradients = 2 * layers * k
-    collector = fused_opt._buffers._collector
+    collector = fused_opt._buffers.collector
     launches = collector.launches() if collector is not None else None
     return {"group_mb": group_mb, "path": _path(fused_opt), "torch": torch.__version__,
             "torch_us": median["torch"], "fused_accum_us": median["fused_accum"],
@@ -112,11 +112,11 @@ def measure(device: str, layers: int, width: int, k: int, repeats: int, group_mb
 
 def child(args: argparse.Namespace, groups: list[float]) -> list[dict]:
     import torch
-    from fused_accum.gradients import GradBuffers
+    from fused_accum.accumulation import Hooks
     hook = os.environ[HOOK_ENV]
-    default = "node" if GradBuffers._hook_on_node(torch.empty(0, device=args.device)) else "tensor"
+    default = "node" if Hooks.hook_on_node(torch.empty(0, device=args.device)) else "tensor"
     if hook in ("node", "tensor"):
-        GradBuffers._hook_on_node = staticmethod(lambda param, node=hook == "node": node)
+        Hooks.hook_on_node = staticmethod(lambda param, node=hook == "node": node)
     rows = []
     for group_mb in groups:
         row = measure(args.device, args.layers, args.width, args.k, args.repeats, group_mb)

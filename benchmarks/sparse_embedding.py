@@ -3,7 +3,7 @@ against torch's, in time per window and in peak memory.
 
 torch: ``(loss / k).backward()`` k times into sparse ``.grad`` (autograd sums sparse tensors),
 ``torch.optim.SGD`` (which steps the gradient's rows), ``zero_grad()``.  fused_accum:
-``fused_accum.SGD(accumulation_steps=k)``, whose sparse sums stay sparse (fused_accum/sparse.py).
+``fused_accum.SGD(accumulation_steps=k)``, whose sparse sums stay sparse (fused_accum/accumulation/sparse.py).
 Both run the same model, micro-batches and order, interleaved; each pipeline's peak memory is the
 peak resident size of a fresh process that trains it, less that of a process that only builds the
 model and its micro-batches (reported beside it).

@@ -41,9 +41,9 @@ def holding(parameters: Any) -> list[str]:
     for p in params:
         owner = holders.taker(p)
         if owner is not None:
-            if p.grad is None and (owner.arrived or owner.passes or owner.holds_sum(p)):
+            if p.grad is None and (owner.window.arrived or owner.passes or owner.holds_sum(p)):
                 labels.append(owner.label(p))
-        elif p.grad is not None and any(h.grads_scaled for h in holders.holders(p)):
+        elif p.grad is not None and any(h.window.grads_scaled for h in holders.holders(p)):
             labels.append(holders.holders(p)[0].label(p) + " (scaled by the loss scale)")
     return labels
 

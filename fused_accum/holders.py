@@ -2,7 +2,7 @@
 
 Every fused optimizer registers itself on each of its parameters (weakly: a deleted optimizer
 holds nothing).  Optimizers that leave gradients in ``.grad`` (``accumulation_steps=1`` in one
-process, see :mod:`fused_accum.gradients`) may share a parameter, as torch.optim optimizers do:
+process, see :mod:`fused_accum.accumulation`) may share a parameter, as torch.optim optimizers do:
 each steps it from the same ``.grad``.  An optimizer that takes gradients as they arrive cannot
 share: the others would never see them.  So when one of the two is a taker, the optimizer that
 came last keeps the parameter and the earlier one loses it, and says so (its ``step()`` raises,

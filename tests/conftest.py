@@ -22,8 +22,8 @@ def hooks(request, monkeypatch):
     forced here on the CPU), and the Python hook."""
     monkeypatch.setenv("FUSED_ACCUM_HOOKS", "python" if request.param == "python" else "auto")
     if request.param == "collector on the tensor":
-        from fused_accum.gradients import GradBuffers
-        monkeypatch.setattr(GradBuffers, "_hook_on_node", staticmethod(lambda param: False))
+        from fused_accum.accumulation import Hooks
+        monkeypatch.setattr(Hooks, "hook_on_node", staticmethod(lambda param: False))
     return request.param
 
 

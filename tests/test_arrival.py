@@ -16,11 +16,11 @@ pytestmark = pytest.mark.usefixtures("hooks")   # every test here, with each gra
 
 def test_the_collector_builds_and_is_used_unless_told_otherwise(hooks):
     opt = fused_accum.SGD(make_model(seed=0).parameters())
-    assert (opt._buffers._collector is not None) == hooks.startswith("collector")
+    assert (opt._buffers.collector is not None) == hooks.startswith("collector")
 
 
 def test_groups_are_larger_where_a_bucket_is_on_a_gpu(monkeypatch):
-    from fused_accum.gradients import group_bytes
+    from fused_accum.accumulation import group_bytes
     monkeypatch.delenv("FUSED_ACCUM_GROUP_MB", raising=False)
     assert group_bytes({"cpu"}) == 2 * 2**20
     assert group_bytes({"cpu", "cuda"}) == group_bytes({"cuda"}) == 32 * 2**20
@@ -47,7 +47,7 @@ def test_only_the_cpu_node_hook_holds_the_gradient_accumulator_node(hooks):
     kept = "mark" in _gradient_accumulator(param).metadata
     assert kept == (hooks == "collector")
     lm_loss(model, *make_batches(1, 2, 1)[0]).backward()   # and the hooks still take the gradient
-    assert param.grad is None and opt._buffers.arrived
+    assert param.grad is None and opt._window.arrived
 
 
 def _failing_loss(model, batch):

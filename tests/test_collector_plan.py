@@ -15,21 +15,21 @@ backend = "extension"   # the only backend the collector plans for
 @pytest.fixture(autouse=True, params=["collector", "collector on the tensor"])
 def hooks(request, monkeypatch):
     """Both collector hooks: on the AccumulateGrad node (CPUs) and on the tensor (accelerators)."""
-    from fused_accum.gradients import GradBuffers
+    from fused_accum.accumulation import Hooks
     from fused_accum.kernels import availability
     ok, why = availability("extension", torch.device("cpu"))
     if not ok:
         pytest.skip(f"the extension backend is unavailable here: {why}")
     monkeypatch.setenv("FUSED_ACCUM_HOOKS", "auto")
     if request.param == "collector on the tensor":
-        monkeypatch.setattr(GradBuffers, "_hook_on_node", staticmethod(lambda param: False))
-    if fused_accum.SGD(make_model(seed=0).parameters())._buffers._collector is None:
+        monkeypatch.setattr(Hooks, "hook_on_node", staticmethod(lambda param: False))
+    if fused_accum.SGD(make_model(seed=0).parameters())._buffers.collector is None:
         pytest.fail("the gradient collector did not build")
     return request.param
 
 
 def _launches(opt) -> int:
-    collector = opt._buffers._collector
+    collector = opt._buffers.collector
     return 0 if collector is None else collector.launches()
 
 
@@ -184,15 +184,15 @@ class _OneBadAccumulator:
         self.collector = collector
 
     def plan(self, task, entries):
-        slots, accs, *rest = entries[0]
-        return self.collector.plan(task, [(slots, [torch.empty(1)] + list(accs[1:]), *rest),
-                                          *entries[1:]])
+        first = entries[0]
+        bad = first._replace(accumulators=[torch.empty(1)] + list(first.accumulators[1:]))
+        return self.collector.plan(task, [bad, *entries[1:]])
 
 
 def test_a_launch_that_fails_at_the_pass_s_end_discards_its_window(hooks, monkeypatch):
     """What a failed launch wrote is unknown: the window is discarded with the warning, the plan
     is dropped, and the next window trains as if the discarded one had never run."""
-    from fused_accum.gradients import GradBuffers
+    from fused_accum.accumulation import GradBuffers
     monkeypatch.setenv("FUSED_ACCUM_GROUP_MB", "1000")   # every planned launch at the pass's end
     model = make_model(seed=45, dtype=torch.bfloat16)
     twin = clone(model)   # trains on windows 0 and 2 only
@@ -202,11 +202,11 @@ def test_a_launch_that_fails_at_the_pass_s_end_discards_its_window(hooks, monkey
     real_plan = GradBuffers._plan
 
     def bad_plan(self, task):
-        real, self._collector = self._collector, _OneBadAccumulator(self._collector)
+        real, self.hooks.collector = self.hooks.collector, _OneBadAccumulator(self.hooks.collector)
         try:
             real_plan(self, task)
         finally:
-            self._collector = real
+            self.hooks.collector = real
 
     for w, window in enumerate(make_batches(45 + w, 2, 2) for w in range(3)):
         if w == 1:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import contract_fuzzer as fuzzer
+from fused_accum.accumulation import Window
 from fused_accum.optim.base import AccumulatingOptimizer
 
 SEEDS = 36   # about a minute and a half on 2 CPU cores
@@ -19,9 +20,9 @@ def test_a_seed_keeps_the_contract(seed):
 
 def test_the_fuzzer_catches_a_wrong_window_weight(monkeypatch):
     """Not a fuzzer that passes everything: a window mean off by one micro-batch is found."""
-    weight = AccumulatingOptimizer._inverse_weight
-    monkeypatch.setattr(AccumulatingOptimizer, "_inverse_weight",
-                        lambda self, device: weight(self, device) * (self._micro / (self._micro + 1)))
+    weight = Window.inverse_weight
+    monkeypatch.setattr(Window, "inverse_weight", lambda self, device, collecting=True:
+                        weight(self, device, collecting) * (self.micro / (self.micro + 1)))
     seed = next(s for s in range(100) if fuzzer.draw_config(s, ["reference"]).k > 1
                 and fuzzer.draw_config(s, ["reference"]).optimizer == "SGD")
     with pytest.raises(AssertionError, match=r"(?s)contract broken.*minimal calls"):

@@ -310,7 +310,7 @@ def test_the_collector_s_plan_on_gpu_gives_the_python_path_s_result(dtype, monke
         opt = fused_accum.AdamW(model.parameters(), lr=1e-2, accumulation_steps=3,
                                 backend="extension")
         train_accumulated(model, opt, windows)
-        collector = opt._buffers._collector
+        collector = opt._buffers.collector
         runs.append((model, 0 if collector is None else collector.launches()))
     (planned, launches), (python, none) = runs
     assert launches > 0 and none == 0

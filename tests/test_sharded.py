@@ -119,7 +119,7 @@ def _train(rank: int, ranks: int, scenario: str, shard: bool) -> dict:
                     opt.load_state_dict(saved["opt"])
                 loss = lm_loss(model, tokens, targets)
                 # the norm comes after the reduction: none is folded into the last accumulate
-                result["folds"] = result.get("folds", False) or opt._buffers.fold_norm
+                result["folds"] = result.get("folds", False) or opt._window.fold_norm
                 if scenario == "momentum later":
                     loss = loss + (extra * tokens.float().mean()).square().sum()
                     if w == 1 and m == 0:   # state made after construction, e.g. by a scheduler

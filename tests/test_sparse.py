@@ -86,9 +86,9 @@ def _train_and_compare(k, hyper, clip, backend):
         for tokens in window:
             model(tokens).backward()
             if k > 1:   # summed sparse, never in a dense accumulator
-                (bucket, i), = opt._buffers.sparse.sums
+                (bucket, i), = opt._window.sparse.sums
                 assert bucket.params[i] is model.embed.weight and not bucket.touched[i]
-                assert opt._buffers.sparse.sums[(bucket, i)].total().layout == torch.sparse_coo
+                assert opt._window.sparse.sums[(bucket, i)].total().layout == torch.sparse_coo
             opt.step()
             opt.zero_grad()
     _assert_close(expected, model)
@@ -191,7 +191,7 @@ def test_zero_grad_drops_a_stray_sparse_sum(backend, hooks):
     opt = fused_accum.SGD(model.parameters(), lr=0.5, accumulation_steps=2, backend=backend)
     model(_tokens(71, 1)[0]).backward()
     model.zero_grad()
-    assert not opt._buffers.sparse
+    assert not opt._window.sparse
     for tokens in window:
         model(tokens).backward()
         opt.step()

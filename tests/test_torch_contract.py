@@ -480,6 +480,38 @@ def test_a_window_whose_only_pass_was_discarded_steps_zeroed_grads_with_num_item
     _assert_same_params_only(reference, model)
 
 
+def test_a_failed_num_items_pass_undone_leaves_the_window_unweighted(backend):
+    """Found by the fuzzer (seeds 5052, 6579, 6672): a num_items pass that fails having made only
+    first touches is undone, and with it the window's weighting by items, which it had begun.
+    Kept, the window's other micro-batches (none with a pass) would weigh zero items and skip the
+    step torch takes on zeroed .grads."""
+    seed, k = 88, 2
+    batch = make_batches(seed, 1, 2)[0]
+    failed = make_batches(seed + 1, 1, 2)[0]
+    base = make_model(seed)
+    reference = clone(base)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.2, momentum=0.9, weight_decay=0.01)
+    lm_loss(reference, *batch).backward()
+    ref_opt.step()
+    ref_opt.zero_grad(set_to_none=False)
+    ref_opt.step()
+    model = clone(base)
+    opt = fused_accum.SGD(model.parameters(), lr=0.2, momentum=0.9, weight_decay=0.01,
+                          accumulation_steps=k, backend=backend)
+    opt.backward(lm_loss(model, *batch), num_items=7)
+    assert opt.flush()
+    opt.zero_grad(set_to_none=False)
+    failing = FailsInBackward.apply(model.embed.weight).sum() * 0   # after the other gradients
+    with pytest.raises(Exception, match="fails here"):
+        opt.backward(lm_loss(model, *failed) + failing, num_items=5)
+    opt.step()
+    opt.step()
+    assert opt.stepped and opt.skipped_steps == 0
+    _assert_same_params_only(reference, model)
+    opt.backward(lm_loss(model, *batch))   # the window holds no items: a plain pass is welcome
+    opt.step()
+
+
 def test_a_later_fused_optimizer_over_the_same_parameters_makes_the_earlier_one_refuse(backend):
     model = make_model(86)
     old = fused_accum.SGD(model.parameters(), lr=0.1, accumulation_steps=2, backend=backend)

@@ -6,7 +6,7 @@
 // data parallelism's chunk bookkeeping in a window's last micro-batch).  With the compiled
 // backend a pass is planned (below) and the collector adopts and accumulates its gradients
 // itself; otherwise what to do with each gradient (adopt it, accumulate it, fold its norm) is
-// decided in Python (fused_accum/gradients.py), which takes a pass's queue with `take(task)`,
+// decided in Python (fused_accum/accumulation/engine.py), which takes a pass's queue with `take(task)`,
 // grouped by bucket so that its bookkeeping is a few list operations per bucket.
 //
 // Two kinds of hook, the same work.  On CPU parameters, a post hook on the parameter's

@@ -7,7 +7,7 @@ import torch
 from torch.optim import Optimizer
 
 from .. import holders
-from ..buffers import Bucket
+from ..accumulation.buckets import Bucket
 from ._args import check_adam, refuse_differentiable
 from .adam import ADAM_ALGORITHM
 from .base import AccumulatingOptimizer, Algorithm
@@ -92,7 +92,7 @@ class FusedAccumulator(AccumulatingOptimizer):
                     handed.append(p)
                 else:   # in .grad already: unscaled and clipped in place, as torch's tools do
                     p.grad.copy_(grad)
-        for (bucket, i), total in self._buffers.sparse.coalesced().items():
+        for (bucket, i), total in self._window.sparse.coalesced().items():
             p = bucket.params[i]   # a sparse .grad for the wrapped optimizer (SparseAdam)
             p.grad = total * scales[bucket.device]
             if collecting:

@@ -5,7 +5,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..buffers import Bucket
+from ..accumulation.buckets import Bucket
 from ._args import check_adam, refuse_differentiable, scalar
 from .base import AccumulatingOptimizer, Algorithm
 

@@ -1,13 +1,14 @@
 """AccumulatingOptimizer: accumulation windows over the buffers, shared by every algorithm.
 
 A subclass supplies an :class:`Algorithm`: which flat state buffers a group needs, and the
-functional update of one bucket.  Everything else (micro-batch counting, the window weight,
-clipping, first-touch bookkeeping) lives here, written once; where the state lives is
-:mod:`.state`, state dicts :mod:`.checkpoint`, sharding :mod:`.sharded`.
+functional update of one bucket.  Everything else is written once: micro-batches and windows
+here, ``opt.backward`` in :mod:`.micro_batches`, the window's end (weight, norm, clipping, update)
+in :mod:`.window_end`, over the window record and the gradient engine of
+:mod:`fused_accum.accumulation`; where the state lives is :mod:`.state`, state dicts
+:mod:`.checkpoint`, sharding :mod:`.sharded`.
 """
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -18,10 +19,12 @@ from torch.optim import Optimizer
 
 from .. import guards, kernels, scaling
 from .._warnings import warn
-from ..buffers import Bucket, param_label
-from ..gradients import GradBuffers
+from ..accumulation import GradBuffers, Window
+from ..accumulation.buckets import Bucket, param_label
 from . import data_parallel
 from .checkpoint import WindowStateDict, index_params
+from .micro_batches import MicroBatches
+from .window_end import WindowEnd
 from .state import BucketState
 from .distributed import WindowReducer
 from .sharded import ShardedReducer
@@ -44,7 +47,7 @@ class Algorithm(NamedTuple):
     sparse_update: Callable[..., None] | None = None
 
 
-class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
+class AccumulatingOptimizer(MicroBatches, WindowEnd, BucketState, WindowStateDict, Optimizer):
     """Base of SGD, Adam, AdamW and FusedAccumulator.
 
     ``step()`` ends a micro-batch; every ``accumulation_steps``-th call applies the update of the
@@ -122,22 +125,17 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
             raise TypeError(f"shard_state must be True or False, got {shard_state!r}")
         self._sharding = shard_state and group is not None
         self._reducer: WindowReducer | None = None   # made once the parameters are known
+        self._window = Window()   # the window in progress: every part below is handed it
         # Data parallelism reduces flat accumulators; alone, fp32 buckets adopt their gradients.
-        self._buffers = GradBuffers(self.backend, self._on_backward_start,
+        self._buffers = GradBuffers(self.backend, self._window, self._on_backward_start,
                                     flat_fp32=group is not None)
-        self._micro = 0                              # micro-batches ended in this window
-        self._window_passes = 0   # backward passes begun in it (a restored window counts one)
         self._final_hint: Any = None                 # see final_micro_batch
-        self._mode: str | None = None                # "plain" or "items" once the window knows
-        self._weight_sum: dict[torch.device, Tensor] = {}   # items seen in the window
-        self._items_since_step: dict[torch.device, Tensor] = {}   # of them, since the last step()
         self._grad_norm: Tensor | None = None
         self._window_lrs: list | None = None   # the lrs when the window's first micro-batch ended
         self.stepped = False
         super().__init__(params, defaults)
         main = self._buffers.buckets[0].device if self._buffers.buckets else torch.device("cpu")
-        for table in (self._weight_sum, self._items_since_step):
-            table.setdefault(main, torch.zeros((), device=main))
+        self._window.add_device(main)
         self._buffers.on_zero_grad = weakref.WeakMethod(self._discard)
         self._scaler = scaling.resolve(loss_scale, index_params(self.param_groups), main)
         self._skipped = torch.zeros((), device=main)   # windows skipped for non-finite gradients
@@ -146,7 +144,6 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
         self._live_grad_norm = torch.zeros((), device=main)
         self._skip_monitor = SkipMonitor(main)
         self._warned = set()
-        self._global_weight: Tensor | None = None   # W of all ranks, while a window ends
         owners = data_parallel.ddp_owners(index_params(self.param_groups))
         if owners and isinstance(process_group, str):   # "auto"
             group = owners[0].process_group   # reduce over the ranks DDP was given
@@ -186,10 +183,10 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
     @accumulation_steps.setter
     def accumulation_steps(self, value: int) -> None:
         value = check_accumulation_steps(value)
-        if self._micro or self._buffers.arrived or self._buffers.passes:
+        if self._window.micro or self._window.arrived or self._buffers.passes:
             raise RuntimeError(
                 f"accumulation_steps: cannot change from {self._accumulation_steps} to {value} "
-                f"with a window in progress ({self._micro} micro-batches ended, gradients "
+                f"with a window in progress ({self._window.micro} micro-batches ended, gradients "
                 "arrived since); change it right after the step() that ends a window")
         self._accumulation_steps = value
         self._buffers.set_collecting(self._collects())
@@ -232,9 +229,6 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
         except Exception:
             self.param_groups.pop()   # e.g. no backend for the device: leave the optimizer as it was
             raise
-        for bucket in buckets:
-            for table in (self._weight_sum, self._items_since_step):
-                table.setdefault(bucket.device, torch.zeros((), device=bucket.device))
         if self._reducer is not None:   # a group added after construction: on every rank
             self._reducer.broadcast_parameters([p for b in buckets for p in b.params])
             self._reducer.attach(self._buffers)
@@ -282,13 +276,7 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
                 "fused_accum.integrations.accelerate.follow(accelerator, optimizer), or "
                 "fused_accum.integrations.transformers.FusedAccumTrainer in place of Trainer "
                 "(the backward pass was refused; the window's accumulated gradients are intact)")
-        if self._mode not in (None, kind):
-            raise RuntimeError(
-                "fused_accum: this window mixes opt.backward(loss, num_items=...) with a plain "
-                "loss.backward(); call one or the other for every micro-batch of a window (the "
-                "backward pass was refused; the window's accumulated gradients are intact)")
-        self._mode = kind
-        self._window_passes += 1
+        self._window.begin_pass(kind)
         if callable(self._final_hint):
             self._arm()   # ask whether this pass ends the window
         if not through_optimizer and self._scaler is not None:
@@ -296,94 +284,6 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
                             "loss_scale=...), but this backward pass did not go through "
                             "opt.backward(loss), so its loss was not scaled and small fp16 "
                             "gradients may underflow; call opt.backward(loss)")
-
-    def backward(self, loss: Tensor, num_items: int | float | Tensor | None = None,
-                 **backward_kwargs: Any) -> None:
-        """``loss.backward()`` for one micro-batch, with the loss scaled when loss scaling is on.
-
-        With ``num_items=n`` (``loss`` being the mean over the micro-batch's n items), the window's
-        update uses the exact mean over all items of the window.  ``n`` may be a device tensor,
-        e.g. ``(labels != -100).sum()``; it is never read on the host.
-        """
-        if num_items is not None and self._mode == "plain":
-            raise ValueError(
-                "num_items: this window already has micro-batches from a plain backward(); call "
-                "opt.backward(loss, num_items=...) for every micro-batch of a window or for none")
-        items = None if num_items is None else self._items(num_items)
-        if not self._buffers.collecting:
-            self._backward_into_grads(loss, items, backward_kwargs)
-            return
-        weights = None
-        if items is not None and self._scaler is None and not self._has_fp16():
-            # fp32 and bf16 gradients have fp32's range, so the item weight rides on the loss: the
-            # accumulate weight stays 1, and fp32 first gradients are adopted without a copy.
-            loss = loss * items.to(loss.device, torch.float32, non_blocking=True)
-        elif items is not None or self._scaler is not None:
-            weights = {}
-            for device in self._weight_sum:
-                weight = None if items is None else items.to(device, torch.float32, non_blocking=True)
-                if self._scaler is not None:   # the accumulate weight carries 1 / scale
-                    inverse = self._scaler.inverse(device)
-                    weight = inverse if weight is None else weight * inverse
-                weights[device] = weight
-            if self._scaler is not None:
-                loss = loss * self._scaler.scale.to(loss.device, non_blocking=True)
-        self._buffers.micro_weight = weights
-        self._buffers.micro_kind = "plain" if items is None else "items"
-        try:
-            loss.backward(**backward_kwargs)
-        except BaseException:
-            self._buffers.settle_unfinished()   # undo the failed pass, or discard the window
-            raise
-        finally:
-            self._buffers.micro_weight = None
-            self._buffers.micro_kind = None
-        if items is not None:
-            self._mode = "items"
-            for device, total in self._weight_sum.items():
-                contribution = items.to(device, torch.float32, non_blocking=True)
-                total.add_(contribution)
-                self._items_since_step[device].add_(contribution)
-
-    def _backward_into_grads(self, loss: Tensor, items: Tensor | None,
-                             backward_kwargs: dict[str, Any]) -> None:
-        """``opt.backward`` with gradients left in ``.grad``: ``.grad`` stays the item-weighted
-        mean of the passes since the last step() or zero_grad() (the gradients already there are
-        reweighed when a pass adds items), so that code reading or clipping it sees the mean;
-        with loss scaling it holds the scaled gradients, as torch.amp.GradScaler leaves them,
-        and step() unscales them."""
-        if items is None and self._mode == "items":
-            raise ValueError("num_items: the gradients in .grad come from passes with num_items; "
-                             "pass num_items to every opt.backward until step() or zero_grad()")
-        main = self._skipped.device
-        if self._mode is not None and all(p.grad is None for p in index_params(self.param_groups)):
-            self._forget_items()   # .grad was emptied meanwhile (nn.Module.zero_grad, by hand)
-        if items is not None:
-            total = self._weight_sum[main]
-            new_total = total + items.to(main, torch.float32)
-            positive = new_total > 0
-            if self._mode == "items":   # .grad holds the mean of earlier passes: reweigh it
-                keep = torch.where(positive, total / new_total, 1.0)
-                for p in index_params(self.param_groups):
-                    if p.grad is not None:
-                        p.grad.mul_(keep.to(p.grad.device, p.grad.dtype))
-            share = torch.where(positive, items.to(main, torch.float32) / new_total, 0.0)
-            loss = loss * share.to(loss.device)
-        if self._scaler is not None:
-            loss = loss * self._scaler.scale.to(loss.device, non_blocking=True)
-        loss.backward(**backward_kwargs)
-        self._buffers.grads_scaled = self._scaler is not None
-        self._mode = "plain" if items is None else "items"
-        if items is not None:
-            for total in self._weight_sum.values():
-                total.copy_(new_total)
-
-    def _forget_items(self) -> None:
-        """zero_grad() with gradients in ``.grad``: what opt.backward recorded of them goes too."""
-        self._mode = None
-        for total in self._weight_sum.values():
-            total.zero_()
-        self._buffers.grads_scaled = False
 
     def _refuse_grad_scaler(self) -> None:
         for name in ("found_inf", "grad_scale"):
@@ -404,22 +304,6 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
             params = index_params(self.param_groups)
             data_parallel.take_over(data_parallel.ddp_owners(params), self._reducer, params)
 
-    def _has_fp16(self) -> bool:
-        return any(b.dtype == torch.float16 for b in self._buffers.buckets)
-
-    @staticmethod
-    def _items(num_items: int | float | Tensor) -> Tensor:
-        if isinstance(num_items, Tensor):
-            if num_items.numel() != 1:
-                raise ValueError(f"num_items must be a number or a one-element tensor, got a "
-                                 f"tensor of shape {tuple(num_items.shape)}")
-            return num_items.detach().reshape(())
-        if isinstance(num_items, (int, float)) and not isinstance(num_items, bool):
-            if not (math.isfinite(num_items) and num_items >= 0):
-                raise ValueError(f"num_items must be a finite number >= 0, got {num_items!r}")
-            return torch.tensor(float(num_items))
-        raise TypeError(f"num_items must be a number or a tensor, got {type(num_items).__name__}")
-
     @torch._disable_dynamo   # torch.compile(opt.step) runs it eagerly: its counts are Python's
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -436,15 +320,14 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
             self._step_from_grads()
             return loss
         self._buffers.check_grads()
-        if self._micro + 1 >= self.accumulation_steps:
+        if self._window.micro + 1 >= self.accumulation_steps:
             self._buffers.check_foreign_hooks()
         self._buffers.settle_unfinished()   # only backward passes that raised are left here
-        self._micro += 1
         self._end_micro_batch()
         self._check_schedule()
         self.stepped = False
         try:
-            if self._micro >= self.accumulation_steps:
+            if self._window.micro >= self.accumulation_steps:
                 self._end_window()
         finally:   # also after a raise (nonfinite="raise"): the next micro-batch starts a window
             self._arm()
@@ -459,20 +342,20 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
         inverse = None
         if amp_scale is not None:
             inverse = amp_scale.to(torch.float32).reciprocal()
-        elif self._buffers.grads_scaled:
+        elif self._window.grads_scaled:
             inverse = self._scaler.inverse(self._scaler.scale.device)
-        weights = None if inverse is None else {d: inverse.to(d) for d in self._buffers.found_inf}
+        weights = None if inverse is None else {d: inverse.to(d) for d in self._window.found_inf}
         self.stepped = False
         try:
             if self._buffers.take_grads(weights):
                 if amp_found is not None:
-                    for flag in self._buffers.found_inf.values():
+                    for flag in self._window.found_inf.values():
                         flag.copy_(torch.maximum(flag, amp_found.to(flag.device, torch.float32)))
-                self._micro = 1
+                self._window.micro = 1
                 self._end_window()
         finally:
             self._reset_window()
-            self._buffers.grads_scaled = False
+            self._window.grads_scaled = False
 
     @property
     def final_micro_batch(self) -> bool | Callable[[], bool] | None:
@@ -504,10 +387,10 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
         only, would be thrown away."""
         hint = self._final_hint
         if hint is None:
-            last = self._micro == self.accumulation_steps - 1
+            last = self._window.micro == self.accumulation_steps - 1
         else:
             last = bool(hint()) if callable(hint) else hint
-        self._buffers.fold_norm = last and self._reducer is None
+        self._window.fold_norm = last and self._reducer is None
         self._buffers.on_arrival = self._reducer.on_arrival if self._reducer and last else None
 
     @torch._disable_dynamo
@@ -527,11 +410,10 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
         self._buffers.check_grads()
         self._buffers.check_foreign_hooks()
         self._buffers.settle_unfinished()
-        if self._buffers.arrived:
-            self._micro += 1
+        if self._window.arrived:
             self._end_micro_batch()
         try:
-            if self._micro > 0:
+            if self._window.micro > 0:
                 self._end_window()
         finally:
             self._arm()
@@ -543,35 +425,25 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
         k times too fast.  Learning rates held in tensors are not compared (that would read the
         device)."""
         lrs = [g["lr"] if not isinstance(g["lr"], Tensor) else None for g in self.param_groups]
-        if self._micro == 1 or self._window_lrs is None:
+        if self._window.micro == 1 or self._window_lrs is None:
             self._window_lrs = lrs
         elif lrs != self._window_lrs:
             self._warn_once("schedule", "fused_accum: the learning rate changed in the middle of "
-                            f"a window ({self._micro} of {self.accumulation_steps} micro-batches "
+                            f"a window ({self._window.micro} of {self.accumulation_steps} micro-batches "
                             "ended): is an LR scheduler stepped at every micro-batch? It would run "
                             f"{self.accumulation_steps} times too fast; step it once per window: "
                             "`if opt.stepped: scheduler.step()`")
             self._window_lrs = lrs
 
     def _end_micro_batch(self) -> None:
+        self._window.end_micro_batch()
         self._buffers.end_micro_batch()
-        for pending in self._items_since_step.values():
-            pending.zero_()
 
     def _discard(self, params: list[Tensor] | None, set_to_none: bool) -> None:
         """zero_grad() of ``params`` (all by default) while gradients are taken as they arrive;
         also called for ``nn.Module.zero_grad`` (see :mod:`fused_accum.guards`)."""
         if self._buffers.discard(params):   # the micro-batch since the last step() is gone whole
-            for device, total in self._weight_sum.items():
-                total.sub_(self._items_since_step[device])
-                self._items_since_step[device].zero_()
-            # No sum left: no pass of the window is left either (micro-batches that ended without
-            # one, step() without backward(), weigh nothing), so nothing is weighted by items.
-            # Kept, a zero-item window would scale zero gradients by 1/0 and skip the step that
-            # torch takes on zeroed .grads.
-            if not self._buffers.sparse.sums and not any(True in b.touched
-                                                          for b in self._buffers.buckets):
-                self._mode = None
+            self._window.drop_since_step(self._buffers.holds_sums())
         self._buffers.keep_zero_grads(params, set_to_none)
 
     @torch._disable_dynamo
@@ -579,10 +451,10 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
         """torch.optim's ``zero_grad`` where gradients are left in ``.grad``
         (``accumulation_steps=1``, one process).  Where they are taken as they arrive, it
         discards what arrived since the last ``step()``, where that can be done exactly (see
-        :meth:`fused_accum.gradients.GradBuffers.discard`), and raises otherwise."""
+        :meth:`fused_accum.accumulation.zero_grad.ZeroGrad.discard`), and raises otherwise."""
         if not self._buffers.collecting:
             super().zero_grad(set_to_none)
-            self._forget_items()
+            self._window.forget_items()
             return
         self._discard(None, set_to_none)
 
@@ -601,90 +473,7 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
     @property
     def micro_batches(self) -> int:
         """Micro-batches ended in the current window."""
-        return self._micro
-
-    # -- window end ----------------------------------------------------------------------------
-
-    def _inverse_weight(self, device: torch.device) -> float | Tensor:
-        if self._global_weight is not None:
-            return self._global_weight.to(device).reciprocal()
-        if self._mode == "items" and self._buffers.collecting:   # in .grad: the mean already
-            return self._weight_sum[device].reciprocal()
-        return 1.0 / self._micro
-
-    def _end_window(self) -> None:
-        if self._buffers.sparse and not self._steps_sparse():
-            name = type(self).__name__
-            labels = [b.labels[i] for b, i in self._buffers.sparse.sums]
-            raise RuntimeError(   # torch's own words, and the parameters: nothing has changed
-                f"{name} does not support sparse gradients, please consider SparseAdam instead "
-                f"(fused_accum.FusedAccumulator(torch.optim.SparseAdam(...))); sparse: "
-                f"{', '.join(labels[:3])}")
-        for bucket in self._buffers.buckets:
-            if True in bucket.zeroed:
-                bucket.touch_zeroed()
-        try:
-            if self._reducer is not None:   # every rank, touched or not, joins the collectives
-                main = self._skipped.device
-                items = self._weight_sum if self._mode == "items" else None
-                self._global_weight = self._reducer.reduce(self._buffers, self._micro, items, main,
-                                                           self.accumulation_steps)
-                if self._mode == "items":
-                    for device, total in self._weight_sum.items():
-                        total.copy_(self._global_weight.to(device))
-            buckets = [b for b in self._buffers.buckets if any(b.touched)]
-            if buckets or self._buffers.sparse:
-                scales, found = self._window_scales(buckets)
-                if self.nonfinite == "raise" and not (self._scaler and self._scaler.dynamic):
-                    self._raise_if_not_finite(buckets, found)
-                skip = found
-                if self._buffers.discarded:   # a failed backward pass spoilt the sums (warned)
-                    skip = {d: torch.ones_like(f) for d, f in found.items()}
-                self._apply(buckets, scales, skip)
-                self.stepped = True
-                self._after_apply(found, skip)
-        finally:
-            self._global_weight = None
-            self._reset_window()
-
-    def _after_apply(self, found: dict[torch.device, Tensor], skip: dict[torch.device, Tensor]) -> None:
-        """Count a skipped window, update the loss scale, and warn once about non-finite skips."""
-        main = self._skipped.device
-        self._skipped.add_(skip[main])
-        if self._scaler is not None:
-            self._scaler.update(found[self._scaler.scale.device])
-        if self._scaler is None or not self._scaler.dynamic:   # dynamic scaling expects skips
-            self._skip_monitor.record(found[main])
-            if self._skip_monitor.poll():
-                self._warn_once("skipped", "fused_accum: a window had non-finite gradients and "
-                                "its step was skipped (see opt.skipped_steps; nonfinite='raise' "
-                                "names the parameters)")
-
-    def _raise_if_not_finite(self, buckets: list[Bucket], found: dict[torch.device, Tensor]) -> None:
-        """nonfinite='raise': read the flag on the host and name the parameters concerned."""
-        if not any(flag.item() != 0 for flag in found.values()):
-            return
-        if self._sharding:   # each rank holds the sums of its pieces only
-            names = self._reducer.nonfinite_labels(buckets)
-        else:
-            names = [bucket.labels[i] for bucket in buckets for i in bucket.touched_indices()
-                     if not torch.isfinite(bucket.acc_view(i)).all()]
-        raise FloatingPointError(
-            "fused_accum: non-finite gradients in this window, in "
-            + (", ".join(names) if names else "no single parameter (zero items in the window)")
-            + "; the window was discarded and the parameters left unchanged")
-
-    def _reset_window(self) -> None:
-        self._micro = 0
-        self._window_lrs = None
-        self._window_passes = 0
-        if not callable(self._final_hint):
-            self._final_hint = None
-        self._mode = None
-        for table in (self._weight_sum, self._items_since_step):
-            for w in table.values():
-                w.zero_()
-        self._buffers.reset_window()
+        return self._window.micro
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -700,67 +489,3 @@ class AccumulatingOptimizer(BucketState, WindowStateDict, Optimizer):
     def loss_scale(self) -> float | None:
         """The current loss scale (reads the device value), or None without loss scaling."""
         return None if self._scaler is None else self._scaler.scale.item()
-
-    def _window_scales(self, buckets: list[Bucket]) -> tuple[dict[torch.device, float | Tensor],
-                                                              dict[torch.device, Tensor]]:
-        """Per device: grad_scale (clip / W) and the non-finite flag of the whole window.
-        Sets ``grad_norm``.  Nothing here reads a device value on the host."""
-        sparse = self._buffers.sparse
-        devices = {b.device for b in buckets} | {b.device for b, _ in sparse.sums}
-        main = buckets[0].device if buckets else next(iter(sparse.sums))[0].device
-        if self._sharding:   # each rank holds the sums of its pieces only
-            total = self._reducer.window_sumsq(buckets, main)
-        else:
-            total = torch.zeros((), device=main)
-            if buckets:
-                total = torch.stack([self._buffers.window_sumsq(b).to(main) for b in buckets]).sum()
-        if sparse:   # a non-finite element makes the norm non-finite: the flag below
-            total = total + sparse.sumsq(main)
-        self._grad_norm = total.sqrt() * self._inverse_weight(main)
-        self._live_grad_norm.copy_(self._grad_norm)
-        # The norm covers what no accumulate kernel has checked (adopted first gradients): a
-        # non-finite norm (non-finite elements, or a sum of squares beyond fp32) skips the window.
-        norm_flag = (~torch.isfinite(total)).to(torch.float32)
-        clip = None
-        if self.max_grad_norm is not None:
-            clip = (self.max_grad_norm / (self._grad_norm + 1e-6)).clamp(max=1.0)
-        found = {d: torch.maximum(f, norm_flag.to(d)) for d, f in self._buffers.found_inf.items()}
-        if self._mode == "items":   # a window of zero items has no mean: skip it like an inf
-            found = {d: torch.maximum(f, (self._weight_sum[d] == 0).to(f.dtype)) for d, f in found.items()}
-        if len(found) > 1:   # a non-finite gradient anywhere skips the step everywhere
-            any_inf = torch.stack([f.to(main) for f in found.values()]).amax()
-            found = {d: any_inf.to(d) for d in found}
-        scales = {}
-        for device in devices:
-            scale = self._inverse_weight(device)
-            scales[device] = scale if clip is None else clip.to(device) * scale
-        return scales, found
-
-    def _apply(self, buckets: list[Bucket], scales: dict[torch.device, float | Tensor],
-               found: dict[torch.device, Tensor]) -> None:
-        for bucket in buckets:
-            holder = self._holder(bucket)
-            allocated = len(holder.state)
-            group = self.param_groups[bucket.group_index]
-            if holder is bucket:
-                self.algorithm.update(bucket, bucket.touched_indices(), group,
-                                      scales[bucket.device], found[bucket.device])
-            else:   # this rank's shard; every rank's updates are gathered below
-                for name in self.algorithm.state_names(group):   # on every rank, stepped or not
-                    holder.ensure_state(name)
-                self._reducer.step_shard(holder, self.algorithm.update, group,
-                                         scales[bucket.device], found[bucket.device])
-            if len(holder.state) != allocated:   # state allocated lazily (e.g. momentum set later)
-                self._publish_state(bucket)
-        if self._sharding:
-            self._reducer.finish_gathers()
-        for (bucket, i), total in self._buffers.sparse.coalesced().items():
-            allocated = len(bucket.state)
-            self.algorithm.sparse_update(bucket, i, total, self.param_groups[bucket.group_index],
-                                         scales[bucket.device], found[bucket.device])
-            if len(bucket.state) != allocated:
-                self._publish_state(bucket)
-
-    def _steps_sparse(self) -> bool:
-        """Whether this optimizer steps sparse gradients (torch's SGD does, Adam does not)."""
-        return self.algorithm.sparse_update is not None

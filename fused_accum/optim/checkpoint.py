@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..buffers import MASTER_STATES, Bucket
+from ..accumulation.buckets import MASTER_STATES, Bucket
 from ..kernels import reference
 from . import window_checkpoint
 
@@ -66,12 +66,13 @@ class WindowStateDict:
         packed["state"] = state
         packed["fused_accum"] = {
             "accumulation_steps": self.accumulation_steps,
-            "micro_batches": self._micro,
-            "mode": self._mode,
+            "micro_batches": self._window.micro,
+            "mode": self._window.mode,
             "skipped_steps": self._skipped,
             "rounding_seed": self._rounding_seed,
             "loss_scaler": None if self._scaler is None else self._scaler.state_dict(),
-            "window": window_checkpoint.pack(self, index),
+            "window": window_checkpoint.pack(self._window, self._buffers, self._reducer,
+                                             self._skipped.device, index),
             "zero_grads": self._pack_zero_grads(index),
         }
         if packed["param_groups"]:
@@ -140,7 +141,8 @@ class WindowStateDict:
                 self._load_param_state(bucket, i, by_param[p][0])
             self._publish_state(bucket)
         by_id = {by_param[p][1]: self._buffers.slots[p] for p in params}
-        window_checkpoint.restore(self, window, by_id)
+        self._window.reset()   # sparse sums too: the saved window replaces the one in progress
+        window_checkpoint.restore(self._window, self._reducer, window, by_id)
         self._load_zero_grads(common, by_id)
         self._load_common(common, window)
 
@@ -167,7 +169,7 @@ class WindowStateDict:
     def _pack_zero_grads(self, index: dict[Tensor, int]) -> tuple[str, dict[str, list[int]]]:
         """Which parameters torch would hold a .grad for, and which of them a
         zero_grad(set_to_none=False) zeroed (stepped with zeros where no gradient comes: see
-        :meth:`fused_accum.buffers.Bucket.touch_zeroed`).  torch keeps that on the parameters;
+        :meth:`fused_accum.accumulation.buckets.Bucket.touch_zeroed`).  torch keeps that on the parameters;
         here it goes with the state dict.  A tuple, which DCP keeps whole, as the window."""
         holds, zeroed = [], []
         for bucket in self._buffers.buckets:
@@ -242,9 +244,9 @@ class WindowStateDict:
             self._skipped.copy_(common["skipped_steps"])
         if common and common.get("loss_scaler") is not None and self._scaler is not None:
             self._scaler.load_state_dict(common["loss_scaler"])
-        self._micro = window["position"] if window else 0
-        self._window_passes = 1 if window else 0
-        self._mode = common["mode"] if window else None
+        self._window.micro = window["position"] if window else 0
+        self._window.passes = 1 if window else 0
+        self._window.mode = common["mode"] if window else None
         self._buffers.forget_passes()   # a pass that raised before the load belongs to no window
-        self._buffers.arrived = bool(window and window.get("pending", False))
+        self._window.arrived = bool(window and window.get("pending", False))
         self._arm()

@@ -27,8 +27,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..buffers import Bucket
-from ..gradients import BackwardPass, GradBuffers
+from ..accumulation.buckets import Bucket
+from ..accumulation import BackwardPass, GradBuffers, Window
+from ..accumulation.window import ITEMS
 
 
 class Chunk:
@@ -151,12 +152,11 @@ class WindowReducer:
         for p in params:
             self._collective("broadcast of the parameters", dist.broadcast, p.detach(), src=self.source)
 
-    def reduce(self, buffers: GradBuffers, micro_batches: int, items: dict[torch.device, Tensor] | None,
-               main: torch.device, accumulation_steps: int) -> Tensor:
-        """Sum the window over all ranks in place; returns the global window weight W (on ``main``).
-
-        ``items``: the item counts of the window per device (``num_items`` mode), else None and W
-        counts micro-batches.  Raises on every rank, before any update, when the ranks disagree on
+    def reduce(self, buffers: GradBuffers, window: Window, main: torch.device,
+               accumulation_steps: int) -> Tensor:
+        """Sum the window over all ranks in place; returns the global window weight W (on ``main``):
+        the sum of each rank's :meth:`Window.local_weight` (items in ``num_items`` mode, else
+        micro-batches).  Raises on every rank, before any update, when the ranks disagree on
         ``accumulation_steps`` (their collectives would pair one rank's window with part of
         another's) or on the weighting mode (W would add micro-batches to items).
         """
@@ -169,12 +169,12 @@ class WindowReducer:
         self._reset()
         for work in works:
             self._collective("all-reduce of the accumulators", lambda group: work.wait())
-        weight = items[main] if items is not None else torch.tensor(float(micro_batches), device=main)
-        found = torch.stack([f.to(main) for f in buffers.found_inf.values()]).amax()
+        weight = window.local_weight(main)
+        found = window.nonfinite().to(main)
         # What every rank must agree on, with its square (see _check_agreement); float64 keeps the
         # sums exact.
-        agreed = [float(accumulation_steps), float(items is not None)]
-        summary = torch.tensor(touched + [float(buffers.discarded)] + agreed + [a * a for a in agreed],
+        agreed = [float(accumulation_steps), float(window.mode == ITEMS)]
+        summary = torch.tensor(touched + [float(window.discarded)] + agreed + [a * a for a in agreed],
                                dtype=torch.float64, device=main)
         summary = torch.cat([summary, weight.reshape(1).double(), found.reshape(1).double()])
         self._collective("all-reduce of the window's summary", dist.all_reduce, summary)
@@ -183,14 +183,14 @@ class WindowReducer:
                               "Every rank must use the same accumulation_steps, and num_items for "
                               "all micro-batches or for none; this window's update was not applied")
         anywhere = [t > 0 for t in totals[:len(touched) + 1]]
-        buffers.discarded = anywhere.pop()   # a failed pass on any rank discards the window on all
+        window.discarded = anywhere.pop()   # a failed pass on any rank discards the window on all
         start = 0
         for bucket in buckets:
             bucket.touched = anywhere[start:start + len(bucket.touched)]
             bucket.norm_valid = False   # the folded sum of squares was this rank's alone
             start += len(bucket.touched)
         global_found = (summary[-1] > 0).float()
-        for device, flag in buffers.found_inf.items():
+        for device, flag in window.found_inf.items():
             flag.copy_(global_found.to(device))
         return summary[-2].float()
 

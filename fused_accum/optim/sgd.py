@@ -5,8 +5,8 @@ from typing import Any
 
 from torch import Tensor
 
-from .. import sparse
-from ..buffers import Bucket
+from ..accumulation import sparse
+from ..accumulation.buckets import Bucket
 from ._args import check_common, refuse_differentiable, scalar
 from .base import AccumulatingOptimizer, Algorithm
 

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..buffers import ALIGN, Bucket, FlatState
+from ..accumulation.buckets import ALIGN, Bucket, FlatState
 from .distributed import Chunk, WindowReducer, chunk_bounds
 from .sharded_checkpoint import ShardedTensor, load_sharded, sharded_entries
 

@@ -2,7 +2,7 @@
 
 The state of a bucket is held by the bucket itself, or with ``shard_state=True`` by this rank's
 :class:`~fused_accum.optim.sharded.BucketShard` of it; both offer the same flat-state methods
-(:class:`fused_accum.buffers.FlatState`), so the code below is written once for either.
+(:class:`fused_accum.accumulation.buckets.FlatState`), so the code below is written once for either.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..buffers import Bucket
+from ..accumulation.buckets import Bucket
 
 
 class BucketState:

@@ -39,28 +39,29 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..buffers import Bucket
+from ..accumulation import GradBuffers, Window
+from ..accumulation.buckets import Bucket
+from ..accumulation.window import ITEMS
 
 
 TAG = "fused_accum.window/1"
 MID_WINDOW = "fused_accum_mid_window"   # in the first saved parameter group
 
 
-def pack(opt: Any, index: dict[Tensor, int]) -> tuple[str, dict[str, Any]] | None:
-    """The window in progress of ``opt`` as ``(TAG, window)`` (None between windows); ``index``:
-    parameter -> state-dict id.  A collective under data parallelism."""
-    buffers, reducer, main = opt._buffers, opt._reducer, opt._skipped.device
-    if opt._micro == 0 and opt._window_passes == 0:
+def pack(window: Window, buffers: GradBuffers, reducer: Any, main: torch.device,
+         index: dict[Tensor, int]) -> tuple[str, dict[str, Any]] | None:
+    """The window in progress as ``(TAG, window)`` (None between windows); ``index``: parameter
+    -> state-dict id.  A collective under data parallelism (``reducer``)."""
+    if window.micro == 0 and window.passes == 0:
         return None   # between windows: decided on counts every rank shares, so none enters
                       # the collectives below alone
     if reducer is not None:
-        _check_collectable(opt)
+        _check_collectable(window, buffers)
     zero = torch.zeros((), device=main)
-    items = opt._weight_sum[main] if opt._mode == "items" else zero
-    pending_items = opt._items_since_step[main] if opt._mode == "items" else zero
-    found = torch.stack([f.to(main) for f in buffers.found_inf.values()]).amax()
-    numbers = torch.stack([items, found, torch.tensor(float(buffers.discarded), device=main),
-                           pending_items])
+    items = window.items[main] if window.mode == ITEMS else zero
+    pending_items = window.items_since_step[main] if window.mode == ITEMS else zero
+    numbers = torch.stack([items, window.nonfinite().to(main),
+                           torch.tensor(float(window.discarded), device=main), pending_items])
     since = None
     if reducer is not None:
         flats, touched = reducer.sum_accumulators_to_host()   # a copy already
@@ -80,14 +81,14 @@ def pack(opt: Any, index: dict[Tensor, int]) -> tuple[str, dict[str, Any]] | Non
             if touched[b][i]:
                 accumulated[index[p]] = (bucket.view(flats[b], i) if flats else
                                          bucket.acc_view(i).to("cpu", copy=True))
-    for (bucket, i), total in buffers.sparse.coalesced().items():   # kept sparse
+    for (bucket, i), total in window.sparse.coalesced().items():   # kept sparse
         accumulated[index[bucket.params[i]]] = total.to("cpu", copy=True)
     # A micro-batch whose gradients arrived and whose step() has not come yet is part of the
     # window too: restored, step() or flush() ends it as they would have.
     return TAG, {"ranks": ranks, "accumulated_grads": accumulated, "items": float(items),
                  "found_inf": float(found) > 0, "discarded": bool(discarded),
                  "since_last_step": since, "items_since_step": float(pending_items),
-                 "pending": bool(buffers.arrived)}
+                 "pending": bool(window.arrived)}
 
 
 def mid_window_mark(packed: dict[str, Any]) -> bool | float:
@@ -109,11 +110,11 @@ def _largest_step(state: dict[Any, dict[str, Any]]) -> float:
     return max((float(entry["step"]) for entry in state.values() if "step" in entry), default=0.0)
 
 
-def _check_collectable(opt: Any) -> None:
+def _check_collectable(window: Window, buffers: GradBuffers) -> None:
     """Under data parallelism, refuse (on every rank alike, before any collective) a window whose
     sums are being reduced across the ranks already: its last backward pass has run, its step()
     not yet."""
-    if opt._buffers.on_arrival is not None and opt._buffers.arrived:
+    if buffers.on_arrival is not None and window.arrived:
         raise RuntimeError(
             "state_dict: called between a window's last backward pass and its step(), while the "
             "window is being reduced across ranks; call it after step()")
@@ -154,26 +155,27 @@ def resumed_position(micro_batches: int, saved_ranks: int, ranks: int,
     return position
 
 
-def restore(opt: Any, window: dict[str, Any] | None, by_id: dict[int, tuple[Bucket, int]]) -> None:
-    """Put a window saved by :func:`pack` (None: no window) into ``opt``, whose window was reset:
+def restore(target: Window, reducer: Any, window: dict[str, Any] | None,
+            by_id: dict[int, tuple[Bucket, int]]) -> None:
+    """Put a window saved by :func:`pack` (None: no window) into ``target``, which was reset:
     rank 0 takes the sums, the other ranks start empty."""
-    first = opt._reducer is None or opt._reducer.rank == 0
+    first = reducer is None or reducer.rank == 0
     items = window["items"] if window and first else 0.0
     found = float(window["found_inf"]) if window and first else 0.0
-    for total in opt._weight_sum.values():
+    for total in target.items.values():
         total.fill_(items)
-    for flag in opt._buffers.found_inf.values():
+    for flag in target.found_inf.values():
         flag.fill_(found)
-    opt._buffers.discarded = bool(window and window["discarded"])
+    target.discarded = bool(window and window["discarded"])
     if not (window and first):
         return
-    for total in opt._items_since_step.values():
+    for total in target.items_since_step.values():
         total.fill_(window.get("items_since_step", 0.0))
     for sid, value in window["accumulated_grads"].items():
         bucket, i = by_id[sid]
         settled, added = _since_last_step(window, sid)
         if value.layout != torch.strided:
-            opt._buffers.sparse.restore(bucket, i, value, settled=settled, added=added)
+            target.sparse.restore(bucket, i, value, settled=settled, added=added)
             continue
         bucket.load_accumulator(i, value)
         bucket.touched[i] = True

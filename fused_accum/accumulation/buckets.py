@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import kernels
+from .. import kernels
 
 ALIGN = 16   # elements
 MASTER_STATES = ("master_param", "master_remainder")   # fp32 masters; int16 remainders (compact)

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .buffers import Bucket
-from .kernels import reference
+from .buckets import Bucket
+from ..kernels import reference
 
 
 @dataclass

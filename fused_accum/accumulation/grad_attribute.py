@@ -1,0 +1,112 @@
+"""What is found in ``.grad``: a gradient left there (``accumulation_steps=1`` in one process,
+taken at ``step()``), or one that should not be there (set by hand, or delivered past the hooks),
+which is refused; and a parameter whose dtype or device changed since the optimizer was built.
+
+A mixin of :class:`fused_accum.accumulation.engine.GradBuffers`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .accumulate import accumulate
+from .buckets import Bucket
+
+_STRIDED = torch.strided
+
+
+def check_layout(bucket: Bucket, param: Tensor, label: str) -> None:
+    """Refuse a parameter whose dtype or device changed since the optimizer was built (e.g.
+    ``model.to(torch.bfloat16)`` afterwards): its buffers and state were made for the old ones."""
+    if param.dtype is not bucket.dtype or param.device != bucket.device:
+        raise RuntimeError(
+            f"fused_accum: parameter {label} was {bucket.dtype} on {bucket.device} when the "
+            f"optimizer was built and is {param.dtype} on {param.device} now (model.to(...), "
+            ".half() or .cuda() after building the optimizer): its accumulators, masters and "
+            "optimizer state were made for the old ones. Build the optimizer after changing "
+            "the model's dtype or device")
+
+
+class GradAttribute:
+    """``.grad`` as the engine reads and checks it."""
+
+    def check_grads(self) -> None:
+        """Before a micro-batch ends: hook parameters that were frozen when the optimizer was
+        built and require grad now, accumulating what their ``.grad`` got meanwhile, and refuse a
+        ``.grad`` anywhere else (set by hand, or delivered past the hooks), which the window would
+        otherwise ignore.  Raises before anything changes."""
+        for bucket in self.buckets:
+            dtype = bucket.dtype
+            for p in bucket.params:
+                if p.grad is not None or p.dtype is not dtype:
+                    self._check_param(bucket, p)
+        for p in list(self.unhooked):
+            if p.requires_grad:
+                del self.unhooked[p]
+                self._hook(p)
+            if p.grad is not None:
+                grad, p.grad = p.grad, None
+                bucket, i = self.slots[p]
+                with self._lock:   # the user's tensor: copied, never adopted
+                    accumulate(self.window, [(bucket, [i], [grad])])
+
+    def take_grads(self, weight: dict[torch.device, Tensor] | None) -> bool:
+        """Leaving gradients in ``.grad`` (``accumulation_steps=1`` in one process): take every
+        parameter's ``.grad`` as the window's single micro-batch, times ``weight`` (per device,
+        None for 1), leaving ``.grad`` as it is (an fp32 one is read where it is, never
+        written).  Returns whether any parameter has a gradient."""
+        window = self.window
+        saved, window.micro_weight = window.micro_weight, weight
+        try:
+            groups = []
+            for bucket in self.buckets:
+                dtype, on_cuda = bucket.dtype, bucket.device.type == "cuda"
+                indices, grads = [], []
+                for i, p in enumerate(bucket.params):
+                    grad = p.grad
+                    if grad is None:
+                        continue
+                    if p.dtype is not dtype or p.is_cuda is not on_cuda:
+                        check_layout(bucket, p, bucket.labels[i])
+                    if grad.layout is not _STRIDED:   # torch's own sparse .grad: summed as is
+                        self._add_sparse(bucket, i, grad, None)
+                        continue
+                    indices.append(i)
+                    grads.append(grad if grad.is_contiguous() else grad.contiguous())
+                if indices:
+                    groups.append((bucket, indices, grads))
+            if groups:
+                with self._lock:
+                    accumulate(window, groups, adopt_firsts=weight is None)
+        finally:
+            window.micro_weight = saved
+        return bool(groups) or bool(window.sparse)
+
+    def _check_param(self, bucket: Bucket, param: Tensor) -> None:
+        label = self.label(param)
+        check_layout(bucket, param, label)
+        if param.grad is None or param in self.unhooked:
+            return
+        if param.grad.layout == torch.strided:
+            self._check_stray(param, param.grad)
+        raise RuntimeError(
+            f"fused_accum: parameter {label} has a .grad at step(), which was set by hand (or "
+            "reached it past the optimizer's gradient hooks): with "
+            "accumulation_steps > 1, under data parallelism or inside a framework's windows, the "
+            "optimizer takes each gradient as backward() delivers it, so a .grad assigned or "
+            "changed by hand would be ignored. Produce the gradient in backward() (a loss term, "
+            "a tensor hook or an autograd.Function), or use accumulation_steps=1, where .grad "
+            "works as in torch.optim. (Nothing was changed: set the .grad to None and call "
+            "step() again)")
+
+    def _check_stray(self, param: Tensor, grad: Tensor) -> None:
+        label = self.label(param)
+        if grad.layout != torch.strided:
+            raise RuntimeError(f"fused_accum: parameter {label} was given a sparse .grad; "
+                               "assign a dense gradient")
+        if grad.shape != param.shape or grad.device != param.device:
+            raise RuntimeError(f"fused_accum: parameter {label} was given a .grad of shape "
+                               f"{tuple(grad.shape)} on {grad.device}; expected "
+                               f"{tuple(param.shape)} on {param.device}")
+        if not grad.is_floating_point():
+            raise RuntimeError(f"fused_accum: parameter {label} was given a {grad.dtype} .grad")
