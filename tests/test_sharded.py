@@ -307,7 +307,7 @@ def test_a_rank_that_stops_mid_window_makes_the_others_fail_clearly(tmp_path):
 def test_a_flat_range_is_cut_into_contiguous_blocks(shape):
     """What a sharded state dict's ShardedTensors are made of: every flat range of a tensor as
     rectangular blocks that cover it exactly, in order, each contiguous in memory."""
-    from fused_accum.optim.sharded_checkpoint import blocks
+    from fused_accum.distributed.sharded_checkpoint import blocks
     numel = torch.Size(shape).numel()
     flat = torch.arange(numel)
     tensor = flat.view(shape)

@@ -31,7 +31,7 @@ def param_label(group_index: int, index: int, names: list[str] | None) -> str:
 
 class FlatState:
     """Flat optimizer state buffers of ``size`` elements, by torch's names: a bucket's, or one
-    rank's shard of it (:class:`fused_accum.optim.sharded.BucketShard`).  ``views(flat,
+    rank's shard of it (:class:`fused_accum.distributed.sharded.BucketShard`).  ``views(flat,
     indices)`` gives the kernels' per-tensor views of one."""
 
     size: int

@@ -41,7 +41,7 @@ from .._warnings import warn
 from . import collector_bridge
 from .accumulate import accumulate
 from .buckets import Bucket, param_label
-from .grad_attribute import GradAttribute, check_layout
+from .grad_attribute import GradAttribute
 from .hooks import COMPILED_AUTOGRAD_REFUSED, Hooks, compiled_autograd_on
 from .passes import BackwardPass, queue_pass_end
 from .window import Window

@@ -59,7 +59,7 @@ class _Counter:
 def _counting_collectives(counter: _Counter):
     """Counts all-reduces (their buffer), the sharded path's reduce-scatters (their input) and
     all-gathers (their output)."""
-    from ..optim import sharded
+    from ..distributed import sharded
     wrapped = [(dist, "all_reduce", 0), (sharded, "_REDUCE_SCATTER", 1), (sharded, "_ALL_GATHER", 0)]
     originals = [getattr(owner, name) for owner, name, _ in wrapped]
 

@@ -20,14 +20,13 @@ from torch.optim import Optimizer
 from .. import guards, kernels, scaling
 from .._warnings import warn
 from ..accumulation import GradBuffers, Window
-from ..accumulation.buckets import Bucket, param_label
-from . import data_parallel
+from ..accumulation.buckets import Bucket
+from ..distributed import LocalReducer, data_parallel, make_reducer
 from .checkpoint import WindowStateDict, index_params
 from .micro_batches import MicroBatches
+from .param_groups import ParamGroups
 from .window_end import WindowEnd
 from .state import BucketState
-from .distributed import WindowReducer
-from .sharded import ShardedReducer
 from .nonfinite import SkipMonitor
 from ._args import check_accumulation_steps, check_max_grad_norm
 
@@ -47,7 +46,8 @@ class Algorithm(NamedTuple):
     sparse_update: Callable[..., None] | None = None
 
 
-class AccumulatingOptimizer(MicroBatches, WindowEnd, BucketState, WindowStateDict, Optimizer):
+class AccumulatingOptimizer(ParamGroups, MicroBatches, WindowEnd, BucketState, WindowStateDict,
+                            Optimizer):
     """Base of SGD, Adam, AdamW and FusedAccumulator.
 
     ``step()`` ends a micro-batch; every ``accumulation_steps``-th call applies the update of the
@@ -80,13 +80,13 @@ class AccumulatingOptimizer(MicroBatches, WindowEnd, BucketState, WindowStateDic
       torch's generator at construction, the step count and the element's position: no host
       synchronisation, reproducible under ``torch.manual_seed``.
     - ``process_group``: the ranks each window is averaged over, with one reduction per window
-      (see :mod:`fused_accum.optim.distributed`): "auto" (the default group when
+      (see :mod:`fused_accum.distributed.all_reduce`): "auto" (the default group when
       torch.distributed runs more than one rank, else none), True (the default group), a
       process group, or None (each rank alone).  A DistributedDataParallel wrapper around the
-      model is switched off and its group used (see :mod:`fused_accum.optim.data_parallel`).
+      model is switched off and its group used (see :mod:`fused_accum.distributed.data_parallel`).
     - ``shard_state``: with a process group, each rank keeps 1/d of the fp32 optimizer state
       (masters, moments), the window is reduce-scattered and the updated parameters all-gathered
-      (see :mod:`fused_accum.optim.sharded`); without one there is nothing to shard.
+      (see :mod:`fused_accum.distributed.sharded`); without one there is nothing to shard.
     - ``backend``: "auto", or a name from ``python -m fused_accum info``.
     """
 
@@ -124,7 +124,8 @@ class AccumulatingOptimizer(MicroBatches, WindowEnd, BucketState, WindowStateDic
         if not isinstance(shard_state, bool):
             raise TypeError(f"shard_state must be True or False, got {shard_state!r}")
         self._sharding = shard_state and group is not None
-        self._reducer: WindowReducer | None = None   # made once the parameters are known
+        # One process until the parameters are known (a DDP wrapper may name the group)
+        self._reducer: LocalReducer = LocalReducer()
         self._window = Window()   # the window in progress: every part below is handed it
         # Data parallelism reduces flat accumulators; alone, fp32 buckets adopt their gradients.
         self._buffers = GradBuffers(self.backend, self._window, self._on_backward_start,
@@ -147,12 +148,11 @@ class AccumulatingOptimizer(MicroBatches, WindowEnd, BucketState, WindowStateDic
         owners = data_parallel.ddp_owners(index_params(self.param_groups))
         if owners and isinstance(process_group, str):   # "auto"
             group = owners[0].process_group   # reduce over the ranks DDP was given
-        if group is not None:
-            self._reducer = (ShardedReducer if self._sharding else WindowReducer)(group)
+        self._reducer = make_reducer(group, self._sharding)
         data_parallel.take_over(owners, self._reducer, index_params(self.param_groups))
         # A DDP wrapper made after the optimizer (accelerate, transformers) is found at step 1.
         self._ddp_unchecked = data_parallel.world_size() > 1 and not owners
-        if self._reducer is not None:
+        if self._reducer.distributed:   # collectives every rank makes, and the state re-made
             # a sharded rank reduce-scatters where the others all-reduce: their collectives pair
             self._reducer.check_same({"shard_state": float(self._sharding)}, main,
                                      "Every rank must build its optimizer with the same shard_state")
@@ -173,7 +173,7 @@ class AccumulatingOptimizer(MicroBatches, WindowEnd, BucketState, WindowStateDic
         with ``accumulation_steps > 1``, under data parallelism, and when windows are driven
         from outside.  Otherwise (``accumulation_steps=1`` in one process) they stay in ``.grad``
         until step(), exactly as torch.optim leaves them, and step() reads them there."""
-        return self._accumulation_steps > 1 or self._driven or self._reducer is not None
+        return self._accumulation_steps > 1 or self._driven or self._reducer.distributed
 
     @property
     def accumulation_steps(self) -> int:
@@ -206,62 +206,6 @@ class AccumulatingOptimizer(MicroBatches, WindowEnd, BucketState, WindowStateDic
         if not self._buffers.attached:
             raise RuntimeError("fused_accum: remove_hooks() was called on this optimizer: it no "
                                "longer holds its parameters; build a new one to train again")
-
-    # -- parameters --------------------------------------------------------------------------
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if not isinstance(param_group, dict):
-            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        param_group = dict(param_group)
-        params = param_group.get("params")
-        if isinstance(params, (Tensor, set)) or params is None:
-            params = [params] if isinstance(params, Tensor) else params
-        else:
-            params = list(params)
-        param_group["params"] = params
-        self._check_new_params(params, len(self.param_groups))
-        self.validate_group({**self.defaults, **param_group})
-        super().add_param_group(param_group)
-        group_index = len(self.param_groups) - 1
-        group = self.param_groups[group_index]
-        try:
-            buckets = self._buffers.add_group(group_index, group["params"], group.get("param_names"))
-        except Exception:
-            self.param_groups.pop()   # e.g. no backend for the device: leave the optimizer as it was
-            raise
-        if self._reducer is not None:   # a group added after construction: on every rank
-            self._reducer.broadcast_parameters([p for b in buckets for p in b.params])
-            self._reducer.attach(self._buffers)
-        for bucket in buckets:
-            self._init_bucket_state(bucket, group)
-        if self._buffers.attached:   # a group added after construction; else see __init__
-            self._buffers.hold(buckets)
-
-    def _check_new_params(self, params: Any, group_index: int) -> None:
-        if not isinstance(params, list):
-            return   # torch's own check names the problem (a set, a missing list)
-        seen: dict[int, str] = {}
-        for i, item in enumerate(params):
-            name, p = item if isinstance(item, tuple) else (None, item)
-            if not isinstance(p, Tensor):
-                continue
-            label = param_label(group_index, i, None) if name is None else f"'{name}'"
-            if id(p) in seen:
-                raise ValueError(f"fused_accum: parameter {label} is {seen[id(p)]} again: each "
-                                 "parameter may appear once (torch.optim would step it twice, "
-                                 "and warns that this will become an error)")
-            seen[id(p)] = label
-            if not p.is_leaf:
-                raise ValueError(f"fused_accum: parameter {label} is not a leaf tensor (it was "
-                                 "computed from other tensors); pass the leaf nn.Parameter instead")
-            data_parallel.check_parameter(p, label)
-            if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-                raise TypeError(f"fused_accum: parameter {label} is {p.dtype}; fused_accum "
-                                "accumulates in fp32 and takes float32, bfloat16 or float16 "
-                                "parameters")
-
-    def validate_group(self, group: dict[str, Any]) -> None:
-        """Raise ValueError naming a bad hyper-parameter (subclasses extend)."""
 
     # -- micro-batches -----------------------------------------------------------------------
 
@@ -390,8 +334,8 @@ class AccumulatingOptimizer(MicroBatches, WindowEnd, BucketState, WindowStateDic
             last = self._window.micro == self.accumulation_steps - 1
         else:
             last = bool(hint()) if callable(hint) else hint
-        self._window.fold_norm = last and self._reducer is None
-        self._buffers.on_arrival = self._reducer.on_arrival if self._reducer and last else None
+        self._window.fold_norm = last and self._reducer.folds_norm
+        self._buffers.on_arrival = self._reducer.on_arrival if last else None
 
     @torch._disable_dynamo
     @torch.no_grad()

@@ -14,7 +14,7 @@ in progress summed over the ranks (:mod:`fused_accum.optim.window_checkpoint`), 
 any number of ranks.  Under data parallelism a mid-window ``state_dict()`` is a collective.
 
 With ``shard_state=True``, ``state_dict()`` holds each parameter's state as a ShardedTensor of
-this rank's part (:mod:`fused_accum.optim.sharded_checkpoint`), which DCP saves without gathering
+this rank's part (:mod:`fused_accum.distributed.sharded_checkpoint`), which DCP saves without gathering
 and reshards on load; ``full_state_dict()`` gathers torch's whole format.
 """
 from __future__ import annotations
@@ -201,7 +201,7 @@ class WindowStateDict:
             return None
         window = window_checkpoint.unpack(common["window"])
         if window is not None:
-            ranks = 1 if self._reducer is None else self._reducer.world_size
+            ranks = self._reducer.world_size
             window["position"] = window_checkpoint.resumed_position(
                 common["micro_batches"], window["ranks"], ranks, self.accumulation_steps,
                 common["mode"])

@@ -1,7 +1,7 @@
 """Where each bucket's optimizer state lives, how it starts, and what it costs.
 
 The state of a bucket is held by the bucket itself, or with ``shard_state=True`` by this rank's
-:class:`~fused_accum.optim.sharded.BucketShard` of it; both offer the same flat-state methods
+:class:`~fused_accum.distributed.sharded.BucketShard` of it; both offer the same flat-state methods
 (:class:`fused_accum.accumulation.buckets.FlatState`), so the code below is written once for either.
 """
 from __future__ import annotations
@@ -18,10 +18,10 @@ class BucketState:
 
     def _holder(self, bucket: Bucket) -> Any:
         """Where a bucket's optimizer state lives: the bucket, or with ``shard_state`` this rank's
-        :class:`~fused_accum.optim.sharded.BucketShard` (None until the bucket is laid out)."""
+        :class:`~fused_accum.distributed.sharded.BucketShard` (None until the bucket is laid out)."""
         if not self._sharding:
             return bucket
-        return None if self._reducer is None else self._reducer.shards.get(bucket)
+        return self._reducer.shards.get(bucket)
 
     def _init_bucket_state(self, bucket: Bucket, group: dict[str, Any]) -> None:
         bucket.rounding_seed = self._rounding_seed if bucket.dtype == torch.bfloat16 else -1

@@ -51,11 +51,11 @@ MID_WINDOW = "fused_accum_mid_window"   # in the first saved parameter group
 def pack(window: Window, buffers: GradBuffers, reducer: Any, main: torch.device,
          index: dict[Tensor, int]) -> tuple[str, dict[str, Any]] | None:
     """The window in progress as ``(TAG, window)`` (None between windows); ``index``: parameter
-    -> state-dict id.  A collective under data parallelism (``reducer``)."""
+    -> state-dict id.  A collective under data parallelism (a distributed ``reducer``)."""
     if window.micro == 0 and window.passes == 0:
         return None   # between windows: decided on counts every rank shares, so none enters
                       # the collectives below alone
-    if reducer is not None:
+    if reducer.distributed:
         _check_collectable(window, buffers)
     zero = torch.zeros((), device=main)
     items = window.items[main] if window.mode == ITEMS else zero
@@ -63,7 +63,7 @@ def pack(window: Window, buffers: GradBuffers, reducer: Any, main: torch.device,
     numbers = torch.stack([items, window.nonfinite().to(main),
                            torch.tensor(float(window.discarded), device=main), pending_items])
     since = None
-    if reducer is not None:
+    if reducer.distributed:
         flats, touched = reducer.sum_accumulators_to_host()   # a copy already
         numbers = reducer.sum_numbers(numbers)
         ranks = reducer.world_size
@@ -159,7 +159,7 @@ def restore(target: Window, reducer: Any, window: dict[str, Any] | None,
             by_id: dict[int, tuple[Bucket, int]]) -> None:
     """Put a window saved by :func:`pack` (None: no window) into ``target``, which was reset:
     rank 0 takes the sums, the other ranks start empty."""
-    first = reducer is None or reducer.rank == 0
+    first = reducer.rank == 0
     items = window["items"] if window and first else 0.0
     found = float(window["found_inf"]) if window and first else 0.0
     for total in target.items.values():

@@ -29,9 +29,9 @@ class WindowEnd:
             if True in bucket.zeroed:
                 bucket.touch_zeroed()
         try:
-            if self._reducer is not None:   # every rank, touched or not, joins the collectives
-                window.global_weight = self._reducer.reduce(
-                    self._buffers, window, self._skipped.device, self.accumulation_steps)
+            # Every rank, touched or not, joins the collectives (one process: nothing to do).
+            window.global_weight = self._reducer.reduce(
+                self._buffers, window, self._skipped.device, self.accumulation_steps)
             buckets = [b for b in self._buffers.buckets if any(b.touched)]
             if buckets or window.sparse:
                 scales, found = self._window_scales(buckets)
@@ -63,11 +63,7 @@ class WindowEnd:
         """nonfinite='raise': read the flag on the host and name the parameters concerned."""
         if not any(flag.item() != 0 for flag in found.values()):
             return
-        if self._sharding:   # each rank holds the sums of its pieces only
-            names = self._reducer.nonfinite_labels(buckets)
-        else:
-            names = [bucket.labels[i] for bucket in buckets for i in bucket.touched_indices()
-                     if not torch.isfinite(bucket.acc_view(i)).all()]
+        names = self._reducer.nonfinite_labels(buckets)   # sharded: of this rank's pieces
         raise FloatingPointError(
             "fused_accum: non-finite gradients in this window, in "
             + (", ".join(names) if names else "no single parameter (zero items in the window)")
@@ -87,12 +83,7 @@ class WindowEnd:
         sparse = window.sparse
         devices = {b.device for b in buckets} | {b.device for b, _ in sparse.sums}
         main = buckets[0].device if buckets else next(iter(sparse.sums))[0].device
-        if self._sharding:   # each rank holds the sums of its pieces only
-            total = self._reducer.window_sumsq(buckets, main)
-        else:
-            total = torch.zeros((), device=main)
-            if buckets:
-                total = torch.stack([self._buffers.window_sumsq(b).to(main) for b in buckets]).sum()
+        total = self._reducer.window_sumsq(self._buffers, buckets, main)
         if sparse:   # a non-finite element makes the norm non-finite: the flag below
             total = total + sparse.sumsq(main)
         self._grad_norm = total.sqrt() * window.inverse_weight(main, self._buffers.collecting)
@@ -132,8 +123,7 @@ class WindowEnd:
                                          scales[bucket.device], found[bucket.device])
             if len(holder.state) != allocated:   # state allocated lazily (e.g. momentum set later)
                 self._publish_state(bucket)
-        if self._sharding:
-            self._reducer.finish_gathers()
+        self._reducer.finish_gathers()
         for (bucket, i), total in self._window.sparse.coalesced().items():
             allocated = len(bucket.state)
             self.algorithm.sparse_update(bucket, i, total, self.param_groups[bucket.group_index],

@@ -1,7 +1,7 @@
 """Sharded optimizer state (``shard_state=True``): each of d ranks keeps 1/d of the fp32 state.
 
 Layout.  Each bucket's flat buffers are cut into the chunks that data parallelism reduces (see
-:mod:`fused_accum.optim.distributed`), each padded to a whole multiple of d * ALIGN elements, and
+:mod:`fused_accum.distributed.all_reduce`), each padded to a whole multiple of d * ALIGN elements, and
 rank r owns piece r of every chunk.  Its shard of the optimizer state (moments, fp32 masters or
 compact remainders) is its pieces end to end: 1/d of each state buffer.  The accumulators stay
 whole on every rank, since each rank sums its own micro-batches into them (Megatron-LM's
@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..accumulation.buckets import ALIGN, Bucket, FlatState
-from .distributed import Chunk, WindowReducer, chunk_bounds
+from .all_reduce import Chunk, WindowReducer, chunk_bounds
 from .sharded_checkpoint import ShardedTensor, load_sharded, sharded_entries
 
 # torch 2.13 renamed the tensor collectives; the GPU machines run 2.11.
@@ -221,7 +221,7 @@ class ShardedReducer(WindowReducer):
                                             own, chunk.region, async_op=True))
         self._next += 1
 
-    def window_sumsq(self, buckets: list[Bucket], main: torch.device) -> Tensor:
+    def window_sumsq(self, buffers, buckets: list[Bucket], main: torch.device) -> Tensor:
         """The sum of squares of the whole window's sums over all ranks (one scalar all-reduce)."""
         parts = []
         for bucket in buckets:

@@ -100,9 +100,9 @@ def ddp_owners(params: list[Tensor]) -> list[Any]:
 
 def take_over(owners: list, reducer: Any, params: list[Tensor]) -> None:
     """Switch off the DistributedDataParallel modules ``owners`` around ``params``: the optimizer,
-    whose ``reducer`` (a WindowReducer, or None) reduces once per window, takes their place."""
+    whose ``reducer`` (distributed, else the one process's) reduces once per window, takes their place."""
     for ddp in owners:
-        if reducer is None:
+        if not reducer.distributed:
             raise ValueError("process_group=None, but the model is wrapped in "
                              "DistributedDataParallel, whose reduction fused_accum's hooks "
                              "bypass: the ranks would drift apart; leave process_group='auto'")

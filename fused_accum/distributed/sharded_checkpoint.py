@@ -1,6 +1,6 @@
 """A sharded optimizer's state as torch.distributed.checkpoint (DCP) reads and writes it.
 
-Each rank owns a contiguous flat segment of some parameters (see :mod:`fused_accum.optim.sharded`).
+Each rank owns a contiguous flat segment of some parameters (see :mod:`fused_accum.distributed.sharded`).
 ``state_dict()`` gives each parameter's state as a ``ShardedTensor`` of the parameter's shape,
 whose local shards are views of this rank's shard buffers: the rectangular blocks its segment
 covers (a flat range of a tensor is a few blocks, each contiguous in memory), with the blocks of

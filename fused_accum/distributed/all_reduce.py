@@ -27,9 +27,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..accumulation.buckets import Bucket
 from ..accumulation import BackwardPass, GradBuffers, Window
+from ..accumulation.buckets import Bucket
 from ..accumulation.window import ITEMS
+from .local import LocalReducer
 
 
 class Chunk:
@@ -71,10 +72,14 @@ def make_chunks(buckets: list[Bucket], chunk_bytes: int, padded: bool = False) -
     return chunks
 
 
-class WindowReducer:
-    sharded = False   # see fused_accum.optim.sharded
+class WindowReducer(LocalReducer):
+    """The window's sums all-reduced over the ranks of ``process_group``."""
+
+    distributed = True
+    folds_norm = False   # a folded norm, of this rank's sums only, would be thrown away
 
     def __init__(self, process_group: object):
+        super().__init__()
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("process_group: torch.distributed is not initialized; call "
                                "torch.distributed.init_process_group first")
