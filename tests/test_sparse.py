@@ -198,6 +198,24 @@ def test_zero_grad_drops_a_stray_sparse_sum(backend, hooks):
     _assert_close(expected, model)
 
 
+def test_loading_a_state_dict_replaces_the_sparse_sums_of_the_window_in_progress(backend):
+    """load_state_dict replaces the window in progress with the saved one (here none, saved at a
+    boundary): sparse sums of the window in progress go too, as dense ones do."""
+    model = _model(8)
+    window = _tokens(80, 2)
+    expected = _large_batch(model, [window], lr=0.5)
+    opt = fused_accum.SGD(model.parameters(), lr=0.5, accumulation_steps=2, backend=backend)
+    boundary = copy.deepcopy(opt.state_dict())
+    model(_tokens(81, 1)[0]).backward()   # a micro-batch the load throws away
+    assert opt._window.sparse
+    opt.load_state_dict(boundary)
+    assert not opt._window.sparse and opt.micro_batches == 0
+    for tokens in window:
+        model(tokens).backward()
+        opt.step()
+    _assert_close(expected, model)
+
+
 def test_sparse_gradients_of_bf16_parameters_are_refused(backend):
     model = _model(8).to(torch.bfloat16)
     opt = fused_accum.SGD(model.parameters(), lr=0.5, backend=backend)

@@ -9,8 +9,9 @@ what the norm counts) lives in the bucket's slot arrays beside the accumulators 
 (:class:`fused_accum.accumulation.buckets.Bucket`); the window-wide rest is here.
 
 The window weight W has one home, :meth:`Window.weight`: the items of the window
-(``backward(num_items=)``), else its micro-batches, or the weight of all ranks while a reducer ends
-the window.  The update applies ``acc / W``.
+(``backward(num_items=)``), else its micro-batches (:meth:`Window.local_weight`), or, once a
+reducer has summed that over the ranks at the window's end, the sum.  The update applies
+``acc / W``.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ class Window:
 
     def __init__(self) -> None:
         self.micro = 0                 # micro-batches ended (step() calls) in this window
-        self.passes = 0                # backward passes begun in it (a restored window counts one)
+        self.passes_begun = 0          # backward passes begun in it (a restored window counts one)
         self.mode: str | None = None   # PLAIN or ITEMS once a pass arrived: one or the other
         self.items: dict[torch.device, Tensor] = {}             # items of the window, per device
         self.items_since_step: dict[torch.device, Tensor] = {}  # of them, since the last step()
@@ -50,7 +51,7 @@ class Window:
         self.micro_weight: dict[torch.device, Tensor] | None = None
         self.micro_kind: str | None = None
         self.grads_scaled = False      # gradients in .grad carry the loss scale (k=1, one process)
-        self.global_weight: Tensor | None = None   # W of all ranks, while a reducer ends the window
+        self.global_weight: Tensor | None = None   # W of all ranks (reducer.reduce), at the end
         self.sparse = SparseSums()     # sums of sparse gradients (fused_accum.accumulation.sparse)
 
     def add_device(self, device: torch.device) -> None:
@@ -69,7 +70,7 @@ class Window:
                 "loss.backward(); call one or the other for every micro-batch of a window (the "
                 "backward pass was refused; the window's accumulated gradients are intact)")
         self.mode = kind
-        self.passes += 1
+        self.passes_begun += 1
 
     def save(self) -> Saved:
         return Saved(self.mode, self.arrived, {d: f.clone() for d, f in self.found_inf.items()})
@@ -108,18 +109,16 @@ class Window:
 
     def weight(self, device: torch.device, collecting: bool = True) -> float | Tensor:
         """W on ``device``.  ``collecting``: the window sums gradients as they arrive; with
-        gradients left in ``.grad`` they already hold the item-weighted mean."""
+        gradients left in ``.grad`` they already hold the item-weighted mean, and W is 1."""
         if self.global_weight is not None:
             return self.global_weight.to(device)
-        if self.mode == ITEMS and collecting:
-            return self.items[device]
-        return float(self.micro)
+        if self.mode == ITEMS and not collecting:
+            return float(self.micro)
+        return self.local_weight(device)
 
-    def local_weight(self, device: torch.device) -> Tensor:
-        """W of this rank alone, as a tensor (what a reducer sums over the ranks)."""
-        if self.mode == ITEMS:
-            return self.items[device]
-        return torch.tensor(float(self.micro), device=device)
+    def local_weight(self, device: torch.device) -> float | Tensor:
+        """W of this rank alone: its items, else its micro-batches."""
+        return self.items[device] if self.mode == ITEMS else float(self.micro)
 
     def inverse_weight(self, device: torch.device, collecting: bool = True) -> float | Tensor:
         w = self.weight(device, collecting)
@@ -140,7 +139,7 @@ class Window:
     def reset(self) -> None:
         """The window ended (or was dropped): the next one starts empty.  (``arrived`` is the
         micro-batch's: :meth:`end_micro_batch`'s caller clears it.)"""
-        self.micro = self.passes = 0
+        self.micro = self.passes_begun = 0
         self.mode = None
         for table in (self.items, self.items_since_step, self.found_inf):
             for value in table.values():

@@ -174,7 +174,7 @@ class WindowReducer(LocalReducer):
         self._reset()
         for work in works:
             self._collective("all-reduce of the accumulators", lambda group: work.wait())
-        weight = window.local_weight(main)
+        weight = torch.as_tensor(window.local_weight(main), dtype=torch.float32, device=main)
         found = window.nonfinite().to(main)
         # What every rank must agree on, with its square (see _check_agreement); float64 keeps the
         # sums exact.

@@ -4,7 +4,10 @@ Every optimizer has a reducer, so the window's path never asks which kind it has
 all-reduce of :mod:`.all_reduce`, or the reduce-scatter of :mod:`.sharded`.  Each offers what the
 optimizer calls at construction (broadcasts, agreement checks), during the last micro-batch
 (``on_arrival``, whether the norm may be folded into the accumulate), at the window's end
-(``reduce``, the norm, the labels of non-finite sums, the gathers) and in checkpoints.
+(``reduce``, the norm, the update, the labels of non-finite sums, the gathers).  The all-reduce
+reducer inherits what applies to sums that are whole on every rank once reduced (the norm, the
+update, the labels); the sharded one overrides them.  Checkpoints still ask ``distributed``: only
+one process records which sums began since the last ``step()``.
 """
 from __future__ import annotations
 
@@ -54,6 +57,11 @@ class LocalReducer:
         if not buckets:
             return torch.zeros((), device=main)
         return torch.stack([buffers.window_sumsq(b).to(main) for b in buckets]).sum()
+
+    def step(self, bucket: Bucket, algorithm, group: dict, grad_scale: float | Tensor,
+             found_inf: Tensor) -> None:
+        """The update of ``bucket`` (its holder of state: the bucket itself, whole here)."""
+        algorithm.update(bucket, bucket.touched_indices(), group, grad_scale, found_inf)
 
     def nonfinite_labels(self, buckets: list[Bucket]) -> list[str]:
         """The parameters whose sums hold a non-finite element (reads them on the host)."""

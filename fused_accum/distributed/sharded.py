@@ -235,6 +235,13 @@ class ShardedReducer(WindowReducer):
         self._collective("all-reduce of the gradient norm", dist.all_reduce, total)
         return total
 
+    def step(self, shard: BucketShard, algorithm, group: dict, grad_scale, found_inf: Tensor) -> None:
+        """This rank's shard of a bucket; every rank's updates are gathered in
+        :meth:`finish_gathers`."""
+        for name in algorithm.state_names(group):   # on every rank, stepped or not
+            shard.ensure_state(name)
+        self.step_shard(shard, algorithm.update, group, grad_scale, found_inf)
+
     def step_shard(self, shard: BucketShard, update, group: dict, grad_scale, found_inf: Tensor) -> None:
         """Step this rank's pieces of a bucket chunk by chunk, each chunk's all-gather of the
         updated parameters starting as soon as it is stepped, so that it overlaps the next

@@ -3,9 +3,9 @@
 A subclass supplies an :class:`Algorithm`: which flat state buffers a group needs, and the
 functional update of one bucket.  Everything else is written once: micro-batches and windows
 here, ``opt.backward`` in :mod:`.micro_batches`, the window's end (weight, norm, clipping, update)
-in :mod:`.window_end`, over the window record and the gradient engine of
-:mod:`fused_accum.accumulation`; where the state lives is :mod:`.state`, state dicts
-:mod:`.checkpoint`, sharding :mod:`.sharded`.
+in :mod:`.window_end`, param groups in :mod:`.param_groups`, over the window record and the
+gradient engine of :mod:`fused_accum.accumulation` and a reducer of :mod:`fused_accum.distributed`;
+where the state lives is :mod:`.state`, state dicts :mod:`.checkpoint`.
 """
 from __future__ import annotations
 

@@ -245,7 +245,7 @@ class WindowStateDict:
         if common and common.get("loss_scaler") is not None and self._scaler is not None:
             self._scaler.load_state_dict(common["loss_scaler"])
         self._window.micro = window["position"] if window else 0
-        self._window.passes = 1 if window else 0
+        self._window.passes_begun = 1 if window else 0
         self._window.mode = common["mode"] if window else None
         self._buffers.forget_passes()   # a pass that raised before the load belongs to no window
         self._window.arrived = bool(window and window.get("pending", False))

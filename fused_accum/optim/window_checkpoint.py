@@ -52,7 +52,7 @@ def pack(window: Window, buffers: GradBuffers, reducer: Any, main: torch.device,
          index: dict[Tensor, int]) -> tuple[str, dict[str, Any]] | None:
     """The window in progress as ``(TAG, window)`` (None between windows); ``index``: parameter
     -> state-dict id.  A collective under data parallelism (a distributed ``reducer``)."""
-    if window.micro == 0 and window.passes == 0:
+    if window.micro == 0 and window.passes_begun == 0:
         return None   # between windows: decided on counts every rank shares, so none enters
                       # the collectives below alone
     if reducer.distributed:

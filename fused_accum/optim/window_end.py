@@ -112,15 +112,8 @@ class WindowEnd:
         for bucket in buckets:
             holder = self._holder(bucket)
             allocated = len(holder.state)
-            group = self.param_groups[bucket.group_index]
-            if holder is bucket:
-                self.algorithm.update(bucket, bucket.touched_indices(), group,
-                                      scales[bucket.device], found[bucket.device])
-            else:   # this rank's shard; every rank's updates are gathered below
-                for name in self.algorithm.state_names(group):   # on every rank, stepped or not
-                    holder.ensure_state(name)
-                self._reducer.step_shard(holder, self.algorithm.update, group,
-                                         scales[bucket.device], found[bucket.device])
+            self._reducer.step(holder, self.algorithm, self.param_groups[bucket.group_index],
+                               scales[bucket.device], found[bucket.device])
             if len(holder.state) != allocated:   # state allocated lazily (e.g. momentum set later)
                 self._publish_state(bucket)
         self._reducer.finish_gathers()
