@@ -57,23 +57,29 @@ def plan_entries(bucket_slots: dict[Bucket, list[int]], window: Window, compiled
     return entries
 
 
-def record_settled(record: BackwardPass, report: tuple, slot_list: list) -> None:
-    """Record in the buckets and in ``record`` what the collector's ``flush`` reports it did:
-    (added into earlier sums, slots touched first, slots folded into the norm, (slot,
-    accumulator) adopted or made)."""
-    added, firsts, folded, adopted = report
-    if added:
+class FlushReport(NamedTuple):
+    """What the collector's ``flush`` reports it did, in its order."""
+    added: bool                          # planned gradients were added into earlier sums
+    firsts: list[int]                    # slots touched first
+    folded: list[int]                    # slots whose squares were folded into the norm
+    adopted: list[tuple[int, Tensor]]    # (slot, accumulator) adopted or made
+
+
+def record_settled(record: BackwardPass, flushed: tuple, slot_list: list) -> None:
+    """Record in the buckets and in ``record`` what the collector's ``flush`` did."""
+    report = FlushReport(*flushed)
+    if report.added:
         record.added = True
-    for slot, acc in adopted:
+    for slot, acc in report.adopted:
         bucket, i, _ = slot_list[slot]
         bucket.adopted[i] = acc
         bucket.touched[i] = True
         record.firsts.append((bucket, i))
-    for slot in firsts:
+    for slot in report.firsts:
         bucket, i, _ = slot_list[slot]
         if not bucket.touched[i]:   # an fp32 accumulator made by the collector came above
             bucket.touched[i] = True
             record.firsts.append((bucket, i))
-    for slot in folded:
+    for slot in report.folded:
         bucket, i, _ = slot_list[slot]
         bucket.norm_counted[i] = True
