@@ -19,6 +19,14 @@ from torch import Tensor
 HOLDERS_ATTR = "_fused_accum_holders"   # on each parameter: [weakref to GradBuffers, ...]
 
 
+class _Refs(list):
+    """A parameter's holders.  A pickled or deep-copied parameter is held by no one (and weak
+    references do not pickle: ``torch.save(model)`` must work beside a fused optimizer)."""
+
+    def __reduce__(self):
+        return (_Refs, ())
+
+
 def holders(param: Tensor) -> list[Any]:
     """The live gradient buffers (one per fused optimizer) that hold ``param``."""
     refs = getattr(param, HOLDERS_ATTR, None)
@@ -37,13 +45,13 @@ def taker(param: Tensor) -> Any | None:
 
 
 def add(param: Tensor, holder: Any) -> None:
-    refs = [ref for ref in getattr(param, HOLDERS_ATTR, ()) if ref() is not None and ref() is not holder]
+    refs = _Refs(ref for ref in getattr(param, HOLDERS_ATTR, ()) if ref() is not None and ref() is not holder)
     refs.append(weakref.ref(holder))
     setattr(param, HOLDERS_ATTR, refs)
 
 
 def remove(param: Tensor, holder: Any) -> None:
-    refs = [ref for ref in getattr(param, HOLDERS_ATTR, ()) if ref() is not None and ref() is not holder]
+    refs = _Refs(ref for ref in getattr(param, HOLDERS_ATTR, ()) if ref() is not None and ref() is not holder)
     if refs:
         setattr(param, HOLDERS_ATTR, refs)
     elif hasattr(param, HOLDERS_ATTR):

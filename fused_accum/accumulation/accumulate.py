@@ -67,13 +67,7 @@ def accumulate(window: Window, groups: list[Group], firsts: list[tuple[Bucket, i
         else:
             accs = [bucket.new_accumulator(i) if f else bucket.adopted[i]
                     for i, f in zip(indices, first)]
-        sumsq = None
-        if bucket.norm_valid:
-            norm_counted = bucket.norm_counted
-            if True in map(norm_counted.__getitem__, indices):
-                bucket.norm_valid = False   # a counted slice changes: recompute at the step
-            elif window.fold_norm:
-                sumsq = bucket.sumsq
+        sumsq = fold_target(bucket, indices, window)
         bucket.backend.accumulate(grads, accs, first, weight, window.found_inf[device], sumsq)
         if device.type == "cuda":
             # The gradients are freed right after this launch; if autograd made them on
@@ -83,22 +77,54 @@ def accumulate(window: Window, groups: list[Group], firsts: list[tuple[Bucket, i
                 stream = torch.cuda.current_stream(device)
             for grad in grads:
                 grad.record_stream(stream)
-        if sumsq is not None:
-            norm_counted = bucket.norm_counted
-            for i in indices:
-                norm_counted[i] = True
-        marks = bucket.added
-        if any_first:
-            for i, f in zip(indices, first):
-                touched[i] = True
-                if not f:
-                    marks[i] = True
-            if firsts is not None:
-                firsts.extend((bucket, i) for i, f in zip(indices, first) if f)
-            added = added or False in first
-        else:
-            for i in indices:
-                marks[i] = True
-            added = True
+        added = mark(bucket, indices, first, any_first, sumsq is not None, firsts) or added
     window.arrived = True
     return added
+
+
+def fold_target(bucket: Bucket, indices: list[int], window: Window) -> Tensor | None:
+    """The sum of squares an accumulate of ``indices`` folds its results into (the last
+    micro-batch of a window), or None; an add into an already counted slice voids the fold."""
+    if not bucket.norm_valid:
+        return None
+    if True in map(bucket.norm_counted.__getitem__, indices):
+        bucket.norm_valid = False   # a counted slice changes: recompute at the step
+        return None
+    return bucket.sumsq if window.fold_norm else None
+
+
+def mark(bucket: Bucket, indices: list[int], first: list[bool], any_first: bool, folded: bool,
+         firsts: list[tuple[Bucket, int]] | None) -> bool:
+    """Record an accumulate of ``indices`` in the bucket's slot marks (and the first touches in
+    ``firsts``); returns whether it added into an earlier sum."""
+    if folded:
+        norm_counted = bucket.norm_counted
+        for i in indices:
+            norm_counted[i] = True
+    marks = bucket.added
+    if not any_first:
+        for i in indices:
+            marks[i] = True
+        return True
+    touched = bucket.touched
+    for i, f in zip(indices, first):
+        touched[i] = True
+        if not f:
+            marks[i] = True
+    if firsts is not None:
+        firsts.extend((bucket, i) for i, f in zip(indices, first) if f)
+    return False in first
+
+
+def accumulate_linear(window: Window, bucket: Bucket, i: int, grad_output: Tensor, input: Tensor,
+                      firsts: list[tuple[Bucket, int]]) -> bool:
+    """Accumulate slot ``i``'s weight gradient from a Linear's GEMM operands
+    (``grad_output^T @ input``, see :mod:`fused_accum.linear`), as :func:`accumulate` would the
+    gradient itself; returns whether it added into an earlier sum."""
+    first = not bucket.touched[i]
+    acc = bucket.new_accumulator(i) if first else bucket.acc_view(i)
+    weight = None if window.micro_weight is None else window.micro_weight[bucket.device]
+    sumsq = fold_target(bucket, [i], window)
+    bucket.backend.accumulate_linear([grad_output], [input], [acc], [first], weight, sumsq)
+    window.arrived = True
+    return mark(bucket, [i], [first], first, sumsq is not None, firsts)

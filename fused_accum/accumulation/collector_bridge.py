@@ -6,6 +6,7 @@ the pass's end which slots it touched first, adopted or folded into the norm.
 """
 from __future__ import annotations
 
+from collections.abc import Container
 from typing import NamedTuple
 
 from torch import Tensor
@@ -27,9 +28,12 @@ class PlanEntry(NamedTuple):
     adopt: bool                          # may_adopt: first fp32 gradients become accumulators
 
 
-def plan_entries(bucket_slots: dict[Bucket, list[int]], window: Window, compiled) -> list[PlanEntry]:
+def plan_entries(bucket_slots: dict[Bucket, list[int]], window: Window, compiled,
+                 unplanned: Container[Tensor] = ()) -> list[PlanEntry]:
     """The plan of a pass: every bucket of the ``compiled`` backend whose slots it can take
-    without Python."""
+    without Python.  ``unplanned``: parameters whose gradients go through Python's queue (fused
+    Linear weights, which :mod:`fused_accum.linear` may touch first in the same pass: a plan made
+    at the pass's start would overwrite that)."""
     entries = []
     for bucket, slots in bucket_slots.items():
         if bucket.backend is not compiled:
@@ -40,7 +44,7 @@ def plan_entries(bucket_slots: dict[Bucket, list[int]], window: Window, compiled
                 continue   # adding to a folded slice invalidates the fold: Python's path
             if window.fold_norm:
                 sumsq = bucket.sumsq
-        indices = [i for i, s in enumerate(slots) if s >= 0]
+        indices = [i for i, s in enumerate(slots) if s >= 0 and bucket.params[i] not in unplanned]
         if not indices:
             continue
         touched = bucket.touched

@@ -39,7 +39,7 @@ from torch import Tensor
 from .. import guards, holders
 from .._warnings import warn
 from . import collector_bridge
-from .accumulate import accumulate
+from .accumulate import accumulate, accumulate_linear
 from .buckets import Bucket, param_label
 from .grad_attribute import GradAttribute
 from .hooks import COMPILED_AUTOGRAD_REFUSED, Hooks, compiled_autograd_on
@@ -109,6 +109,7 @@ class GradBuffers(GradAttribute, ZeroGrad):
         self.collecting = False
         self.attached = False                       # the parameters are held (see attach)
         self.lost: list[str] = []                   # labels of parameters a later optimizer took
+        self.fused_linear: dict[Tensor, None] = {}  # weights of fused Linears (fused_accum.linear)
         self.on_zero_grad = None   # WeakMethod(params, set_to_none): nn.Module.zero_grad's call
         guards.install()   # torch's clipping would see no .grad: make it say so
 
@@ -239,6 +240,12 @@ class GradBuffers(GradAttribute, ZeroGrad):
 
     # -- gradients in ------------------------------------------------------------------------
 
+    def current_pass(self) -> BackwardPass:
+        """The backward pass running on this thread, opened at its first gradient (which may
+        refuse it, see ``on_backward_start``: then nothing is taken)."""
+        task = _task_id()
+        return self.passes.get(task) or self._start_pass(task)
+
     def on_grad(self, param: Tensor, bucket: Bucket, i: int) -> None:
         """The Python hook: one call per gradient."""
         grad = param.grad
@@ -246,9 +253,7 @@ class GradBuffers(GradAttribute, ZeroGrad):
             return
         param.grad = None
         with self._lock:
-            record = self.passes.get(_task_id())
-            if record is None:
-                record = self._start_pass(_task_id())   # may refuse the pass: nothing is taken
+            record = self.current_pass()
             if grad.layout is not _STRIDED:   # nn.Embedding(sparse=True): summed sparse
                 self._add_sparse(bucket, i, grad, record)
                 return
@@ -260,6 +265,21 @@ class GradBuffers(GradAttribute, ZeroGrad):
                 self.drain(record)
             if self._on_arrival is not None:   # data parallel, last micro-batch
                 self._on_arrival(param, record)
+
+    def take_linear_grad(self, param: Tensor, grad_output: Tensor, input: Tensor) -> bool:
+        """A fused Linear's weight gradient (:mod:`fused_accum.linear`), accumulated from its GEMM
+        operands with no gradient tensor made.  False: ``param``'s gradients are not taken now
+        (k = 1, or a parameter this optimizer lost), and the caller hands autograd the gradient."""
+        if not self.collecting or param not in self.hooks:
+            return False
+        with self._lock:
+            record = self.current_pass()
+            bucket, i = self.slots[param]
+            if accumulate_linear(self.window, bucket, i, grad_output, input, record.firsts):
+                record.added = True
+            if self._on_arrival is not None:   # data parallel, last micro-batch
+                self._on_arrival(param, record)
+        return True
 
     # The collector's calls (from autograd threads, holding the GIL).
 
@@ -273,7 +293,7 @@ class GradBuffers(GradAttribute, ZeroGrad):
         """Give the collector this pass's slots of compiled-backend buckets, to adopt or accumulate
         without Python (see :mod:`.collector_bridge`)."""
         entries = collector_bridge.plan_entries(self.hooks.bucket_slots, self.window,
-                                                _compiled_backend())
+                                                _compiled_backend(), self.fused_linear)
         if entries:
             self.collector.plan(task, entries)
 

@@ -1,7 +1,8 @@
-"""Backends: modules implementing the op set (accumulate, norm, sgd_step, adam_step).
+"""Backends: modules implementing the op set (accumulate, accumulate_linear, norm, sgd_step,
+adam_step).
 
 The optimizers reach kernels only through :func:`get_backend`.  A backend module has a ``name``,
-an ``available(device) -> (ok, reason)`` function and the four ops with the signatures of
+an ``available(device) -> (ok, reason)`` function and the five ops with the signatures of
 :mod:`fused_accum.kernels.reference`, the specification every backend is tested against.
 """
 from __future__ import annotations

@@ -11,6 +11,7 @@ import torch
 
 from . import build
 from ._adapt import contiguous, contiguous_inputs, scalar, write_back
+from .gemm import accumulate_linear  # noqa: F401  (the library GEMM; see gemm.py)
 
 name = "extension"
 

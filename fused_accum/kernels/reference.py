@@ -49,6 +49,29 @@ def accumulate(grads: list[Tensor], accs: list[Tensor], first: list[bool], weigh
             sumsq.add_(acc.square().sum())
 
 
+def accumulate_linear(grad_outputs: list[Tensor], inputs: list[Tensor], accs: list[Tensor],
+                      first: list[bool], weight: Tensor | None, sumsq: Tensor | None = None) -> None:
+    """acc = (first ? 0 : acc) + weight * (float(grad_output)^T @ float(input)), for each triple:
+    the weight gradient of ``nn.Linear`` (``grad_output``: rows x out, ``input``: rows x in, ``acc``:
+    out x in) accumulated without a gradient tensor in the model's dtype.  ``weight`` None is 1.
+
+    No non-finite flag: a non-finite product or an fp32 overflow of the sum stays non-finite in
+    the accumulator (inf and NaN absorb later adds), and the window's norm, which reads every
+    accumulator at its end, skips such a window (as it does for adopted first gradients).
+    ``sumsq`` as in :func:`accumulate`.
+    """
+    for g, x, acc, is_first in zip(grad_outputs, inputs, accs, first):
+        product = g.to(torch.float32).t() @ x.to(torch.float32)
+        if weight is not None:
+            product = product * weight
+        if is_first:
+            acc.copy_(product)
+        else:
+            acc.add_(product)
+        if sumsq is not None:
+            sumsq.add_(acc.square().sum())
+
+
 def norm(accs: list[Tensor], sumsq: Tensor) -> None:
     """sumsq += sum of squares of every accumulator (fp32)."""
     for acc in accs:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .. import guards, kernels, scaling
+from .. import guards, kernels, linear as fused_linear, scaling
 from .._warnings import warn
 from ..accumulation import GradBuffers, Window
 from ..accumulation.buckets import Bucket
@@ -401,6 +401,13 @@ class AccumulatingOptimizer(ParamGroups, MicroBatches, WindowEnd, BucketState, W
             self._window.forget_items()
             return
         self._discard(None, set_to_none)
+
+    def fuse_linear(self, model: torch.nn.Module) -> list[str]:
+        """Let every ``nn.Linear`` of ``model`` whose weight this optimizer holds compute its
+        weight gradient straight into the window's fp32 sum, inside its GEMM (see
+        :mod:`fused_accum.linear`); returns the fused modules' names.  Where gradients stay in
+        ``.grad`` (k = 1, one process) the modules run as before."""
+        return fused_linear.fuse_linear(self._buffers, model)
 
     def remove_hooks(self) -> None:
         """Hand the parameters back to plain autograd (``.grad`` accumulates as usual), e.g. to

@@ -14,6 +14,7 @@ import triton
 from torch import Tensor
 
 from .._adapt import contiguous, contiguous_inputs, scalar, write_back
+from ..gemm import accumulate_linear  # noqa: F401  (no Triton GEMM yet: the library's)
 from . import configs, launch
 from .accumulate_kernels import accumulate_kernel, add_partials_kernel, norm_kernel
 from .common import COMPACT_MASTER, FP32_MASTER, NO_MASTER, TL_DTYPES

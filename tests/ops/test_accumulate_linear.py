@@ -1,0 +1,72 @@
+"""accumulate_linear of every backend against ``reference`` and against float64: a Linear's weight
+gradient written (first touch) or added into its fp32 sum from the GEMM's operands."""
+import pytest
+import torch
+
+from fused_accum import kernels
+from fused_accum.kernels import reference
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [(1, 1, 1), (7, 33, 5), (64, 48, 96)]   # rows, out, in
+
+
+def _operands(seed, rows, out, inp, dtype):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, out, generator=g).to(dtype),
+            torch.randn(rows, inp, generator=g).to(dtype))
+
+
+def _float64_product(g, x):
+    return g.double().t() @ x.double()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_first_touch_writes_every_element_and_later_touches_add(backend, dtype, shape, weighted):
+    ops = kernels.get_backend(backend, torch.device("cpu"))
+    rows, out, inp = shape
+    g1, x1 = _operands(1, *shape, dtype)
+    g2, x2 = _operands(2, *shape, dtype)
+    weight = torch.tensor(0.37) if weighted else None
+    w = 0.37 if weighted else 1.0
+    acc = torch.full((out, inp), float("nan"))   # poison: the first touch must not read it
+    sumsq = torch.tensor(1.5)
+    ops.accumulate_linear([g1], [x1], [acc], [True], weight, None)
+    assert torch.isfinite(acc).all()
+    ops.accumulate_linear([g2], [x2], [acc], [False], weight, sumsq)
+    expected = w * (_float64_product(g1, x1) + _float64_product(g2, x2))
+    scale = expected.abs().max()
+    assert ((acc.double() - expected).abs().max() / scale).item() < 1e-6
+    assert abs(sumsq.item() - (1.5 + expected.square().sum().item())) < 1e-5 * sumsq.item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backends_agree_with_reference_on_several_triples(backend, dtype):
+    ops = kernels.get_backend(backend, torch.device("cpu"))
+    triples = [_operands(10 + i, rows, out, inp, dtype) for i, (rows, out, inp) in enumerate(SHAPES)]
+    g = torch.Generator().manual_seed(3)
+    start = [torch.randn(out, inp, generator=g) for _, out, inp in SHAPES]
+    first = [True, False, False]
+    mine = [a.clone() for a in start]
+    mine[0].fill_(float("nan"))
+    spec = [a.clone() for a in start]
+    weight = torch.tensor(2.5)
+    ops.accumulate_linear([t[0] for t in triples], [t[1] for t in triples], mine, first, weight)
+    reference.accumulate_linear([t[0] for t in triples], [t[1] for t in triples], spec, first,
+                                weight)
+    for a, b in zip(mine, spec):
+        assert ((a - b).abs().max() / b.abs().max()).item() < 1e-6
+
+
+def test_non_finite_operands_stay_in_the_sum(backend):
+    """No flag: a non-finite product stays non-finite through later adds, for the window's norm."""
+    ops = kernels.get_backend(backend, torch.device("cpu"))
+    g, x = _operands(4, 5, 3, 4, torch.float32)
+    acc = torch.randn(3, 4)
+    bad = g.clone()
+    bad[2, 1] = float("inf")
+    ops.accumulate_linear([bad], [x], [acc], [False], None)
+    ops.accumulate_linear([g], [x], [acc], [False], None)
+    assert not torch.isfinite(acc[1]).all()
+    assert torch.isfinite(acc[0]).all()
