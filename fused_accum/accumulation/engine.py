@@ -53,6 +53,12 @@ _task_id = torch._C._current_graph_task_id
 _STRIDED = torch.strided
 
 
+# Autograd runs the engine's entry points from inside whatever calls backward(); under
+# torch.compile (a compiled function calling loss.backward()) dynamo would trace them, and its
+# tracing of the weak references they hold breaks them.  They are Python bookkeeping: eager.
+_eager = torch._disable_dynamo
+
+
 # A backend call costs the host tens of microseconds on a GPU (Python, the dispatcher, two
 # launches): there a group must hold enough work to hide that, while on a CPU the call is cheap
 # and a small group stays in cache.  On an H200, 2 MB groups made a bf16 GPT's window 1.22x
@@ -246,6 +252,7 @@ class GradBuffers(GradAttribute, ZeroGrad):
         task = _task_id()
         return self.passes.get(task) or self._start_pass(task)
 
+    @_eager
     def on_grad(self, param: Tensor, bucket: Bucket, i: int) -> None:
         """The Python hook: one call per gradient."""
         grad = param.grad
@@ -266,6 +273,7 @@ class GradBuffers(GradAttribute, ZeroGrad):
             if self._on_arrival is not None:   # data parallel, last micro-batch
                 self._on_arrival(param, record)
 
+    @_eager
     def take_linear_grad(self, param: Tensor, grad_output: Tensor, input: Tensor) -> bool:
         """A fused Linear's weight gradient (:mod:`fused_accum.linear`), accumulated from its GEMM
         operands with no gradient tensor made.  False: ``param``'s gradients are not taken now
@@ -283,6 +291,7 @@ class GradBuffers(GradAttribute, ZeroGrad):
 
     # The collector's calls (from autograd threads, holding the GIL).
 
+    @_eager
     def collected_start(self, task: int) -> None:
         with self._lock:
             if task not in self.passes:
@@ -311,12 +320,14 @@ class GradBuffers(GradAttribute, ZeroGrad):
             raise
         collector_bridge.record_settled(record, report, self.hooks.slot_list)
 
+    @_eager
     def collected_full(self, task: int) -> None:
         with self._lock:
             record = self.passes.get(task)
             if record is not None:
                 self.drain(record)
 
+    @_eager
     def collected_each(self, slot: int, task: int) -> None:
         with self._lock:
             record = self.passes.get(task)
@@ -326,6 +337,7 @@ class GradBuffers(GradAttribute, ZeroGrad):
     def _start_pass(self, task: int) -> BackwardPass:
         if compiled_autograd_on():
             raise RuntimeError(COMPILED_AUTOGRAD_REFUSED)
+        self.refuse_grads_before_pass()
         window = self.window
         before = window.save()
         # May raise, e.g. for a window mixing plain backward() with opt.backward(num_items=).
@@ -386,6 +398,7 @@ class GradBuffers(GradAttribute, ZeroGrad):
             for record in list(self.passes.values()):
                 self.drain(record)
 
+    @_eager
     def end_pass(self, task: int) -> None:
         """A backward pass completed: accumulate the rest of what it delivered."""
         with self._lock:
@@ -393,6 +406,7 @@ class GradBuffers(GradAttribute, ZeroGrad):
             if record is not None:
                 self.drain(record, final=True)
 
+    @_eager
     def fail_pass(self, task: int) -> None:
         """A backward pass raised: undo what it did, or discard the window."""
         with self._lock:

@@ -31,24 +31,51 @@ class GradAttribute:
     """``.grad`` as the engine reads and checks it."""
 
     def check_grads(self) -> None:
-        """Before a micro-batch ends: hook parameters that were frozen when the optimizer was
-        built and require grad now, accumulating what their ``.grad`` got meanwhile, and refuse a
-        ``.grad`` anywhere else (set by hand, or delivered past the hooks), which the window would
-        otherwise ignore.  Raises before anything changes."""
+        """Before a micro-batch ends: refuse a ``.grad`` (set by hand, or delivered past the
+        hooks), which the window would otherwise ignore, then :meth:`take_unfrozen`.  Raises
+        before anything changes."""
         for bucket in self.buckets:
             dtype = bucket.dtype
             for p in bucket.params:
                 if p.grad is not None or p.dtype is not dtype:
                     self._check_param(bucket, p)
-        for p in list(self.unhooked):
-            if p.requires_grad:
-                del self.unhooked[p]
-                self._hook(p)
+        self.take_unfrozen()
+
+    def refuse_grads_before_pass(self) -> None:
+        """A backward pass begins: a hooked parameter holding a ``.grad`` had it set by hand
+        since the last micro-batch; autograd would add this pass's gradient into it and the
+        hook would take the sum.  (The parameter whose gradient opened the pass is past this
+        check: its hand-set part is not seen.)"""
+        for p in self.hooks.handles:
             if p.grad is not None:
-                grad, p.grad = p.grad, None
-                bucket, i = self.slots[p]
+                raise RuntimeError(
+                    f"fused_accum: parameter {self.label(p)} has a .grad when a backward pass "
+                    "begins, set by hand: with accumulation_steps > 1, under data parallelism or "
+                    "inside a framework's windows, autograd would add the pass's gradient into it "
+                    "and the window would take the hand-set part as gradient. Produce the "
+                    "gradient in backward() (a loss term, a tensor hook or an autograd.Function), "
+                    "or use accumulation_steps=1, where .grad works as in torch.optim. (The "
+                    "backward pass was refused and nothing of it taken: set the .grad to None and "
+                    "run it again)")
+
+    def take_unfrozen(self) -> None:
+        """Hook the parameters that were frozen when the optimizer was built and require grad
+        now, accumulating what their ``.grad`` got meanwhile from plain ``loss.backward()``
+        passes (weight 1).  Called at every micro-batch's end, and before whatever must see every
+        gradient in the window: ``opt.backward``'s pass (whose weight, a loss scale or items, a
+        gradient left in ``.grad`` would miss) and a state dict."""
+        for p in list(self.unhooked):
+            if not p.requires_grad:
+                continue
+            bucket, i = self.slots[p]
+            if p.grad is not None:
+                self._check_param(bucket, p)
+                grad = p.grad
                 with self._lock:   # the user's tensor: copied, never adopted
                     accumulate(self.window, [(bucket, [i], [grad])])
+                p.grad = None
+            del self.unhooked[p]
+            self._hook(p)
 
     def take_grads(self, weight: dict[torch.device, Tensor] | None) -> bool:
         """Leaving gradients in ``.grad`` (``accumulation_steps=1`` in one process): take every
@@ -85,7 +112,11 @@ class GradAttribute:
     def _check_param(self, bucket: Bucket, param: Tensor) -> None:
         label = self.label(param)
         check_layout(bucket, param, label)
-        if param.grad is None or param in self.unhooked:
+        # A parameter hooked late (unfrozen since the optimizer was built) gets .grad from
+        # autograd until then; a frozen one cannot.
+        if param.grad is None or (param in self.unhooked and param.requires_grad):
+            if param.grad is not None:
+                self._check_stray(param, param.grad)
             return
         if param.grad.layout == torch.strided:
             self._check_stray(param, param.grad)

@@ -85,21 +85,24 @@ class ZeroGrad:
                    if b.device == device for i in b.touched_indices()]
             flag.copy_(torch.stack(bad).any().to(flag.dtype) if bad else torch.zeros_like(flag))
 
-    def keep_zero_grads(self, params: list[Tensor] | None, set_to_none: bool) -> None:
+    def keep_zero_grads(self, params: list[Tensor] | None, set_to_none: bool,
+                        touched: list[list[bool]] | None = None) -> None:
         """What ``zero_grad(set_to_none)`` means for the parameters that get no gradient in a
         window: after set_to_none=False torch steps those that held a .grad with zeros (see
-        :meth:`Bucket.touch_zeroed`); set_to_none=True releases them."""
+        :meth:`Bucket.touch_zeroed`); set_to_none=True releases them.  ``touched``: per bucket,
+        the slots touched before this zero_grad discarded what arrived since the last step()."""
         if params is None and set_to_none:   # the usual loop: opt.zero_grad() each micro-batch
             for bucket in self.buckets:
                 n = len(bucket.params)
                 bucket.holds_grad, bucket.zeroed = [False] * n, [False] * n
             return
         wanted = None if params is None else set(params)
-        for bucket in self.buckets:
+        for b, bucket in enumerate(self.buckets):
+            was_touched = bucket.touched if touched is None else touched[b]
             for i, p in enumerate(bucket.params):
                 if wanted is not None and p not in wanted:
                     continue
                 if set_to_none:
                     bucket.holds_grad[i] = bucket.zeroed[i] = False
-                elif bucket.holds_grad[i] or bucket.touched[i]:
+                elif bucket.holds_grad[i] or bucket.touched[i] or was_touched[i]:
                     bucket.zeroed[i] = True

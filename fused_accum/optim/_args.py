@@ -60,3 +60,24 @@ def check_adam(group: dict[str, Any]) -> None:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     _check_number("betas[0]", betas[0], 0.0, 1.0, high_open=True)
     _check_number("betas[1]", betas[1], 0.0, 1.0, high_open=True)
+
+
+def check_hyper_types(group: dict[str, Any], defaults: dict[str, Any], where: str) -> None:
+    """Each numeric hyper-parameter of ``group`` (those whose default is a number or a pair of
+    numbers) is a number or a tensor: a type check only, so a tensor is never read on the host.
+    Run before a window's step changes anything (an lr edited into a string would otherwise
+    fail inside the update, with the window consumed)."""
+    for key, default in defaults.items():
+        if isinstance(default, bool) or default is None or key not in group:
+            continue
+        value = group[key]
+        if isinstance(default, (tuple, list)):
+            ok = isinstance(value, (tuple, list)) and len(value) == len(default) and all(
+                isinstance(v, (numbers.Real, Tensor)) and not isinstance(v, bool) for v in value)
+        elif isinstance(default, (numbers.Real, Tensor)):
+            ok = isinstance(value, (numbers.Real, Tensor)) and not isinstance(value, bool)
+        else:
+            continue
+        if not ok:
+            raise TypeError(f"{where}: {key} must be a number or a tensor, got {value!r} "
+                            "(nothing was changed: set it and call step() again)")

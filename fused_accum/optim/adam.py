@@ -99,3 +99,8 @@ class AdamW(Adam):
                          nonfinite=nonfinite, stochastic_rounding=stochastic_rounding,
                          process_group=process_group, shard_state=shard_state,
                          backend=backend)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:   # as torch.optim.AdamW: an Adam dict keeps AdamW's decay
+            group["decoupled_weight_decay"] = True

@@ -28,7 +28,7 @@ from .param_groups import ParamGroups
 from .window_end import WindowEnd
 from .state import BucketState
 from .nonfinite import SkipMonitor
-from ._args import check_accumulation_steps, check_max_grad_norm
+from ._args import check_accumulation_steps, check_hyper_types, check_max_grad_norm
 
 # grad_scale: what acc is multiplied by to give the gradient of the window (clip / W); a float
 # or a 0-d fp32 tensor on the bucket's device.  found_inf: 0-d fp32 flag on that device.
@@ -266,6 +266,7 @@ class AccumulatingOptimizer(ParamGroups, MicroBatches, WindowEnd, BucketState, W
         self._buffers.check_grads()
         if self._window.micro + 1 >= self.accumulation_steps:
             self._buffers.check_foreign_hooks()
+            self._check_hyper_types()
         self._buffers.settle_unfinished()   # only backward passes that raised are left here
         self._end_micro_batch()
         self._check_schedule()
@@ -276,6 +277,10 @@ class AccumulatingOptimizer(ParamGroups, MicroBatches, WindowEnd, BucketState, W
         finally:   # also after a raise (nonfinite="raise"): the next micro-batch starts a window
             self._arm()
         return loss
+
+    def _check_hyper_types(self) -> None:
+        for g, group in enumerate(self.param_groups):
+            check_hyper_types(group, self.defaults, f"param_groups[{g}]")
 
     def _step_from_grads(self) -> None:
         """step() with gradients in ``.grad`` (``accumulation_steps=1``, one process): what
@@ -353,6 +358,7 @@ class AccumulatingOptimizer(ParamGroups, MicroBatches, WindowEnd, BucketState, W
         self._check_wrappers()
         self._buffers.check_grads()
         self._buffers.check_foreign_hooks()
+        self._check_hyper_types()
         self._buffers.settle_unfinished()
         if self._window.arrived:
             self._end_micro_batch()
@@ -386,9 +392,11 @@ class AccumulatingOptimizer(ParamGroups, MicroBatches, WindowEnd, BucketState, W
     def _discard(self, params: list[Tensor] | None, set_to_none: bool) -> None:
         """zero_grad() of ``params`` (all by default) while gradients are taken as they arrive;
         also called for ``nn.Module.zero_grad`` (see :mod:`fused_accum.guards`)."""
+        # torch's .grad after zero_grad(set_to_none=False) is zeros for what it discards too
+        touched = None if set_to_none else [b.touched.copy() for b in self._buffers.buckets]
         if self._buffers.discard(params):   # the micro-batch since the last step() is gone whole
             self._window.drop_since_step(self._buffers.holds_sums())
-        self._buffers.keep_zero_grads(params, set_to_none)
+        self._buffers.keep_zero_grads(params, set_to_none, touched)
 
     @torch._disable_dynamo
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -55,6 +55,8 @@ class WindowStateDict:
         return self._packed_state(whole=True)
 
     def _packed_state(self, whole: bool) -> dict[str, Any]:
+        if self._buffers.collecting:   # a gradient still in .grad belongs to the window saved
+            self._buffers.take_unfrozen()
         packed = super().state_dict()
         index = {p: i for i, p in enumerate(index_params(self.param_groups))}
         state: dict[int, dict[str, Tensor]] = {}
@@ -96,6 +98,16 @@ class WindowStateDict:
             if len(ours["params"]) != len(saved["params"]):
                 raise ValueError(f"state_dict: param group {g} has {len(saved['params'])} "
                                  f"parameters, this optimizer's has {len(ours['params'])}")
+        if self.algorithm.known_state is not None:   # SGD, Adam, AdamW: their hyper-parameters
+            needed = [k for k, v in self.defaults.items()
+                      if isinstance(v, (int, float, tuple, Tensor)) and not isinstance(v, bool)]
+            for g, saved in enumerate(saved_groups):
+                missing = [k for k in needed if k not in saved]
+                if missing:
+                    raise ValueError(
+                        f"state_dict: param group {g} has no {missing[0]!r}, which "
+                        f"{type(self).__name__} needs: a state dict of another optimizer? "
+                        "(nothing was changed)")
         saved_ids = [i for g in saved_groups for i in g["params"]]
         by_param = {p: (state_dict["state"].get(sid, {}), sid) for p, sid in zip(params, saved_ids)}
         common = state_dict.get("fused_accum")

@@ -49,6 +49,9 @@ class MicroBatches:
         if not self._buffers.collecting:
             self._backward_into_grads(loss, items, backward_kwargs)
             return
+        # A parameter unfrozen since the optimizer was built is hooked before this pass: its
+        # gradient must get the pass's weight, which a .grad taken at step() would not.
+        self._buffers.take_unfrozen()
         weights = None
         if items is not None and self._scaler is None and not self._has_fp16():
             # fp32 and bf16 gradients have fp32's range, so the item weight rides on the loss: the
