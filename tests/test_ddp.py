@@ -51,6 +51,11 @@ def _worker(rank: int, scenario: str, init_file: str, out_dir: str) -> None:
                 net.register_comm_hook(None, _counting_hook(reduced))
             elif scenario == "no ddp":
                 net, opt = model, make_opt(model.parameters())
+            elif scenario == "ddp, fused linear":   # weight gradients accumulated in the GEMMs
+                net = DDP(model)
+                net.register_comm_hook(None, _counting_hook(reduced))
+                opt = make_opt(net)
+                assert opt.fuse_linear(net)
             elif scenario == "explicit none":
                 net, opt = model, make_opt(model.parameters(), process_group=None)
             else:
@@ -101,7 +106,7 @@ def _assert_large_batch(results):
         assert_same_params(model, expected)
 
 
-@pytest.mark.parametrize("scenario", ["ddp", "optimizer first", "no ddp"])
+@pytest.mark.parametrize("scenario", ["ddp", "optimizer first", "no ddp", "ddp, fused linear"])
 def test_the_one_line_change_gives_every_rank_the_large_batch(scenario, tmp_path):
     results = _run(scenario, tmp_path)
     _assert_large_batch(results)

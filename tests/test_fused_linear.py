@@ -370,3 +370,14 @@ def test_a_held_model_pickles_and_its_copies_are_held_by_no_one():
     lm_loss(twin, tokens, targets).backward()
     torch_opt.step()   # a copy held by the fused optimizer would raise here
     assert max_rel_error(twin, model) > 1e-4
+
+
+@pytest.mark.parametrize("opt_cls", [fused_accum.SGD, fused_accum.Adam, fused_accum.AdamW])
+def test_a_model_in_place_of_its_parameters_is_fused_unless_asked_not_to(opt_cls, taken):
+    model = make_model(seed=22)
+    opt_cls(model, lr=0.1, accumulation_steps=2)
+    assert sorted(fused_modules(model)) == ["down", "head", "up"]
+    plain = make_model(seed=22)
+    opt = opt_cls(plain, lr=0.1, accumulation_steps=2, fuse_linear=False)
+    assert fused_modules(plain) == []
+    assert [id(p) for p in opt.param_groups[0]["params"]] == [id(p) for p in plain.parameters()]

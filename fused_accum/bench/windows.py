@@ -4,7 +4,11 @@ Each configuration trains one real model (a forward and a backward pass per micr
 real layers) in three pipelines, each on its own copy of the same model and the same
 micro-batches:
 
-- ``fused_accum``: the one-line change (``fused_accum.<Opt>(..., accumulation_steps=k)``);
+- ``fused_accum``: the one-line change (``fused_accum.<Opt>(params, accumulation_steps=k)``),
+  every gradient taken by the optimizer's hooks;
+- ``fused_accum fused``: the model passed in place of its parameters
+  (``fused_accum.<Opt>(model, ...)``): its ``nn.Linear`` weights' gradients accumulated inside
+  their GEMMs (:mod:`fused_accum.linear`);
 - ``torch best``: the strongest plain-PyTorch pipeline for the job: ``(loss / k).backward()``,
   fp32 gradient accumulation (``param.grad_dtype = float32`` where torch has it) and fp32 master
   copies for low-precision models, foreach ``clip_grad_norm_``, fused optimizers,
@@ -121,11 +125,13 @@ INIT_SCALE = 2.0**12   # both sides' loss scalers start here
 
 
 class FusedPipeline:
-    def __init__(self, config: Config, work: Workload, backend: str, compact: bool = False):
-        self.name = "fused_accum compact" if compact else "fused_accum"
+    def __init__(self, config: Config, work: Workload, backend: str, compact: bool = False,
+                 fused: bool = False):
+        self.name = "fused_accum" + (" compact" if compact else "") + (" fused" if fused else "")
         cls = fused_accum.SGD if config.optimizer == "sgd" else fused_accum.AdamW
         scaling = fused_accum.DynamicLossScale(init_scale=INIT_SCALE) if config.loss_scaling else None
-        self.opt = cls(work.params, accumulation_steps=config.k, max_grad_norm=config.max_grad_norm,
+        self.opt = cls(work.model if fused else work.params, accumulation_steps=config.k,
+                       max_grad_norm=config.max_grad_norm,
                        master_weights="compact" if compact else True, loss_scale=scaling,
                        backend=backend, **config.hyper)
         self.work, self.k, self.scaled = work, config.k, config.loss_scaling
@@ -223,18 +229,30 @@ class TorchNaivePipeline:
 
 
 def pipeline_names(config: Config) -> list[str]:
-    return ["fused_accum"] + (["fused_accum compact"] if config.compact else []) + ["torch best", "torch naive"]
+    return (["fused_accum", "fused_accum fused"] + (["fused_accum compact"] if config.compact else [])
+            + ["torch best", "torch naive"])
 
 
 def make_pipeline(name: str, config: Config, work: Workload, backend: str):
     if name.startswith("fused_accum"):
-        return FusedPipeline(config, work, backend, compact=name.endswith("compact"))
+        return FusedPipeline(config, work, backend, compact="compact" in name,
+                             fused=name.endswith("fused"))
     return (TorchBestPipeline if name == "torch best" else TorchNaivePipeline)(config, work)
 
 
-def bytes_per_parameter(config: Config, pipeline: str) -> int:
-    """Optimizer-side bytes moved per parameter per window (DESIGN.md §5)."""
+def bytes_per_parameter(config: Config, pipeline: str) -> float:
+    """Optimizer-side bytes moved per parameter per window (docs/design.md#byte-accounting):
+    beyond the gradients autograd's GEMMs write, which no pipeline counts.  ``fused_accum fused``:
+    a fused Linear weight's GEMM writes its fp32 sum on the window's first micro-batch (4 bytes)
+    and reads and writes it after (8), in place of writing a model-dtype gradient (``e``); the
+    other parameters as ``fused_accum``."""
     k, e = config.k, config.dtype.itemsize
+    if pipeline == "fused_accum fused":
+        fused = models.linear_weight_numel(config.model, config.size) / config.numel
+        step = bytes_per_parameter(config, "fused_accum") - (
+            (k - 1) * 12 if e == 4 else (e + 4) + (k - 1) * (e + 8))
+        gemm = (4 - e) + (k - 1) * (8 - e)
+        return round((1 - fused) * bytes_per_parameter(config, "fused_accum") + fused * (gemm + step), 1)
     clip = config.max_grad_norm is not None
     step32 = 28 if config.optimizer == "adamw" else 20          # fp32 param, grad, state in/out
     if pipeline.startswith("fused_accum"):

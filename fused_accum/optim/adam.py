@@ -56,7 +56,8 @@ class Adam(AccumulatingOptimizer):
                  accumulation_steps: int = 1, max_grad_norm: float | None = None,
                  master_weights: bool | str = True, loss_scale: Any = "auto", nonfinite: str = "skip",
                  stochastic_rounding: bool = False, process_group: Any = "auto",
-                 shard_state: bool = False, backend: str = "auto") -> None:
+                 shard_state: bool = False, backend: str = "auto",
+                 fuse_linear: bool = True) -> None:
         refuse_differentiable(differentiable)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
@@ -66,7 +67,8 @@ class Adam(AccumulatingOptimizer):
                          max_grad_norm=max_grad_norm, master_weights=master_weights,
                          loss_scale=loss_scale, nonfinite=nonfinite,
                          stochastic_rounding=stochastic_rounding, process_group=process_group,
-                         shard_state=shard_state, backend=backend)
+                         shard_state=shard_state, backend=backend,
+                         fuse_linear=fuse_linear)
 
     def validate_group(self, group: dict[str, Any]) -> None:
         check_adam(group)
@@ -90,7 +92,8 @@ class AdamW(Adam):
                  accumulation_steps: int = 1, max_grad_norm: float | None = None,
                  master_weights: bool | str = True, loss_scale: Any = "auto", nonfinite: str = "skip",
                  stochastic_rounding: bool = False, process_group: Any = "auto",
-                 shard_state: bool = False, backend: str = "auto") -> None:
+                 shard_state: bool = False, backend: str = "auto",
+                 fuse_linear: bool = True) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable, differentiable=differentiable,
                          fused=fused, decoupled_weight_decay=True,
@@ -98,7 +101,7 @@ class AdamW(Adam):
                          master_weights=master_weights, loss_scale=loss_scale,
                          nonfinite=nonfinite, stochastic_rounding=stochastic_rounding,
                          process_group=process_group, shard_state=shard_state,
-                         backend=backend)
+                         backend=backend, fuse_linear=fuse_linear)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)

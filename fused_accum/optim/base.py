@@ -88,6 +88,8 @@ class AccumulatingOptimizer(ParamGroups, MicroBatches, WindowEnd, BucketState, W
       (masters, moments), the window is reduce-scattered and the updated parameters all-gathered
       (see :mod:`fused_accum.distributed.sharded`); without one there is nothing to shard.
     - ``backend``: "auto", or a name from ``python -m fused_accum info``.
+    - ``params`` may be the model itself (``fused_accum.AdamW(model, ...)``): its parameters, and
+      its ``nn.Linear`` layers fused (:meth:`fuse_linear`) unless ``fuse_linear=False``.
     """
 
     algorithm: Algorithm
@@ -101,7 +103,10 @@ class AccumulatingOptimizer(ParamGroups, MicroBatches, WindowEnd, BucketState, W
                  max_grad_norm: float | None = None, master_weights: bool | str = True,
                  loss_scale: Any = "auto", nonfinite: str = "skip", stochastic_rounding: bool = False,
                  process_group: Any = "auto", shard_state: bool = False,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", fuse_linear: bool = True) -> None:
+        model = params if isinstance(params, torch.nn.Module) else None
+        if model is not None:
+            params = model.parameters()
         self._accumulation_steps = check_accumulation_steps(accumulation_steps)
         self._driven = False   # final_micro_batch was set: windows are driven from outside
         if not isinstance(stochastic_rounding, bool):
@@ -165,6 +170,8 @@ class AccumulatingOptimizer(ParamGroups, MicroBatches, WindowEnd, BucketState, W
         # Last: until here a failed construction has changed nothing outside this object.
         self._buffers.attach(self._collects())
         self._arm()
+        if model is not None and fuse_linear:
+            self.fuse_linear(model)
 
     # -- where gradients go --------------------------------------------------------------------
 

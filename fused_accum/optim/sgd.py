@@ -65,7 +65,8 @@ class SGD(AccumulatingOptimizer):
                  accumulation_steps: int = 1, max_grad_norm: float | None = None,
                  master_weights: bool | str = True, loss_scale: Any = "auto", nonfinite: str = "skip",
                  stochastic_rounding: bool = False, process_group: Any = "auto",
-                 shard_state: bool = False, backend: str = "auto") -> None:
+                 shard_state: bool = False, backend: str = "auto",
+                 fuse_linear: bool = True) -> None:
         refuse_differentiable(differentiable)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach,
@@ -74,7 +75,8 @@ class SGD(AccumulatingOptimizer):
                          max_grad_norm=max_grad_norm, master_weights=master_weights,
                          loss_scale=loss_scale, nonfinite=nonfinite,
                          stochastic_rounding=stochastic_rounding, process_group=process_group,
-                         shard_state=shard_state, backend=backend)
+                         shard_state=shard_state, backend=backend,
+                         fuse_linear=fuse_linear)
 
     def validate_group(self, group: dict[str, Any]) -> None:
         check_common(group)
