@@ -118,7 +118,10 @@ def sgd_step(param: Tensor, total: Tensor, momentum_buffer: Tensor | None, step:
     keep = found_inf != 0
     if total.sparse_dim() != 1:   # index_add_ below moves whole rows (an embedding's layout)
         total = total.to_dense().to_sparse(1)
-    values = total.values() * grad_scale
-    update = torch.where(keep, torch.zeros_like(values), values * lr)
-    param.index_add_(0, total.indices()[0], update if maximize else -update)
+    # One pass over the rows for the factor, one for the skip (a 0-d factor of 0 would turn a
+    # non-finite row into NaN where the skipped step must leave the parameter unchanged).
+    factor = grad_scale * lr
+    factor = factor if maximize else -factor
+    update = torch.where(keep, 0.0, total.values() * factor)
+    param.index_add_(0, total.indices()[0], update)
     step.add_(torch.where(keep, 0.0, 1.0))
