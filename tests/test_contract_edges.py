@@ -202,3 +202,24 @@ def test_a_compiled_training_step():
         train_step(x)
     _large_batch(expected, torch.optim.AdamW(expected.parameters(), lr=1e-2), xs)
     _close(model, expected)
+
+
+def test_a_wrapped_optimizers_own_state_dict_loads_into_the_wrapper():
+    """torch's RMSprop dict into FusedAccumulator(RMSprop): its state and groups, an empty window."""
+    xs = _inputs(4)
+    expected = Tiny()
+    ref = torch.optim.RMSprop(expected.parameters(), lr=1e-2, momentum=0.5)
+    for x in xs[:2]:
+        _loss(expected, x).backward()
+        ref.step()
+        ref.zero_grad()
+    model = copy.deepcopy(expected)
+    opt = fused_accum.FusedAccumulator(torch.optim.RMSprop(model.parameters(), lr=0.5))
+    opt.load_state_dict(copy.deepcopy(ref.state_dict()))
+    assert opt.param_groups[0]["lr"] == 1e-2
+    for x in xs[2:]:
+        for m, o in ((expected, ref), (model, opt)):
+            _loss(m, x).backward()
+            o.step()
+            o.zero_grad()
+    _close(model, expected)

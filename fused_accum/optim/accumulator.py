@@ -115,6 +115,10 @@ class FusedAccumulator(AccumulatingOptimizer):
         return packed
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not self.fused and "inner" not in state_dict and "fused_accum" not in state_dict:
+            # The wrapped optimizer's own dict (torch's format): its state, the window empty.
+            state_dict = {"state": {}, "param_groups": state_dict["param_groups"],
+                          "inner": state_dict}
         if not self.fused and "inner" not in state_dict:
             raise ValueError("state_dict: no 'inner' entry; expected a FusedAccumulator state "
                              f"dict around {type(self.optimizer).__name__}")
