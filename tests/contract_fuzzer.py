@@ -383,6 +383,7 @@ class Oracle:
 
     def zero_grad(self, set_to_none: bool) -> bool:
         """False if fused_accum must refuse."""
+        held = self.holds | self.touched   # torch's .grad, zeros once set_to_none=False
         if self.pending:
             if self.added:
                 return False
@@ -392,7 +393,7 @@ class Oracle:
         if set_to_none:
             self.holds, self.zeroed = set(), set()
         else:
-            self.zeroed |= self.holds | self.touched
+            self.zeroed |= held
         return True
 
     def steps(self) -> bool:

@@ -381,3 +381,62 @@ def test_a_model_in_place_of_its_parameters_is_fused_unless_asked_not_to(opt_cls
     opt = opt_cls(plain, lr=0.1, accumulation_steps=2, fuse_linear=False)
     assert fused_modules(plain) == []
     assert [id(p) for p in opt.param_groups[0]["params"]] == [id(p) for p in plain.parameters()]
+
+
+def test_gradients_of_inputs_only_leave_the_window_alone(taken):
+    """torch.autograd.grad and backward(inputs=) accumulate into no weight: nothing is taken."""
+    model = make_model(seed=23)
+    opt = fused_accum.SGD(model, lr=0.1, accumulation_steps=2)
+    tokens, targets = make_batches(24, 1, 2)[0]
+    h = model.embed(tokens).detach().requires_grad_()
+    out = model.head(h + model.down(F.gelu(model.up(model.norm(h)))))
+    (grad_h,) = torch.autograd.grad(out.square().sum(), h, retain_graph=True)
+    (grad_w,) = torch.autograd.grad(out.square().sum(), model.up.weight, retain_graph=True)
+    out.square().sum().backward(inputs=[h])
+    assert not any(taken) and grad_w.abs().sum() > 0
+    assert not opt._buffers.holds_sums()
+
+
+def test_a_hook_registered_between_forward_and_backward_sees_the_gradient(taken):
+    base, batches = make_model(seed=25), make_batches(26, 2, 2)
+    results = []
+    for fuse in (False, True):
+        model = clone(base)
+        opt = fused_accum.SGD(model, lr=0.1, accumulation_steps=2, fuse_linear=fuse)
+        for tokens, targets in batches:
+            loss = lm_loss(model, tokens, targets)
+            handle = model.up.weight.register_hook(lambda g: g * 0.5)
+            loss.backward()
+            handle.remove()
+            opt.step()
+        results.append(model)
+    assert len(taken) == 2 * 2   # down and head
+    assert_same_params(results[1], results[0], rtol=1e-6)
+
+
+def test_a_fused_gradient_opening_the_pass_leaves_the_collector_its_plan(monkeypatch):
+    """The head's fused gradient comes first in backward; the others are still planned."""
+    from fused_accum.accumulation import collector_bridge
+    planned = []
+    original = collector_bridge.plan_entries
+
+    def spy(*args, **kwargs):
+        entries = original(*args, **kwargs)
+        planned.append(sum(len(e.slots) for e in entries))
+        return entries
+    monkeypatch.setattr(collector_bridge, "plan_entries", spy)
+    monkeypatch.setenv("FUSED_ACCUM_HOOKS", "auto")
+    model = make_model(seed=27)
+    opt = fused_accum.SGD(model, lr=0.1, accumulation_steps=2)
+    if opt._buffers.collector is None:
+        pytest.skip("the C++ gradient collector does not build here")
+    lm_loss(model, *make_batches(28, 1, 2)[0]).backward()
+    assert planned and planned[0] == len(list(model.parameters())) - 3   # all but the fused
+
+
+def test_unfused_weights_return_to_the_plan():
+    model = make_model(seed=29)
+    opt = fused_accum.SGD(model, lr=0.1, accumulation_steps=2)
+    assert len(opt._buffers.fused_linear) == 3
+    fused_accum.linear.unfuse_linear(model)
+    assert not opt._buffers.fused_linear

@@ -281,10 +281,17 @@ class GradBuffers(GradAttribute, ZeroGrad):
         if not self.collecting or param not in self.hooks:
             return False
         with self._lock:
-            record = self.current_pass()
+            task = _task_id()
+            record = self.passes.get(task)
+            if record is None:   # this gradient opens the pass: plan it as the collector would
+                record = self._start_pass(task)
+                if self.collector is not None:
+                    self._plan(task)
             bucket, i = self.slots[param]
-            if accumulate_linear(self.window, bucket, i, grad_output, input, record.firsts):
-                record.added = True
+            # Marked before the GEMM: one that raises after writing into an earlier sum must not
+            # leave its pass looking undoable.
+            record.added = record.added or bucket.touched[i]
+            accumulate_linear(self.window, bucket, i, grad_output, input, record.firsts)
             if self._on_arrival is not None:   # data parallel, last micro-batch
                 self._on_arrival(param, record)
         return True

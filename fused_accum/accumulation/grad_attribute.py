@@ -64,12 +64,13 @@ class GradAttribute:
         passes (weight 1).  Called at every micro-batch's end, and before whatever must see every
         gradient in the window: ``opt.backward``'s pass (whose weight, a loss scale or items, a
         gradient left in ``.grad`` would miss) and a state dict."""
-        for p in list(self.unhooked):
-            if not p.requires_grad:
-                continue
+        unfrozen = [p for p in self.unhooked if p.requires_grad]
+        for p in unfrozen:   # all checked before any is taken
+            if p.grad is not None:
+                self._check_param(self.slots[p][0], p)
+        for p in unfrozen:
             bucket, i = self.slots[p]
             if p.grad is not None:
-                self._check_param(bucket, p)
                 grad = p.grad
                 with self._lock:   # the user's tensor: copied, never adopted
                     accumulate(self.window, [(bucket, [i], [grad])])

@@ -16,16 +16,26 @@ from torch import Tensor
 _FP32 = torch.float32
 
 
+# Widened operands are made this many bytes of rows at a time: the fp32 copies of an LM head's
+# output gradient (tokens x vocabulary) would otherwise cost more memory than the gradient saved.
+WIDEN_BYTES = 32 * 2**20
+
+
 def accumulate_linear(grad_outputs: list[Tensor], inputs: list[Tensor], accs: list[Tensor],
                       first: list[bool], weight: Tensor | None, sumsq: Tensor | None = None) -> None:
     for g, x, acc, is_first in zip(grad_outputs, inputs, accs, first):
-        g, x = g.to(_FP32), x.to(_FP32)
-        if weight is not None:
-            if g.shape[1] <= x.shape[1]:
-                g = g * weight
-            else:
-                x = x * weight
-        acc.addmm_(g.t(), x, beta=0 if is_first else 1)
+        rows = g.shape[0]
+        step = rows
+        if g.dtype is not _FP32 or x.dtype is not _FP32 or weight is not None:
+            step = max(1, WIDEN_BYTES // (4 * (g.shape[1] + x.shape[1])))
+        for start in range(0, max(rows, 1), step):
+            gs, xs = g[start:start + step].to(_FP32), x[start:start + step].to(_FP32)
+            if weight is not None:
+                if gs.shape[1] <= xs.shape[1]:
+                    gs = gs * weight
+                else:
+                    xs = xs * weight
+            acc.addmm_(gs.t(), xs, beta=0 if is_first and start == 0 else 1)
         if sumsq is not None:
             flat = acc.view(-1)
             sumsq.add_(torch.dot(flat, flat))

@@ -3,16 +3,40 @@ gradient handed to the optimizer's gradient engine as the GEMM's operands."""
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
+def foreign_hooks(weight: Tensor, engine: Any) -> bool:
+    """Whether a hook of the user's on ``weight`` must see its gradient: ``register_hook``, or a
+    post-accumulate-grad hook other than the optimizer's own.  (Hooks on the weight's
+    AccumulateGrad node cannot be seen from Python: a fused weight's never run.)"""
+    if weight._backward_hooks:
+        return True
+    post = weight._post_accumulate_grad_hooks
+    if not post:
+        return False
+    ours = getattr(engine.hooks.handles.get(weight), "id", None)
+    return any(key != ours for key in post)
+
+
+def _accumulates(node: Any) -> bool:
+    """Whether this backward pass accumulates into the weight (not ``backward(inputs=[x])`` or
+    ``torch.autograd.grad``, which leave ``.grad`` alone)."""
+    try:
+        return torch._C._will_engine_execute_node(node)
+    except RuntimeError:   # inside torch.autograd.grad
+        return False
+
+
 class LinearWithFusedWeightGrad(torch.autograd.Function):
     """``F.linear(input, weight, bias)``; in backward the weight's gradient goes to ``engine``
-    (:meth:`fused_accum.accumulation.GradBuffers.take_linear_grad`) when it takes it, else to
-    autograd as usual (k = 1, a parameter it lost, ``create_graph=True``)."""
+    (:meth:`fused_accum.accumulation.GradBuffers.take_linear_grad`) where autograd would
+    accumulate it into the weight and no hook of the user's must see it, else to autograd as
+    usual (k = 1, a parameter the engine lost, ``create_graph=True``, ``torch.autograd.grad``)."""
 
     @staticmethod
     def forward(ctx, input: Tensor, weight: Tensor, bias: Tensor | None,
@@ -21,6 +45,7 @@ class LinearWithFusedWeightGrad(torch.autograd.Function):
         # The parameter itself, for the engine to find it: a saved tensor may come back as
         # another tensor object (non-reentrant checkpointing recomputes what it saved).
         ctx.param = weight
+        ctx.node = torch.autograd.graph.get_gradient_edge(weight).node
         ctx.engine = engine
         return F.linear(input, weight, bias)
 
@@ -38,6 +63,7 @@ class LinearWithFusedWeightGrad(torch.autograd.Function):
             engine = ctx.engine()
             # With create_graph=True the weight gradient must be a differentiable tensor.
             taken = (engine is not None and not torch.is_grad_enabled()
+                     and _accumulates(ctx.node) and not foreign_hooks(ctx.param, engine)
                      and engine.take_linear_grad(ctx.param, rows, inputs))
             if not taken:
                 grad_weight = rows.t().mm(inputs)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import holders
-from .function import LinearWithFusedWeightGrad
+from .function import LinearWithFusedWeightGrad, foreign_hooks
 
 _LINEAR_FORWARD = nn.Linear.forward
 
@@ -36,27 +36,25 @@ def fusable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and type(module).forward is _LINEAR_FORWARD
 
 
-def _foreign_hooks(weight: Tensor, engine: Any) -> bool:
-    if weight._backward_hooks:
-        return True
-    post = weight._post_accumulate_grad_hooks
-    if not post:
-        return False
-    ours = getattr(engine.hooks.handles.get(weight), "id", None)
-    return any(key != ours for key in post)
-
-
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def _widened_gemm_pays(weight: Tensor) -> bool:
+    """bf16/fp16 operands are widened to fp32 for the GEMM (see fused_accum/kernels/gemm.py):
+    on a CPU that costs less than a bf16 GEMM; on a GPU it would give up the tensor cores, so
+    there only fp32 weights are fused until a GEMM that writes fp32 from bf16 is wired in."""
+    return weight.dtype is torch.float32 or weight.device.type == "cpu"
+
+
 def fused_forward(module: nn.Linear, input: Tensor) -> Tensor:
     weight, bias = module.weight, module.bias
-    if (torch.is_grad_enabled() and weight.requires_grad and not torch.compiler.is_compiling()
+    if (torch.is_grad_enabled() and weight.requires_grad and _widened_gemm_pays(weight)
+            and not torch.compiler.is_compiling()
             and not torch.is_autocast_enabled(input.device.type) and not _capturing(input.device)):
         engine = holders.taker(weight)
         if (engine is not None and weight in engine.fused_linear and weight in engine.hooks
-                and not _foreign_hooks(weight, engine)):
+                and not foreign_hooks(weight, engine)):
             return LinearWithFusedWeightGrad.apply(input, weight, bias, weakref.ref(engine))
     return F.linear(input, weight, bias)
 
@@ -74,11 +72,14 @@ def fuse_linear(engine: Any, model: nn.Module) -> list[str]:
 
 
 def unfuse_linear(model: nn.Module) -> None:
-    """Give every fused Linear of ``model`` back its class's forward."""
+    """Give every fused Linear of ``model`` back its class's forward (and its weight back to the
+    collector's plan)."""
     for module in model.modules():
         forward = module.__dict__.get("forward")
         if isinstance(forward, functools.partial) and forward.func is fused_forward:
             del module.forward
+            for holder in holders.holders(module.weight):
+                holder.fused_linear.pop(module.weight, None)
 
 
 def fused_modules(model: nn.Module) -> list[str]:

@@ -70,3 +70,14 @@ def test_non_finite_operands_stay_in_the_sum(backend):
     ops.accumulate_linear([g], [x], [acc], [False], None)
     assert not torch.isfinite(acc[1]).all()
     assert torch.isfinite(acc[0]).all()
+
+
+def test_widened_operands_go_in_chunks_of_rows_with_the_same_sum(monkeypatch):
+    """bf16 operands widened to fp32 a few rows at a time (bounded memory), first touch once."""
+    from fused_accum.kernels import gemm
+    monkeypatch.setattr(gemm, "WIDEN_BYTES", 4 * (48 + 96) * 5)   # 5 rows per chunk
+    g, x = _operands(6, 64, 48, 96, torch.bfloat16)
+    acc = torch.full((48, 96), float("nan"))
+    gemm.accumulate_linear([g], [x], [acc], [True], torch.tensor(0.5))
+    expected = 0.5 * _float64_product(g, x)
+    assert ((acc.double() - expected).abs().max() / expected.abs().max()).item() < 1e-6
