@@ -40,8 +40,9 @@ def test_quick_bench_writes_the_documented_json(tmp_path):
     cpu_backends = {n for n in kernels.backend_names()
                     if kernels.availability(n, "cpu")[0] and not kernels.interpreted(n)}
     assert contenders == {"torch"} | {f"fused_accum:{n}" for n in cpu_backends}
-    assert {r["pipeline"] for r in data["windows"]} == {"fused_accum", "fused_accum compact",
-                                                        "torch best", "torch naive"}
+    assert {r["pipeline"] for r in data["windows"]} == {"fused_accum", "fused_accum fused",
+                                                        "fused_accum compact", "torch best",
+                                                        "torch naive"}
     assert {r["config"] for r in data["windows"]} == {"a1", "a2", "b", "c", "d", "e", "f"}
     for r in data["ops"] + data["windows"]:
         assert r["time_s"] > 0 and r["bytes"] > 0
