@@ -44,6 +44,7 @@ from .buckets import Bucket, param_label
 from .grad_attribute import GradAttribute
 from .hooks import COMPILED_AUTOGRAD_REFUSED, Hooks, compiled_autograd_on
 from .passes import BackwardPass, queue_pass_end
+from .sparse import add_sparse, split_sparse
 from .window import Window
 from .zero_grad import ZeroGrad
 
@@ -367,38 +368,12 @@ class GradBuffers(GradAttribute, ZeroGrad):
                 groups += [(self.buckets[b], indices, grads)
                            for b, indices, grads in self.collector.take(record.task)]
                 self._settle_planned(record, final)
-                groups = self._split_sparse(groups, record)
+                groups = split_sparse(groups, record, self._add_sparse)
             if groups and accumulate(self.window, groups, record.firsts, adopt_firsts=True):
                 record.added = True
 
     def _add_sparse(self, bucket: Bucket, i: int, grad: Tensor, record: BackwardPass | None) -> None:
-        window = self.window
-        weight = None if window.micro_weight is None else window.micro_weight[bucket.device]
-        first = window.sparse.add(bucket, i, grad, weight, bucket.labels[i], self.flat_fp32)
-        if record is not None:
-            if first:
-                record.sparse_firsts.append((bucket, i))
-            else:
-                record.added = True
-        window.arrived = True
-
-    def _split_sparse(self, groups: list, record: BackwardPass) -> list:
-        """The collector queues sparse gradients for Python: sum them here, return the rest."""
-        dense = []
-        for bucket, indices, grads in groups:
-            if all(g.layout is _STRIDED for g in grads):
-                dense.append((bucket, indices, grads))
-                continue
-            kept = ([], [])
-            for i, g in zip(indices, grads):
-                if g.layout is _STRIDED:
-                    kept[0].append(i)
-                    kept[1].append(g)
-                else:
-                    self._add_sparse(bucket, i, g, record)
-            if kept[0]:
-                dense.append((bucket, *kept))
-        return dense
+        add_sparse(self.window, bucket, i, grad, record, self.flat_fp32)
 
     def drain_all(self) -> None:
         with self._lock:

@@ -104,6 +104,39 @@ class SparseSums:
                             for t in self.coalesced().values()]).sum()
 
 
+def add_sparse(window, bucket: Bucket, i: int, grad: Tensor, record, data_parallel: bool) -> None:
+    """A sparse gradient into ``window``'s sums, recorded in its backward pass ``record`` (a
+    :class:`fused_accum.accumulation.passes.BackwardPass`, or None outside a pass)."""
+    weight = None if window.micro_weight is None else window.micro_weight[bucket.device]
+    first = window.sparse.add(bucket, i, grad, weight, bucket.labels[i], data_parallel)
+    if record is not None:
+        if first:
+            record.sparse_firsts.append((bucket, i))
+        else:
+            record.added = True
+    window.arrived = True
+
+
+def split_sparse(groups: list, record, add) -> list:
+    """The collector queues sparse gradients for Python: ``add`` them (bucket, index, gradient,
+    record), return the dense rest of ``groups``."""
+    dense = []
+    for bucket, indices, grads in groups:
+        if all(g.layout is torch.strided for g in grads):
+            dense.append((bucket, indices, grads))
+            continue
+        kept = ([], [])
+        for i, g in zip(indices, grads):
+            if g.layout is torch.strided:
+                kept[0].append(i)
+                kept[1].append(g)
+            else:
+                add(bucket, i, g, record)
+        if kept[0]:
+            dense.append((bucket, *kept))
+    return dense
+
+
 def sgd_step(param: Tensor, total: Tensor, momentum_buffer: Tensor | None, step: Tensor, *,
              lr: float | Tensor, momentum: float, dampening: float, weight_decay: float,
              nesterov: bool, maximize: bool, grad_scale: float | Tensor, found_inf: Tensor) -> None:
