@@ -108,6 +108,10 @@ class WindowReducer(LocalReducer):
 
     def on_arrival(self, param: Tensor, record: BackwardPass) -> None:
         """A gradient arrived during the last micro-batch: launch every chunk now complete."""
+        if param in self.buffers.fused_linear:
+            # A fused Linear weight's gradient may come in parts (a Linear called twice, a weight
+            # tied to another module): its chunk, and those after it, wait for the window's end.
+            return
         chunk = self._chunk_of[param]
         if chunk.position < self._next:
             raise RuntimeError(

@@ -33,11 +33,13 @@ class FusedAccumulation(pl.Callback):
     """Lightning's gradient accumulation, run by fused_accum's optimizer.
 
     ``log_grad_norm``: the name under which the window's pre-clip gradient norm is logged
-    (None: not logged).
+    (None: not logged).  ``fuse_linear``: the module's ``nn.Linear`` layers accumulate their weight
+    gradients inside their GEMMs (docs/fused-linear.md).
     """
 
-    def __init__(self, log_grad_norm: str | None = "grad_norm") -> None:
+    def __init__(self, log_grad_norm: str | None = "grad_norm", fuse_linear: bool = True) -> None:
         self.log_grad_norm = log_grad_norm
+        self.fuse_linear = fuse_linear
         self._clip: float | None = None
         self._optimizers: list = []
         self._window_ends = False   # the current batch is the last of its window
@@ -70,6 +72,9 @@ class FusedAccumulation(pl.Callback):
                              "optimizer: build it with loss_scale='dynamic'")
         trainer.optimizers = self._optimizers
         trainer.gradient_clip_val = None   # the optimizers clip, in their step
+        if self.fuse_linear:
+            for opt in self._optimizers:
+                opt.fuse_linear(pl_module)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:

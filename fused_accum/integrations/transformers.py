@@ -33,7 +33,11 @@ from ._common import fused, unwrap
 
 
 class FusedAccumMixin:
-    """Mix in before a ``transformers.Trainer`` (sub)class; takes the same arguments."""
+    """Mix in before a ``transformers.Trainer`` (sub)class; takes the same arguments.  The model's
+    ``nn.Linear`` layers accumulate their weight gradients inside their GEMMs
+    (docs/fused-linear.md); set the class attribute ``fuse_linear = False`` for the hook path."""
+
+    fuse_linear = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._fused_loss_scale = None
@@ -82,6 +86,8 @@ class FusedAccumMixin:
         # Trainer marks each micro-batch before its forward pass (sync_gradients: the last one of
         # the window), which is when the optimizer asks.
         opt.final_micro_batch = lambda: self.accelerator.sync_gradients
+        if self.fuse_linear and self.model is not None:
+            opt.fuse_linear(self.model)
         return opt
 
     # -- clipping and the logged norm ---------------------------------------------------------
