@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import fused_accum
+from helpers import assert_same_params, clone, lm_loss, make_batches, make_model
 
 K = 2
 
@@ -223,3 +224,30 @@ def test_a_wrapped_optimizers_own_state_dict_loads_into_the_wrapper():
             o.step()
             o.zero_grad()
     _close(model, expected)
+
+
+def test_an_accumulate_that_raises_after_writing_discards_the_window(monkeypatch):
+    """A backend call that fails partway (here at a pass's end) may have written into earlier sums: the failed pass is
+    not undone as exact but discards the window (warned, skipped)."""
+    from fused_accum.kernels import reference
+    monkeypatch.setenv("FUSED_ACCUM_HOOKS", "python")
+    base, batches = make_model(seed=30), make_batches(31, 3, 2)
+    model = clone(base)
+    opt = fused_accum.SGD(model.parameters(), lr=0.1, accumulation_steps=3, backend="reference")
+    lm_loss(model, *batches[0]).backward()
+    opt.step()
+    original = reference.accumulate
+
+    def fails_after_writing(grads, accs, first, *args, **kwargs):
+        original(grads, accs, first, *args, **kwargs)
+        raise RuntimeError("injected after writing")
+    monkeypatch.setattr(reference, "accumulate", fails_after_writing)
+    with pytest.raises(RuntimeError, match="injected"), pytest.warns(RuntimeWarning,
+                                                                     match="discarded"):
+        lm_loss(model, *batches[1]).backward()
+    monkeypatch.setattr(reference, "accumulate", original)
+    for tokens, targets in batches[1:]:
+        lm_loss(model, tokens, targets).backward()
+        opt.step()
+    assert opt.skipped_steps == 1
+    assert_same_params(model, base, rtol=0)

@@ -15,8 +15,8 @@ from torch.utils.checkpoint import checkpoint
 import fused_accum
 from fused_accum.accumulation import GradBuffers
 from fused_accum.linear import fused_modules
-from helpers import (IGNORE, assert_same_params, clone, concat, lm_loss, make_batches, make_model,
-                     max_rel_error, train_accumulated, train_large_batch)
+from helpers import (IGNORE, assert_same_params, clone, lm_loss, make_batches, make_model,
+                     max_rel_error, train_large_batch)
 
 K = 3
 
@@ -440,3 +440,4 @@ def test_unfused_weights_return_to_the_plan():
     assert len(opt._buffers.fused_linear) == 3
     fused_accum.linear.unfuse_linear(model)
     assert not opt._buffers.fused_linear
+

@@ -369,8 +369,14 @@ class GradBuffers(GradAttribute, ZeroGrad):
                            for b, indices, grads in self.collector.take(record.task)]
                 self._settle_planned(record, final)
                 groups = split_sparse(groups, record, self._add_sparse)
-            if groups and accumulate(self.window, groups, record.firsts, adopt_firsts=True):
+            try:
+                if groups and accumulate(self.window, groups, record.firsts, adopt_firsts=True):
+                    record.added = True
+            except BaseException:
+                # What a raising backend call wrote is unknown: the pass is not undoable (its
+                # window is discarded), as for the collector's launches.
                 record.added = True
+                raise
 
     def _add_sparse(self, bucket: Bucket, i: int, grad: Tensor, record: BackwardPass | None) -> None:
         add_sparse(self.window, bucket, i, grad, record, self.flat_fp32)
@@ -386,7 +392,11 @@ class GradBuffers(GradAttribute, ZeroGrad):
         with self._lock:
             record = self.passes.pop(task, None)
             if record is not None:
-                self.drain(record, final=True)
+                try:
+                    self.drain(record, final=True)
+                except BaseException:
+                    self._undo(record)   # the pass is no longer open for fail_pass to settle
+                    raise
 
     @_eager
     def fail_pass(self, task: int) -> None:
