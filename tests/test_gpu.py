@@ -10,8 +10,8 @@ import torch
 import fused_accum
 from fused_accum import kernels
 from fused_accum.kernels import reference
-from helpers import (assert_same_params, clone, every_compact_pair, make_batches, make_model,
-                     train_accumulated, train_large_batch, write_compact_parameters,
+from helpers import (assert_same_params, clone, every_compact_pair, lm_loss, make_batches,
+                     make_model, train_accumulated, train_large_batch, write_compact_parameters,
                      write_some_elements)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -429,3 +429,40 @@ def test_a_bucket_on_a_device_that_is_not_current(gpu_backend):
     torch.cuda.synchronize(other)
     for a, e in zip(accs, expected):
         assert torch.equal(a, e)
+
+
+def test_fused_linear_on_gpu_equals_the_hook_path_and_the_large_batch(gpu_backend):
+    """fp32 weights: the weight gradient added into the sum by cuBLAS (CPU version:
+    tests/test_fused_linear.py)."""
+    from fused_accum.linear import fused_modules
+    windows = [make_batches(s, 4, 3) for s in range(3)]
+    windows = [[(x.cuda(), y.cuda()) for x, y in w] for w in windows]
+    base = make_model(seed=1).cuda()
+    expected = train_large_batch(clone(base), lambda p: torch.optim.AdamW(p, lr=1e-2), windows,
+                                 max_grad_norm=0.5)
+    hooked = clone(base)
+    train_accumulated(hooked, fused_accum.AdamW(hooked.parameters(), lr=1e-2, accumulation_steps=4,
+                                                max_grad_norm=0.5, backend=gpu_backend.name),
+                      windows)
+    fused = clone(base)
+    opt = fused_accum.AdamW(fused, lr=1e-2, accumulation_steps=4, max_grad_norm=0.5,
+                            backend=gpu_backend.name)
+    assert sorted(fused_modules(fused)) == ["down", "head", "up"]
+    train_accumulated(fused, opt, windows)
+    assert_same_params(fused, hooked, rtol=1e-5)
+    assert_same_params(fused, expected)
+
+
+def test_fused_linear_on_gpu_leaves_bf16_weights_on_the_hook_path(monkeypatch):
+    """bf16 operands would be widened to an fp32 GEMM without tensor cores: not fused on GPUs."""
+    from fused_accum.accumulation import GradBuffers
+    taken = []
+    original = GradBuffers.take_linear_grad
+    monkeypatch.setattr(GradBuffers, "take_linear_grad",
+                        lambda self, *a: taken.append(1) or original(self, *a))
+    model = make_model(seed=2).cuda().to(torch.bfloat16)
+    opt = fused_accum.SGD(model, lr=0.1, accumulation_steps=2)
+    for tokens, targets in make_batches(3, 2, 2):
+        lm_loss(model, tokens.cuda(), targets.cuda()).backward()
+        opt.step()
+    assert taken == [] and opt.stepped
