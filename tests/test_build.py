@@ -220,8 +220,8 @@ def test_a_live_build_is_waited_for_and_said_so(tmp_path, monkeypatch, capfd):
         while "waiting for process 4242" not in err and time.monotonic() < deadline:
             time.sleep(0.2)
             err += capfd.readouterr().err
-        assert "waiting for process 4242, which is building the gradient collector in " \
-            f"{directory}" in err, err
+        assert ("waiting for process 4242, which is building or checking the gradient "
+                f"collector in {directory}") in err, err
         assert waiting.is_alive() and (directory / "lock").exists()
     finally:
         os.close(builder)   # the builder dies: the kernel drops its flock
