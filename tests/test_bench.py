@@ -47,10 +47,15 @@ def test_quick_bench_writes_the_documented_json(tmp_path):
     for r in data["ops"] + data["windows"]:
         assert r["time_s"] > 0 and r["bytes"] > 0
     # fused_accum and the best plain pipeline end every window with the same parameters.
+    # With bf16/fp16 Linears fused, the weight gradients are exact fp32 sums (torch best sums
+    # bf16-rounded ones; tests/test_fused_linear.py checks the sums), and AdamW's normalised step
+    # turns that difference into lr-sized moves of parameters that moved only a few lr (the
+    # LayerNorm biases of the quick GPT: 6% of their 3e-4).
     for r in data["windows"]:
         if r["pipeline"].startswith("fused_accum"):
             low_precision = r["dtype"] in ("bfloat16", "float16")   # parameter rounding may flip
-            assert r["max_rel_diff_vs_torch_best"] < (1e-2 if low_precision else 1e-5)
+            bound = (1e-1 if r["pipeline"] == "fused_accum fused" else 1e-2) if low_precision else 1e-5
+            assert r["max_rel_diff_vs_torch_best"] < bound, r
     assert "| (b) bf16 GPT-like model" in tables(data)
     # Communication, as counted at each all-reduce: fused_accum sends its fp32 buffers once per
     # window (plus a few summary floats), DDP the model-dtype gradients every micro-batch, or once
