@@ -39,8 +39,9 @@ def test_a_windows_run_killed_after_its_first_configuration_keeps_that_configura
     assert still_running, f"no rows were written before the run ended:\n{text[-3000:]}"
     data = json.loads(out.read_text())
     assert data["complete"] is False and data["failures"] == []
-    assert [r["config"] for r in data["windows"]] == ["e"] * 3   # in the order asked for
-    assert {r["pipeline"] for r in data["windows"]} == {"fused_accum", "torch best", "torch naive"}
+    assert [r["config"] for r in data["windows"]] == ["e"] * 4   # in the order asked for
+    assert {r["pipeline"] for r in data["windows"]} == {"fused_accum", "fused_accum fused",
+                                                        "torch best", "torch naive"}
     assert all(r["time_s"] > 0 for r in data["windows"])
     assert "| (e) parameter-dominated fp32 model" in text   # printed as soon as measured
     assert "still on windows: (e)" in text                  # the heartbeat, at --progress-s
