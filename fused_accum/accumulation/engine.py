@@ -247,11 +247,17 @@ class GradBuffers(GradAttribute, ZeroGrad):
 
     # -- gradients in ------------------------------------------------------------------------
 
-    def current_pass(self) -> BackwardPass:
-        """The backward pass running on this thread, opened at its first gradient (which may
-        refuse it, see ``on_backward_start``: then nothing is taken)."""
-        task = _task_id()
-        return self.passes.get(task) or self._start_pass(task)
+    def current_pass(self, task: int | None = None) -> BackwardPass:
+        """The backward pass ``task`` (by default the one running on this thread), opened at its
+        first gradient, which may refuse it (see ``on_backward_start``: then nothing is taken);
+        with the collector, a pass opened here is planned for it."""
+        task = _task_id() if task is None else task
+        record = self.passes.get(task)
+        if record is None:
+            record = self._start_pass(task)
+            if self.collector is not None:
+                self._plan(task)
+        return record
 
     @_eager
     def on_grad(self, param: Tensor, bucket: Bucket, i: int) -> None:
@@ -282,12 +288,7 @@ class GradBuffers(GradAttribute, ZeroGrad):
         if not self.collecting or param not in self.hooks:
             return False
         with self._lock:
-            task = _task_id()
-            record = self.passes.get(task)
-            if record is None:   # this gradient opens the pass: plan it as the collector would
-                record = self._start_pass(task)
-                if self.collector is not None:
-                    self._plan(task)
+            record = self.current_pass()
             bucket, i = self.slots[param]
             # Marked before the GEMM: one that raises after writing into an earlier sum must not
             # leave its pass looking undoable.
@@ -302,9 +303,7 @@ class GradBuffers(GradAttribute, ZeroGrad):
     @_eager
     def collected_start(self, task: int) -> None:
         with self._lock:
-            if task not in self.passes:
-                self._start_pass(task)
-                self._plan(task)
+            self.current_pass(task)
 
     def _plan(self, task: int) -> None:
         """Give the collector this pass's slots of compiled-backend buckets, to adopt or accumulate
