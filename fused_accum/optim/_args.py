@@ -62,22 +62,32 @@ def check_adam(group: dict[str, Any]) -> None:
     _check_number("betas[1]", betas[1], 0.0, 1.0, high_open=True)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (numbers.Real, Tensor)) and not isinstance(value, bool)
+
+
+def numeric_hypers(defaults: dict[str, Any]) -> list[str]:
+    """The numeric hyper-parameters of an optimizer: those whose default is a number, a tensor
+    or a tuple of them (lr, betas, eps, weight_decay, momentum, dampening), not its flags."""
+    return [key for key, default in defaults.items()
+            if _is_number(default) or (isinstance(default, (tuple, list)) and default
+                                       and all(map(_is_number, default)))]
+
+
 def check_hyper_types(group: dict[str, Any], defaults: dict[str, Any], where: str) -> None:
-    """Each numeric hyper-parameter of ``group`` (those whose default is a number or a pair of
-    numbers) is a number or a tensor: a type check only, so a tensor is never read on the host.
+    """Each numeric hyper-parameter of ``group`` (see :func:`numeric_hypers`) is a number or a
+    tensor, or a tuple of as many: a type check only, so a tensor is never read on the host.
     Run before a window's step changes anything (an lr edited into a string would otherwise
     fail inside the update, with the window consumed)."""
-    for key, default in defaults.items():
-        if isinstance(default, bool) or default is None or key not in group:
+    for key in numeric_hypers(defaults):
+        if key not in group:
             continue
-        value = group[key]
+        value, default = group[key], defaults[key]
         if isinstance(default, (tuple, list)):
-            ok = isinstance(value, (tuple, list)) and len(value) == len(default) and all(
-                isinstance(v, (numbers.Real, Tensor)) and not isinstance(v, bool) for v in value)
-        elif isinstance(default, (numbers.Real, Tensor)):
-            ok = isinstance(value, (numbers.Real, Tensor)) and not isinstance(value, bool)
+            ok = (isinstance(value, (tuple, list)) and len(value) == len(default)
+                  and all(map(_is_number, value)))
         else:
-            continue
+            ok = _is_number(value)
         if not ok:
             raise TypeError(f"{where}: {key} must be a number or a tensor, got {value!r} "
                             "(nothing was changed: set it and call step() again)")

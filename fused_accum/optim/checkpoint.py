@@ -27,6 +27,7 @@ from torch import Tensor
 from ..accumulation.buckets import MASTER_STATES, Bucket
 from ..kernels import reference
 from . import window_checkpoint
+from ._args import numeric_hypers
 
 
 ZERO_GRADS_TAG = "fused_accum.zero_grads/1"
@@ -99,8 +100,7 @@ class WindowStateDict:
                 raise ValueError(f"state_dict: param group {g} has {len(saved['params'])} "
                                  f"parameters, this optimizer's has {len(ours['params'])}")
         if self.algorithm.known_state is not None:   # SGD, Adam, AdamW: their hyper-parameters
-            needed = [k for k, v in self.defaults.items()
-                      if isinstance(v, (int, float, tuple, Tensor)) and not isinstance(v, bool)]
+            needed = numeric_hypers(self.defaults)
             for g, saved in enumerate(saved_groups):
                 missing = [k for k in needed if k not in saved]
                 if missing:
