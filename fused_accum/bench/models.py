@@ -138,7 +138,6 @@ def tensors(kind: str, size: dict) -> int:
     return len(list(build(kind, size, torch.float32, torch.device("meta"), 0).parameters()))
 
 
-
 def linear_weight_numel(kind: str, size: dict) -> int:
     """Elements of the model's nn.Linear weights (what ``fuse_linear`` accumulates in the GEMM)."""
     model = build(kind, size, torch.float32, torch.device("meta"), 0)

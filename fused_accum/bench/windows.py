@@ -247,21 +247,21 @@ def bytes_per_parameter(config: Config, pipeline: str) -> float:
     and reads and writes it after (8), in place of writing a model-dtype gradient (``e``); the
     other parameters as ``fused_accum``."""
     k, e = config.k, config.dtype.itemsize
-    if pipeline == "fused_accum fused":
-        fused = models.linear_weight_numel(config.model, config.size) / config.numel
-        step = bytes_per_parameter(config, "fused_accum") - (
-            (k - 1) * 12 if e == 4 else (e + 4) + (k - 1) * (e + 8))
-        gemm = (4 - e) + (k - 1) * (8 - e)
-        return round((1 - fused) * bytes_per_parameter(config, "fused_accum") + fused * (gemm + step), 1)
     clip = config.max_grad_norm is not None
     step32 = 28 if config.optimizer == "adamw" else 20          # fp32 param, grad, state in/out
     if pipeline.startswith("fused_accum"):
-        if e == 4:   # the first gradient is adopted, later ones added; the norm is folded in
-            return (k - 1) * 12 + step32
         # bf16/fp16: fp32 master in/out and the parameter read (whether it was written since the
         # last step) and written, or (compact) the bf16 parameter and int16 remainder in/out
-        step = step32 if pipeline.endswith("compact") else step32 + 2 * e
-        return (e + 4) + (k - 1) * (e + 8) + step
+        step = step32 if e == 4 or "compact" in pipeline else step32 + 2 * e
+        if e == 4:   # the first gradient is adopted, later ones added; the norm is folded in
+            hooked = (k - 1) * 12
+        else:
+            hooked = (e + 4) + (k - 1) * (e + 8)
+        if not pipeline.endswith("fused"):
+            return hooked + step
+        fused = models.linear_weight_numel(config.model, config.size) / config.numel
+        gemm = (4 - e) + (k - 1) * (8 - e)
+        return round((1 - fused) * hooked + fused * gemm + step, 1)
     if pipeline == "torch best":
         first = e + 4 if e != 4 else 0                           # autograd steals an fp32 grad
         later = (e + 4) + 12 if e != 4 else 12                   # cast, then add
