@@ -132,12 +132,19 @@ def test_written_parameters_on_gpu_are_updated_from_their_written_values(gpu_bac
         assert torch.equal(p, m.to(dtype))
 
 
-def test_window_on_gpu_equals_large_batch(gpu_backend):
+def _windows_and_large_batch():
+    """Three windows of four micro-batches on the GPU, the model they start from, and what
+    torch's AdamW makes of it on one large batch per window."""
     windows = [make_batches(s, 4, 3) for s in range(3)]
     windows = [[(x.cuda(), y.cuda()) for x, y in w] for w in windows]
     base = make_model(seed=1).cuda()
     expected = train_large_batch(clone(base), lambda p: torch.optim.AdamW(p, lr=1e-2), windows,
                                  max_grad_norm=0.5)
+    return windows, base, expected
+
+
+def test_window_on_gpu_equals_large_batch(gpu_backend):
+    windows, base, expected = _windows_and_large_batch()
     model = clone(base)
     opt = fused_accum.AdamW(model.parameters(), lr=1e-2, accumulation_steps=4, max_grad_norm=0.5,
                             backend=gpu_backend.name)
@@ -435,11 +442,7 @@ def test_fused_linear_on_gpu_equals_the_hook_path_and_the_large_batch(gpu_backen
     """fp32 weights: the weight gradient added into the sum by cuBLAS (CPU version:
     tests/test_fused_linear.py)."""
     from fused_accum.linear import fused_modules
-    windows = [make_batches(s, 4, 3) for s in range(3)]
-    windows = [[(x.cuda(), y.cuda()) for x, y in w] for w in windows]
-    base = make_model(seed=1).cuda()
-    expected = train_large_batch(clone(base), lambda p: torch.optim.AdamW(p, lr=1e-2), windows,
-                                 max_grad_norm=0.5)
+    windows, base, expected = _windows_and_large_batch()
     hooked = clone(base)
     train_accumulated(hooked, fused_accum.AdamW(hooked.parameters(), lr=1e-2, accumulation_steps=4,
                                                 max_grad_norm=0.5, backend=gpu_backend.name),
