@@ -183,9 +183,10 @@ def _exclusive(directory: Path, what: str):
                 waited = time.monotonic() - started
                 if said is None or waited - said >= 60:
                     holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                    print(f"fused_accum: waiting for process {holder}, which is building or checking {what} "
-                          f"in {directory}" + (f" (waited {waited:.0f} s)" if said is not None
-                                               else ""), file=sys.stderr, flush=True)
+                    print(f"fused_accum: waiting for process {holder}, which is building or "
+                          f"checking {what} in {directory}"
+                          + (f" (waited {waited:.0f} s)" if said is not None else ""),
+                          file=sys.stderr, flush=True)
                     said = waited
                 time.sleep(0.2)
                 try:
