@@ -85,13 +85,64 @@ def _train_and_compare(k, hyper, clip, backend):
     for window in windows:
         for tokens in window:
             model(tokens).backward()
-            if k > 1:   # summed sparse, never in a dense accumulator
+            if k > 1:   # summed sparse, never in a dense accumulator, and never coalesced
                 (bucket, i), = opt._window.sparse.sums
                 assert bucket.params[i] is model.embed.weight and not bucket.touched[i]
-                assert opt._window.sparse.sums[(bucket, i)].total().layout == torch.sparse_coo
+                assert not opt._window.sparse.sums[(bucket, i)].coalesced
             opt.step()
             opt.zero_grad()
     _assert_close(expected, model)
+
+
+def _large_batch_norms(model, windows):
+    """The norm of each window's mean gradient, as torch's clip_grad_norm_ computes it."""
+    twin, norms = _dense_twin(model), []
+    for window in windows:
+        twin.zero_grad()
+        (sum(twin(t) for t in window) / len(window)).backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(twin.parameters(), float("inf")))
+    return norms
+
+
+@pytest.mark.parametrize("read", ["at once", "late", "live"])
+def test_grad_norm_of_a_sparse_window_is_the_large_batch_norm(read, backend):
+    """Without clipping the sparse part of the norm waits for grad_norm's first read; read late,
+    with the next window's sparse gradients arriving, it is still its own window's;
+    live_grad_norm() makes every window compute it at its end."""
+    model = _model(11)
+    windows = [_tokens(110 + w, 3) for w in range(3)]
+    expected = _large_batch_norms(model, windows)
+    opt = fused_accum.SGD(model.parameters(), lr=0.0, accumulation_steps=3, backend=backend)
+    live = opt.live_grad_norm() if read == "live" else None
+    for w, window in enumerate(windows):
+        for m, tokens in enumerate(window):
+            model(tokens).backward()
+            if read == "late" and w > 0 and m == 0:
+                torch.testing.assert_close(opt.grad_norm, expected[w - 1], rtol=1e-5, atol=0)
+            opt.step()
+        if read != "late":
+            norm = live if read == "live" else opt.grad_norm
+            torch.testing.assert_close(norm, expected[w], rtol=1e-5, atol=0)
+    torch.testing.assert_close(opt.grad_norm, expected[-1], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_non_finite_sparse_gradient_skips_the_window(value, k, backend):
+    """Only the embedding has a gradient, so only the sparse check can see the bad element."""
+    torch.manual_seed(12)
+    embed = nn.Embedding(VOCAB, DIM, sparse=True)
+    before = embed.weight.detach().clone()
+    opt = fused_accum.SGD(embed.parameters(), lr=0.5, accumulation_steps=k, backend=backend)
+    for m, tokens in enumerate(_tokens(120, k)):
+        upstream = torch.randn(len(tokens), DIM)
+        if m == k - 1:
+            upstream[3, 2] = value
+        (embed(tokens) * upstream).sum().backward()
+        opt.step()
+    assert opt.stepped and opt.skipped_steps == 1
+    assert torch.equal(embed.weight.detach(), before)
+    assert not torch.isfinite(opt.grad_norm)
 
 
 def test_num_items_and_loss_scaling_weigh_sparse_gradients(backend):

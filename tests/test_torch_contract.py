@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim import optimizer as torch_optimizer
 # Imported before any fused optimizer exists, as at the top of a training script: the clipping
 # guards must catch these references too, not only the module attributes.
 from torch.nn.utils import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
@@ -658,3 +659,60 @@ def test_bad_input_named():
     with pytest.raises(ValueError, match="AdamW needs: a state dict of another optimizer"):
         adamw.load_state_dict(sgd.state_dict())
     adamw.step()   # still usable
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_step_hooks_run_at_every_step_as_torch_runs_them(k):
+    """fused_accum's step() skips the profiler label's cost when no profiler runs
+    (fused_accum/optim/step_hooks.py): the hooks must still run as torch's wrapper runs them."""
+    def calls_of(cls, **extra):
+        calls = []
+
+        def record(kind):
+            return lambda opt, args, kwargs: calls.append((kind, len(args), args[0] is opt,
+                                                           dict(kwargs)))
+
+        model = make_model(3)
+        opt = cls(model.parameters(), lr=0.1, **extra)
+        opt.register_step_pre_hook(record("pre"))
+        opt.register_step_post_hook(record("post"))
+        handles = [torch_optimizer.register_optimizer_step_pre_hook(record("global pre")),
+                   torch_optimizer.register_optimizer_step_post_hook(record("global post"))]
+        try:
+            for batch in make_batches(5, 4, 2):
+                lm_loss(model, *batch).backward()
+                opt.step()
+                opt.step(closure=None)
+        finally:
+            for h in handles:
+                h.remove()
+        return calls
+
+    expected = calls_of(torch.optim.SGD)
+    assert calls_of(fused_accum.SGD, accumulation_steps=k) == expected
+    assert len(expected) == 4 * 2 * 4
+
+
+def test_a_step_pre_hook_can_replace_the_arguments_as_in_torch():
+    results = []
+    for cls in (torch.optim.SGD, fused_accum.SGD):
+        opt = cls(make_model(4).parameters(), lr=0.1)
+        handle = opt.register_step_pre_hook(lambda o, args, kwargs: (args, {"closure": lambda: 7.0}))
+        results.append(opt.step())
+        handle.remove()
+        opt.register_step_pre_hook(lambda o, args, kwargs: "neither")
+        with pytest.raises(RuntimeError, match="must return None or a tuple"):
+            opt.step()
+    assert results == [7.0, 7.0]
+
+
+def test_the_profiler_sees_each_step_under_torchs_label():
+    model = make_model(6)
+    opt = fused_accum.AdamW(model.parameters(), lr=1e-3, accumulation_steps=2)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for batch in make_batches(7, 2, 2):
+            lm_loss(model, *batch).backward()
+            opt.step()
+    names = [e.name for e in prof.events()]
+    assert names.count("Optimizer.step#AdamW.step") == 2
+    assert opt.stepped

@@ -3,16 +3,21 @@
 A parameter whose gradient arrives sparse keeps its window's sum sparse, one entry per parameter
 here, beside the bucket's dense accumulators (which it never touches): a large vocabulary costs
 what torch's own sparse accumulation costs, in time and memory, not a dense pass per micro-batch.
-At the window's end the sum is coalesced once; it joins the clipping norm and the non-finite
-check, and is stepped by :func:`sgd_step`: SGD without momentum or weight decay touches the
-gradient's rows only (what torch's SGD does with a sparse gradient); with either, the update runs
-through the dense reference formulas, as torch's SGD then touches every row too.  Adam and AdamW
+At the window's end the gradients, as they came, join the non-finite check and are stepped by
+:func:`sgd_step`: SGD without momentum or weight decay adds them into the gradient's rows (what
+torch's SGD does with its sparse ``.grad``, which autograd sums by concatenation, never
+coalescing); with either, the sum is coalesced and the update runs through the dense reference
+formulas, as torch's SGD then touches every row too.  The norm needs the coalesced sum (a sum of
+squares per row): with ``max_grad_norm`` it is computed at the window's end, otherwise when
+``grad_norm`` is first read (:class:`DeferredNorm`), so that a window pays for coalescing only
+where torch's own clipping would.  Adam and AdamW
 refuse sparse gradients as torch's do; :class:`~fused_accum.FusedAccumulator` hands the mean to the
 optimizer it wraps (``torch.optim.SparseAdam``) as a sparse ``.grad``.  Sparse gradients of bf16 or
 fp16 parameters, and under data parallelism, are refused.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -40,11 +45,24 @@ class SparseSum:
         self.indices.append(grad._indices())
         self.values.append(values if weight is None else values * weight.to(values.device))
 
+    def joined(self) -> tuple[Tensor, Tensor]:
+        """The (indices, values) of every gradient concatenated, uncoalesced (kept so; one
+        ``index_add_`` of all rows is several times faster than one per gradient)."""
+        if len(self.indices) > 1:
+            self.indices, self.values = [torch.cat(self.indices, 1)], [torch.cat(self.values)]
+        return self.indices[0], self.values[0]
+
+    def nonfinite(self) -> Tensor:
+        """0-d: NaN if any element of any gradient is not finite, else 0 (``x * 0`` is NaN
+        exactly for non-finite ``x``; min and max are non-finite if any element is)."""
+        low, high = torch.aminmax(self.joined()[1])
+        return low * 0 + high * 0
+
     def total(self) -> Tensor:
         """The sum, coalesced (kept so: the next call costs nothing)."""
         if not self.coalesced:
-            total = torch.sparse_coo_tensor(torch.cat(self.indices, 1), torch.cat(self.values),
-                                            self.size, check_invariants=False).coalesce()
+            total = torch.sparse_coo_tensor(*self.joined(), self.size,
+                                            check_invariants=False).coalesce()
             self.indices, self.values = [total._indices()], [total._values()]
             self.coalesced = True
         return torch.sparse_coo_tensor(self.indices[0], self.values[0], self.size,
@@ -95,13 +113,40 @@ class SparseSums:
     def reset(self) -> None:
         self.sums.clear()
 
+    def __iter__(self):
+        """(bucket, index, SparseSum) of every sum."""
+        return ((bucket, i, entry) for (bucket, i), entry in self.sums.items())
+
     def coalesced(self) -> dict[tuple[Bucket, int], Tensor]:
         return {key: entry.total() for key, entry in self.sums.items()}
 
+    def nonfinite(self, device: torch.device) -> Tensor:
+        """Float 0-d on ``device``: 1 if any gradient has a non-finite element, else 0."""
+        flags = [entry.nonfinite().to(device) for entry in self.sums.values()]
+        return torch.isnan(torch.stack(flags).sum()).to(torch.float32)
+
     def sumsq(self, device: torch.device) -> Tensor:
         """The sum of squares of every sum, on ``device`` (not finite if any element is not)."""
-        return torch.stack([t.values().square().sum().to(device)
-                            for t in self.coalesced().values()]).sum()
+        return _sumsq(self.sums.values(), device)
+
+
+def _sumsq(sums, device: torch.device) -> Tensor:
+    return torch.stack([entry.total().values().square().sum().to(device)
+                        for entry in sums]).sum()
+
+
+class DeferredNorm:
+    """A window's gradient norm whose sparse part is computed when first read: it keeps the
+    window's sparse sums (what torch's ``.grad`` would hold) until then, or until the next window
+    ends and replaces it."""
+
+    def __init__(self, dense_sumsq: Tensor, sums: SparseSums, scale: float | Tensor) -> None:
+        self.dense_sumsq, self.scale = dense_sumsq, scale
+        self.sums = list(sums.sums.values())
+
+    def value(self) -> Tensor:
+        device = self.dense_sumsq.device
+        return (self.dense_sumsq + _sumsq(self.sums, device)).sqrt() * self.scale
 
 
 def add_sparse(window, bucket: Bucket, i: int, grad: Tensor, record, data_parallel: bool) -> None:
@@ -137,24 +182,26 @@ def split_sparse(groups: list, record, add) -> list:
     return dense
 
 
-def sgd_step(param: Tensor, total: Tensor, momentum_buffer: Tensor | None, step: Tensor, *,
+def sgd_step(param: Tensor, grad: SparseSum, momentum_buffer: Tensor | None, step: Tensor, *,
              lr: float | Tensor, momentum: float, dampening: float, weight_decay: float,
              nesterov: bool, maximize: bool, grad_scale: float | Tensor, found_inf: Tensor) -> None:
-    """torch.optim.SGD's step of ``param`` with the coalesced sparse gradient ``total * grad_scale``
-    (nothing changes where ``found_inf`` is set)."""
+    """torch.optim.SGD's step of ``param`` with the sparse gradient ``grad``'s sum times
+    ``grad_scale`` (nothing changes where ``found_inf`` is set)."""
     if momentum != 0 or weight_decay != 0:   # every row moves, as in torch: the dense formulas
-        reference.sgd_step([param], [total.to_dense()], [momentum_buffer] if momentum else None,
-                           [step], None, lr=lr, momentum=momentum, dampening=dampening,
-                           weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
-                           grad_scale=grad_scale, found_inf=found_inf)
+        reference.sgd_step([param], [grad.total().to_dense()],
+                           [momentum_buffer] if momentum else None, [step], None, lr=lr,
+                           momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                           nesterov=nesterov, maximize=maximize, grad_scale=grad_scale,
+                           found_inf=found_inf)
         return
     keep = found_inf != 0
-    if total.sparse_dim() != 1:   # index_add_ below moves whole rows (an embedding's layout)
-        total = total.to_dense().to_sparse(1)
-    # One pass over the rows for the factor, one for the skip (a 0-d factor of 0 would turn a
-    # non-finite row into NaN where the skipped step must leave the parameter unchanged).
     factor = grad_scale * lr
-    factor = factor if maximize else -factor
-    update = torch.where(keep, 0.0, total.values() * factor)
-    param.index_add_(0, total.indices()[0], update)
+    factor = torch.where(keep, 0.0, factor if maximize else -factor)
+    indices, values = grad.joined()
+    if indices.shape[0] != 1:   # index_add_ below moves whole rows (an embedding's layout)
+        total = grad.total().to_dense().to_sparse(1)
+        indices, values = total.indices(), total.values()
+    # A skipped step's factor of 0 makes a non-finite value NaN, and only then: NaN -> 0.
+    update = (values * factor).nan_to_num_(0.0, math.inf, -math.inf)
+    param.index_add_(0, indices[0], update)
     step.add_(torch.where(keep, 0.0, 1.0))

@@ -69,7 +69,7 @@ def _route_clipping(accelerator: Any, inner: AccumulatingOptimizer) -> None:
                              f"accelerator.clip_grad_norm_ asks for {max_norm}; set one")
         # The optimizer's parameters: those of the call it does not hold have no gradient.
         inner.max_grad_norm = check_max_grad_norm(max_norm)
-        return inner._live_grad_norm
+        return inner.live_grad_norm()
     accelerator.clip_grad_norm_ = clip_grad_norm_
 
 

@@ -95,10 +95,10 @@ class FusedAccumMixin:
     def _clip_grad_norm(self, model: Any) -> Any:
         # Clipping happens inside optimizer.step(), right after this; the tensor returned is
         # filled in by that step, and Trainer reads it only when it logs, afterwards.
-        return unwrap(self.optimizer)._live_grad_norm
+        return unwrap(self.optimizer).live_grad_norm()
 
     def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
-        return unwrap(self.optimizer)._live_grad_norm if grad_norm is None else grad_norm
+        return unwrap(self.optimizer).live_grad_norm() if grad_norm is None else grad_norm
 
 
 class FusedAccumTrainer(FusedAccumMixin, transformers.Trainer):

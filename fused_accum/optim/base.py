@@ -21,12 +21,14 @@ from .. import guards, kernels, linear as fused_linear, scaling
 from .._warnings import warn
 from ..accumulation import GradBuffers, Window
 from ..accumulation.buckets import Bucket
+from ..accumulation.sparse import DeferredNorm
 from ..distributed import LocalReducer, data_parallel, make_reducer
 from .checkpoint import WindowStateDict, index_params
 from .micro_batches import MicroBatches
 from .param_groups import ParamGroups
 from .window_end import WindowEnd
 from .state import BucketState
+from .step_hooks import hooked_step
 from .nonfinite import SkipMonitor
 from ._args import check_accumulation_steps, check_hyper_types, check_max_grad_norm
 
@@ -42,7 +44,7 @@ class Algorithm(NamedTuple):
     # once stepped (where torch's own step would fail without it); None: not checked.
     known_state: tuple[str, ...] | None = None
     required_state: Callable[[dict[str, Any]], list[str]] = lambda group: []
-    # The update of one parameter from its coalesced sparse gradient, or None: refused.
+    # The update of one parameter from its sum of sparse gradients (SparseSum), or None: refused.
     sparse_update: Callable[..., None] | None = None
 
 
@@ -136,7 +138,7 @@ class AccumulatingOptimizer(ParamGroups, MicroBatches, WindowEnd, BucketState, W
         self._buffers = GradBuffers(self.backend, self._window, self._on_backward_start,
                                     flat_fp32=group is not None)
         self._final_hint: Any = None                 # see final_micro_batch
-        self._grad_norm: Tensor | None = None
+        self._grad_norm: Tensor | DeferredNorm | None = None
         self._window_lrs: list | None = None   # the lrs when the window's first micro-batch ended
         self.stepped = False
         super().__init__(params, defaults)
@@ -145,9 +147,9 @@ class AccumulatingOptimizer(ParamGroups, MicroBatches, WindowEnd, BucketState, W
         self._buffers.on_zero_grad = weakref.WeakMethod(self._discard)
         self._scaler = scaling.resolve(loss_scale, index_params(self.param_groups), main)
         self._skipped = torch.zeros((), device=main)   # windows skipped for non-finite gradients
-        # grad_norm's value, updated in place at every window's end, for code that hands out the
-        # norm before the step that computes it (the framework integrations' logging)
-        self._live_grad_norm = torch.zeros((), device=main)
+        # grad_norm's value, updated in place at every window's end: see live_grad_norm()
+        self._live_norm = torch.zeros((), device=main)
+        self._live_norm_wanted = False
         self._skip_monitor = SkipMonitor(main)
         self._warned = set()
         owners = data_parallel.ddp_owners(index_params(self.param_groups))
@@ -255,6 +257,7 @@ class AccumulatingOptimizer(ParamGroups, MicroBatches, WindowEnd, BucketState, W
             params = index_params(self.param_groups)
             data_parallel.take_over(data_parallel.ddp_owners(params), self._reducer, params)
 
+    @hooked_step
     @torch._disable_dynamo   # torch.compile(opt.step) runs it eagerly: its counts are Python's
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -434,7 +437,17 @@ class AccumulatingOptimizer(ParamGroups, MicroBatches, WindowEnd, BucketState, W
     def grad_norm(self) -> Tensor | None:
         """Global norm of the last window's mean gradient, before clipping (a new device tensor
         each window), or None before the first window."""
+        if isinstance(self._grad_norm, DeferredNorm):
+            self._grad_norm = self._grad_norm.value()
         return self._grad_norm
+
+    def live_grad_norm(self) -> Tensor:
+        """A device tensor that every window's end fills with its norm, for code that hands the
+        norm out before the step that computes it (the framework integrations' logging).  From
+        the first call on, each window computes its norm at its end (a window with sparse
+        gradients otherwise defers that to the first read of :attr:`grad_norm`)."""
+        self._live_norm_wanted = True
+        return self._live_norm
 
     @property
     def micro_batches(self) -> int:

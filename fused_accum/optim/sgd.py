@@ -32,12 +32,12 @@ def sgd_update(bucket: Bucket, indices: list[int], group: dict[str, Any],
         rounding_seed=bucket.rounding_seed)
 
 
-def sgd_sparse_update(bucket: Bucket, i: int, total: Tensor, group: dict[str, Any],
+def sgd_sparse_update(bucket: Bucket, i: int, grad: sparse.SparseSum, group: dict[str, Any],
                       grad_scale: float | Tensor, found_inf: Tensor) -> None:
-    """One SGD step of parameter ``i`` of ``bucket`` from its coalesced sparse gradient."""
+    """One SGD step of parameter ``i`` of ``bucket`` from its sum of sparse gradients."""
     momentum = scalar(group["momentum"])
     buffer = bucket.view(bucket.ensure_state("momentum_buffer"), i) if momentum != 0 else None
-    sparse.sgd_step(bucket.params[i].detach(), total, buffer, bucket.step_views([i])[0],
+    sparse.sgd_step(bucket.params[i].detach(), grad, buffer, bucket.step_views([i])[0],
                     lr=group["lr"], momentum=momentum, dampening=scalar(group["dampening"]),
                     weight_decay=scalar(group["weight_decay"]), nesterov=bool(group["nesterov"]),
                     maximize=bool(group["maximize"]), grad_scale=grad_scale, found_inf=found_inf)

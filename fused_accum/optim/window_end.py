@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..accumulation.buckets import Bucket
+from ..accumulation.sparse import DeferredNorm
 from ..accumulation.window import ITEMS
 
 
@@ -84,13 +85,20 @@ class WindowEnd:
         devices = {b.device for b in buckets} | {b.device for b, _ in sparse.sums}
         main = buckets[0].device if buckets else next(iter(sparse.sums))[0].device
         total = self._reducer.window_sumsq(self._buffers, buckets, main)
-        if sparse:   # a non-finite element makes the norm non-finite: the flag below
-            total = total + sparse.sumsq(main)
-        self._grad_norm = total.sqrt() * window.inverse_weight(main, self._buffers.collecting)
-        self._live_grad_norm.copy_(self._grad_norm)
+        scale = window.inverse_weight(main, self._buffers.collecting)
         # The norm covers what no accumulate kernel has checked (adopted first gradients): a
         # non-finite norm (non-finite elements, or a sum of squares beyond fp32) skips the window.
         norm_flag = (~torch.isfinite(total)).to(torch.float32)
+        norm_now = self.max_grad_norm is not None or self._live_norm_wanted
+        if sparse:
+            norm_flag = torch.maximum(norm_flag, sparse.nonfinite(main))
+            if norm_now:
+                total = total + sparse.sumsq(main)
+            else:   # its sparse part when grad_norm is read: coalescing is the costly part
+                self._grad_norm = DeferredNorm(total, sparse, scale)
+        if norm_now or not sparse:
+            self._grad_norm = total.sqrt() * scale
+            self._live_norm.copy_(self._grad_norm)
         clip = None
         if self.max_grad_norm is not None:
             clip = (self.max_grad_norm / (self._grad_norm + 1e-6)).clamp(max=1.0)
@@ -117,9 +125,9 @@ class WindowEnd:
             if len(holder.state) != allocated:   # state allocated lazily (e.g. momentum set later)
                 self._publish_state(bucket)
         self._reducer.finish_gathers()
-        for (bucket, i), total in self._window.sparse.coalesced().items():
+        for bucket, i, grad in self._window.sparse:
             allocated = len(bucket.state)
-            self.algorithm.sparse_update(bucket, i, total, self.param_groups[bucket.group_index],
+            self.algorithm.sparse_update(bucket, i, grad, self.param_groups[bucket.group_index],
                                          scales[bucket.device], found[bucket.device])
             if len(bucket.state) != allocated:
                 self._publish_state(bucket)
