@@ -3,6 +3,7 @@ configuration, per pipeline; prints the ops by host (self CPU) time and by devic
 
     python benchmarks/profile_window.py e b      # configuration names of fused_accum.bench.windows
     python benchmarks/profile_window.py --device cpu --quick d
+    python benchmarks/profile_window.py --pipelines "fused_accum fused" "torch best" f
 """
 import argparse
 
@@ -16,12 +17,14 @@ parser = argparse.ArgumentParser()
 parser.add_argument("configs", nargs="*", default=["e"])
 parser.add_argument("--device", default="cuda")
 parser.add_argument("--quick", action="store_true")
+parser.add_argument("--pipelines", nargs="+", default=["fused_accum", "torch best"],
+                    help="pipeline names of fused_accum.bench.windows")
 args = parser.parse_args()
 device = torch.device(args.device)
 activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
 for name in args.configs:
     config = next(c for c in windows.configs(device, args.quick) if c.name == name)
-    for pipeline in ("fused_accum", "torch best"):
+    for pipeline in args.pipelines:
         p = windows.make_pipeline(pipeline, config, windows.Workload(config, device, 0), "auto")
         for _ in range(2):
             p.window()

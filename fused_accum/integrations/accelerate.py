@@ -23,8 +23,9 @@ does); ``follow`` tells the fused optimizer which backward pass ends each window
 return the window's pre-clip norm (a tensor the step fills in: read it after ``step()``),
 switches off a DDP wrapper ``prepare`` made (the optimizer reduces once per window), and with
 ``mixed_precision="fp16"`` replaces accelerate's GradScaler by the optimizer's own loss scaling
-(build it with ``loss_scale="dynamic"``).  It returns the fused optimizer, for ``grad_norm`` and
-the rest of its attributes, which accelerate's wrapper does not forward.
+(build it with ``loss_scale="dynamic"``), and fuses the prepared models' ``nn.Linear`` weight
+gradients into the window's sums (``fuse_linear=False``: not).  It returns the fused optimizer,
+for ``grad_norm`` and the rest of its attributes, which accelerate's wrapper does not forward.
 """
 from __future__ import annotations
 
@@ -35,9 +36,11 @@ from ..optim.base import AccumulatingOptimizer
 from ._common import fused, unwrap
 
 
-def follow(accelerator: Any, optimizer: Any) -> AccumulatingOptimizer:
+def follow(accelerator: Any, optimizer: Any, fuse_linear: bool = True) -> AccumulatingOptimizer:
     """Let ``accelerator.accumulate()`` drive the windows of the fused ``optimizer`` (as returned
-    by ``accelerator.prepare``, or before)."""
+    by ``accelerator.prepare``, or before).  With ``fuse_linear`` (the default) every
+    ``nn.Linear`` of the models ``accelerator.prepare`` has seen whose weight the optimizer holds
+    computes its weight gradient into the window's sum (docs/fused-linear.md)."""
     inner = unwrap(optimizer)
     if not isinstance(inner, AccumulatingOptimizer):
         raise TypeError(f"fused_accum: follow() needs a fused_accum optimizer, got "
@@ -50,6 +53,9 @@ def follow(accelerator: Any, optimizer: Any) -> AccumulatingOptimizer:
     if accelerator.scaler is not None:
         _take_over_fp16(accelerator, optimizer, inner)
     inner._check_wrappers()   # a DDP wrapper made by prepare(): off before the first backward
+    if fuse_linear:
+        for model in accelerator._models:
+            inner.fuse_linear(model)
     return inner
 
 

@@ -11,6 +11,7 @@ accelerate = pytest.importorskip("accelerate", reason="the accelerate extra is n
 
 import fused_accum  # noqa: E402
 from fused_accum.integrations.accelerate import follow  # noqa: E402
+from fused_accum.linear import fused_modules  # noqa: E402
 from integration_helpers import TORCHRUN, assert_ranks_match_stock, assert_same_model  # noqa: E402
 
 VOCAB, DIM, K = 29, 16, 3
@@ -30,7 +31,7 @@ def _loader(n=10, seed=1):
 
 
 def train(fused: bool, epochs: int = 2, clip: float | None = 0.05, followed: bool = True,
-          scaler: bool = False, **accelerator_kwargs):
+          scaler: bool = False, fuse_linear: bool = True, **accelerator_kwargs):
     """The documented recipe; with fused, one changed line and follow() (unless ``followed`` is
     False: then accelerate's windows sum .grad as with torch's optimizer)."""
     accelerator = accelerate.Accelerator(gradient_accumulation_steps=K, cpu=True,
@@ -45,7 +46,7 @@ def train(fused: bool, epochs: int = 2, clip: float | None = 0.05, followed: boo
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, _loader(), scheduler)
     if scaler:   # what accelerate makes for fp16 on a GPU; follow() hands it to the optimizer
         accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    opt = follow(accelerator, optimizer) if fused and followed else None
+    opt = follow(accelerator, optimizer, fuse_linear=fuse_linear) if fused and followed else None
     norms = []
     for _ in range(epochs):
         for tokens, targets in loader:
@@ -63,9 +64,11 @@ def train(fused: bool, epochs: int = 2, clip: float | None = 0.05, followed: boo
     return accelerator.unwrap_model(model), norms, opt
 
 
-def test_accumulate_loops_match_the_stock_recipe():
+@pytest.mark.parametrize("fuse_linear", [True, False])
+def test_accumulate_loops_match_the_stock_recipe(fuse_linear):
     stock, stock_norms, _ = train(fused=False)
-    ours, norms, opt = train(fused=True)
+    ours, norms, opt = train(fused=True, fuse_linear=fuse_linear)
+    assert fused_modules(ours) == (["2", "4"] if fuse_linear else [])
     assert_same_model(ours, stock)
     assert len(norms) == len(stock_norms) == 8 and min(stock_norms) > 0.05   # clipping acts
     torch.testing.assert_close(norms, stock_norms, rtol=1e-5, atol=0)
