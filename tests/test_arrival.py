@@ -282,6 +282,7 @@ def test_a_failed_pass_that_added_into_the_sums_discards_its_window(dtype, throu
                     _backward(opt, _failing_loss(model, window[1]), through_optimizer)
                 opt.step()
             assert opt.stepped and opt.skipped_steps == 1
+            assert torch.isnan(opt.grad_norm)   # spoilt sums have no norm
             for a, b in zip(model.parameters(), before):
                 assert torch.equal(a, b)   # the window's step changed nothing
             continue
@@ -290,6 +291,7 @@ def test_a_failed_pass_that_added_into_the_sums_discards_its_window(dtype, throu
             opt.step()
             _backward(opt_twin, lm_loss(twin, *batch), through_optimizer)
             opt_twin.step()
+    assert torch.isfinite(opt.grad_norm)   # the next window's own
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)   # the discarded window left no trace
 

@@ -41,6 +41,8 @@ class WindowEnd:
                 skip = found
                 if window.discarded:   # a failed backward pass spoilt the sums (warned)
                     skip = {d: torch.ones_like(f) for d, f in found.items()}
+                    self._grad_norm = torch.full_like(self._live_norm, float("nan"))
+                    self._live_norm.copy_(self._grad_norm)
                 self._apply(buckets, scales, skip)
                 self.stepped = True
                 self._after_apply(found, skip)
