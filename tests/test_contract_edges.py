@@ -187,6 +187,25 @@ def test_a_hyper_parameter_that_is_no_number_is_refused_before_the_window_ends()
     _close(model, expected)
 
 
+@pytest.mark.parametrize("cls, name, value", [
+    (fused_accum.SGD, "lr", "x"), (fused_accum.SGD, "weight_decay", []),
+    (fused_accum.AdamW, "lr", "x"), (fused_accum.AdamW, "betas", ("a", 0.9))])
+def test_a_hyper_parameter_edited_into_no_number_is_named_with_gradients_in_grad(cls, name, value):
+    """accumulation_steps=1: torch's own error would not say which; nothing changes."""
+    model = Tiny()
+    opt = cls(model.parameters(), lr=1e-2)
+    before = [p.detach().clone() for p in model.parameters()]
+    _loss(model, _inputs(1)[0]).backward()
+    good = opt.param_groups[0][name]
+    opt.param_groups[0][name] = value
+    with pytest.raises(TypeError, match=rf"param_groups\[0\]: {name} must be"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+    opt.param_groups[0][name] = good
+    opt.step()
+    assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+
+
 def test_a_compiled_training_step():
     """torch.compile over backward(), step() and zero_grad(): the gradient engine's entry points
     run eagerly (dynamo's tracing of them broke their weak references)."""

@@ -271,7 +271,11 @@ class AccumulatingOptimizer(ParamGroups, MicroBatches, WindowEnd, BucketState, W
         self._check_holding()
         self._check_wrappers()
         if not self._buffers.collecting:
-            self._step_from_grads()
+            try:
+                self._step_from_grads()
+            except (TypeError, ValueError):   # a hyper-parameter edited into a wrong type?
+                self._check_hyper_types()     # then say which (checked only on failure)
+                raise
             return loss
         self._buffers.check_grads()
         if self._window.micro + 1 >= self.accumulation_steps:
