@@ -108,6 +108,29 @@ def test_a_hand_set_grad_on_a_frozen_parameter_is_refused():
     _close(model, expected)
 
 
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad_clears_the_grad_of_a_parameter_unfrozen_after_building(set_to_none, backend):
+    """Its .grad comes from plain backward passes until the optimizer hooks it: opt.zero_grad()
+    clears it as torch's does, before the window could take it."""
+    xs = _inputs(2 * K)
+    model, expected = Tiny(), Tiny()
+    model.lin.bias.requires_grad_(False)
+    opt = fused_accum.SGD(model.parameters(), lr=0.1, momentum=0.5, accumulation_steps=K,
+                          backend=backend)
+    model.lin.bias.requires_grad_(True)
+    _loss(model, xs[0]).backward()   # a stray pass: discarded by zero_grad as in torch
+    opt.zero_grad(set_to_none=set_to_none)
+    assert (model.lin.bias.grad is None) if set_to_none else not model.lin.bias.grad.any()
+    for x in xs:
+        _loss(model, x).backward()
+        opt.step()
+    ref = torch.optim.SGD(expected.parameters(), lr=0.1, momentum=0.5)
+    _loss(expected, xs[0]).backward()
+    ref.zero_grad(set_to_none=set_to_none)
+    _large_batch(expected, ref, xs)
+    _close(model, expected)
+
+
 def test_a_hand_set_grad_before_a_backward_pass_is_refused(backend, hooks):
     """Autograd would add the pass's gradient into it and the hook take the sum."""
     xs = _inputs(K)
@@ -124,6 +147,48 @@ def test_a_hand_set_grad_before_a_backward_pass_is_refused(backend, hooks):
     expected = Tiny()
     _large_batch(expected, torch.optim.SGD(expected.parameters(), lr=0.1), xs)
     _close(model, expected)
+
+
+@pytest.mark.parametrize("fused_linear", [False, True])
+def test_a_hand_set_grad_on_the_parameter_that_opens_the_pass_is_refused(backend, hooks,
+                                                                        fused_linear):
+    """extra's gradient arrives first: its hooks' pre-hook refuses the .grad before autograd
+    adds into it, which leaves the hand-set .grad as it was.  (With lin fused, its weight's
+    gradient never reaches autograd's accumulation; the pass still starts at extra.)"""
+    xs = _inputs(K)
+    model = Tiny()
+    opt = fused_accum.SGD(model if fused_linear else model.parameters(), lr=0.1,
+                          accumulation_steps=K, backend=backend)
+    _loss(model, xs[0]).backward()
+    opt.step()
+    hand_set = torch.full((2,), 3.0)
+    model.extra.grad = hand_set
+    label = r"param_groups\[0\]\['params'\]\[0\]"   # extra: a module's own parameters come first
+    with pytest.raises(RuntimeError, match=label + r" has a \.grad when a backward pass"):
+        _loss(model, xs[1]).backward()
+    assert model.extra.grad is hand_set and torch.equal(hand_set, torch.full((2,), 3.0))
+    assert all(p.grad is None for p in (model.lin.weight, model.lin.bias))   # nothing taken
+    model.extra.grad = None
+    _loss(model, xs[1]).backward()
+    opt.step()
+    assert opt.stepped
+    expected = Tiny()
+    _large_batch(expected, torch.optim.SGD(expected.parameters(), lr=0.1), xs)
+    _close(model, expected)
+
+
+def test_the_hand_set_check_leaves_with_the_hooks(hooks):
+    """remove_hooks() takes the pre-hook off too: .grad accumulates as in plain autograd."""
+    model = Tiny()
+    opt = fused_accum.SGD(model.parameters(), lr=0.1, accumulation_steps=K)
+    opt.remove_hooks()
+    x = _inputs(1)[0]
+    _loss(model, x).backward()
+    _loss(model, x).backward()   # adds into .grad: nothing refuses it
+    twin = Tiny()
+    _loss(twin, x).mul(2).backward()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
 
 
 @pytest.mark.parametrize("earlier_window", [False, True])

@@ -273,3 +273,78 @@ def test_sparse_gradients_of_bf16_parameters_are_refused(backend):
     model(_tokens(80, 1)[0]).backward()
     with pytest.raises(RuntimeError, match="bfloat16 with a sparse gradient"):
         opt.step()
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_an_empty_sparse_gradient_steps_as_torch(k, momentum, backend):
+    """A micro-batch without tokens gives a sparse gradient with no rows (so does torch's
+    zero_grad(set_to_none=False) of a sparse .grad): a zero gradient, not an error."""
+    torch.manual_seed(13)
+    embed = nn.Embedding(VOCAB, DIM, sparse=True)
+    twin = copy.deepcopy(embed)
+    opt = fused_accum.SGD(embed.parameters(), lr=0.5, momentum=momentum, accumulation_steps=k,
+                          backend=backend)
+    ref = torch.optim.SGD(twin.parameters(), lr=0.5, momentum=momentum)
+    windows = [[torch.tensor([3, 4, 4])] * k, [torch.empty(0, dtype=torch.long)] * k]
+    for window in windows:
+        for tokens in window:
+            embed(tokens).square().sum().backward()
+            opt.step()
+            twin(tokens).square().sum().div(k).backward()
+        ref.step()
+        ref.zero_grad()
+        opt.zero_grad()
+        assert opt.stepped
+        _assert_close(twin, embed)
+    assert opt.skipped_steps == 0
+
+
+@pytest.mark.parametrize("unused", ["frozen", "unused"])
+@pytest.mark.parametrize("hyper", [dict(lr=0.5, momentum=0.9), dict(lr=0.5, weight_decay=0.1)],
+                         ids=["momentum", "decay"])
+def test_a_zeroed_sparse_gradient_is_stepped_in_a_window_without_one(unused, hyper, backend):
+    """zero_grad(set_to_none=False) leaves torch's sparse .grad zeroed: a window in which the
+    embedding gets no gradient still steps it (momentum, weight decay), as torch does."""
+    model = _model(14)
+    windows = [_tokens(140 + w, 2) for w in range(2)]
+    twin = _dense_twin(model)
+    ref = torch.optim.SGD(twin.parameters(), **hyper)
+    opt = fused_accum.SGD(model.parameters(), **hyper, accumulation_steps=2, backend=backend)
+    for w, window in enumerate(windows):
+        if w == 1:
+            opt.zero_grad(set_to_none=False)
+            ref.zero_grad(set_to_none=False)
+            if unused == "frozen":
+                model.embed.weight.requires_grad_(False)
+                twin.embed.weight.requires_grad_(False)
+        for tokens in window:
+            loss = model(tokens) if w == 0 else model.head(torch.tanh(tokens.float()[:DIM])).sum()
+            loss.backward()
+            opt.step()
+        twin_loss = [twin(t) if w == 0 else twin.head(torch.tanh(t.float()[:DIM])).sum()
+                     for t in window]
+        (sum(twin_loss) / 2).backward()
+        ref.step()
+    assert twin.embed.weight.grad is not None   # torch stepped its zeroed gradient
+    _assert_close(twin, model)
+
+
+def test_a_sparse_parameter_unfrozen_after_building_joins_the_window(backend):
+    """Frozen when the optimizer was built, unfrozen later: its .grad from plain backward passes
+    is sparse, and joins the window summed sparse."""
+    model = _model(15)
+    model.embed.weight.requires_grad_(False)
+    window = _tokens(150, 2)
+    expected = _dense_twin(model)
+    opt = fused_accum.SGD(model.parameters(), lr=0.5, accumulation_steps=2, backend=backend)
+    model.embed.weight.requires_grad_(True)
+    expected.embed.weight.requires_grad_(True)
+    for tokens in window:
+        model(tokens).backward()
+        opt.step()
+    assert opt.stepped
+    ref = torch.optim.SGD(expected.parameters(), lr=0.5)
+    (sum(expected(t) for t in window) / 2).backward()
+    ref.step()
+    _assert_close(expected, model)

@@ -46,6 +46,43 @@ class TakeGrad : public torch::autograd::FunctionPostHook {
   int64_t slot_;
 };
 
+using WeakParam = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+
+// What both guards do (Collector::guard): a gradient of `param` arrives while .grad holds one.
+void refuse_hand_set(const WeakParam& param, const std::weak_ptr<Collector>& owner, int64_t slot) {
+  if (auto impl = param.lock()) {
+    const at::Tensor p(std::move(impl));
+    if (p.grad().defined()) {
+      if (auto collector = owner.lock()) collector->hand_set(slot);
+    }
+  }
+}
+
+// The node hook's guard: a pre hook on the AccumulateGrad node the collector keeps, which
+// autograd offers no way to remove: `remove(slot)` switches it off.  Weak both ways (the node
+// holds it, and holds the parameter).
+class GuardGrad : public torch::autograd::FunctionPreHook {
+ public:
+  GuardGrad(std::weak_ptr<Collector> owner, WeakParam param, int64_t slot,
+            std::shared_ptr<std::atomic<bool>> on)
+      : owner_(std::move(owner)), param_(std::move(param)), slot_(slot), on_(std::move(on)) {}
+
+  torch::autograd::variable_list operator()(const torch::autograd::variable_list& grads) override {
+    if (on_->load(std::memory_order_relaxed)) refuse_hand_set(param_, owner_, slot_);
+    return grads;   // unchanged
+  }
+
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& /*args*/) const override {
+    TORCH_CHECK(false, kCompiledAutogradRefused);
+  }
+
+ private:
+  std::weak_ptr<Collector> owner_;
+  WeakParam param_;
+  int64_t slot_;
+  std::shared_ptr<std::atomic<bool>> on_;
+};
+
 }  // namespace
 
 bool Collector::add(const at::Tensor& param, int64_t slot, int64_t bucket, int64_t index) {
@@ -56,16 +93,32 @@ bool Collector::add(const at::Tensor& param, int64_t slot, int64_t bucket, int64
   }
   NodePtr node = torch::autograd::impl::grad_accumulator(param);
   if (!node) return false;
+  auto on = std::make_shared<std::atomic<bool>>(true);
+  node->add_pre_hook(std::make_unique<GuardGrad>(weak_from_this(),
+                                                 WeakParam(param.getIntrusivePtr()), slot, on));
   const uintptr_t key =
       node->add_post_hook(std::make_unique<TakeGrad>(weak_from_this(), param, slot));
-  hooked_.push_back({slot, {std::move(node), key}});   // keeps the accumulator (and hook) alive
+  hooked_.push_back({slot, {std::move(node), key, std::move(on)}});   // keeps the node alive
   return true;
+}
+
+int64_t Collector::guard(const at::Tensor& param, int64_t slot) {
+  WeakParam weak_param(param.getIntrusivePtr());
+  std::weak_ptr<Collector> owner = weak_from_this();
+  return static_cast<int64_t>(param.register_hook([weak_param, owner, slot](const at::Tensor&) {
+    refuse_hand_set(weak_param, owner, slot);
+  }));
+}
+
+void Collector::unguard(const at::Tensor& param, int64_t position) {
+  param.remove_hook(static_cast<unsigned>(position));
 }
 
 void Collector::remove(int64_t slot) {
   for (auto it = hooked_.begin(); it != hooked_.end();) {
     if (it->first == slot) {
       it->second.node->del_post_hook(it->second.key);
+      it->second.guard->store(false);
       it = hooked_.erase(it);
     } else {
       ++it;
@@ -74,7 +127,10 @@ void Collector::remove(int64_t slot) {
 }
 
 void Collector::remove_all() {
-  for (auto& h : hooked_) h.second.node->del_post_hook(h.second.key);
+  for (auto& h : hooked_) {
+    h.second.node->del_post_hook(h.second.key);
+    h.second.guard->store(false);
+  }
   hooked_.clear();
 }
 

@@ -138,8 +138,10 @@ class SlotHook;
 
 class Collector : public std::enable_shared_from_this<Collector> {
  public:
-  Collector(py::object on_start, py::object on_full, int64_t bound)
-      : on_start_(std::move(on_start)), on_full_(std::move(on_full)), bound_(bound) {}
+  Collector(py::object on_start, py::object on_full, int64_t bound,
+            py::object on_hand_set = py::none())
+      : on_start_(std::move(on_start)), on_full_(std::move(on_full)),
+        on_hand_set_(std::move(on_hand_set)), bound_(bound) {}
 
   ~Collector() {
     remove_all();
@@ -147,7 +149,17 @@ class Collector : public std::enable_shared_from_this<Collector> {
     on_start_ = py::object();
     on_full_ = py::object();
     on_each_ = py::object();
+    on_hand_set_ = py::object();
   }
+
+  // The guard of a tensor hook's parameter (`add` guards its node itself): a tensor pre-hook
+  // that, when a gradient arrives while .grad holds one (set by hand since the optimizer took
+  // the last), calls `on_hand_set(slot)`, which raises before autograd adds into it.  Only the
+  // first parameter of a pass needs it (Python checks the others when the pass starts), but the
+  // check is a pointer test.  Returns the position `unguard` takes.
+  int64_t guard(const at::Tensor& param, int64_t slot);
+  void unguard(const at::Tensor& param, int64_t position);
+  void hand_set(int64_t slot) { call(false, on_hand_set_, slot); }
 
   // The tensor hook of slot `slot`, parameter `index` of bucket `bucket`, for Python to register
   // with register_post_accumulate_grad_hook (whose handle removes it).
@@ -353,7 +365,7 @@ class Collector : public std::enable_shared_from_this<Collector> {
  private:
   std::atomic<int64_t> launches_{0};   // planned groups launched so far (tests, diagnostics)
 
-  py::object on_start_, on_full_, on_each_ = py::none();
+  py::object on_start_, on_full_, on_each_ = py::none(), on_hand_set_;
   bool each_ = false;
   int64_t bound_;
   std::mutex mutex_;
@@ -364,6 +376,7 @@ class Collector : public std::enable_shared_from_this<Collector> {
   struct Hooked {
     NodePtr node;
     uintptr_t key;
+    std::shared_ptr<std::atomic<bool>> guard;   // the node's pre hook is on while set
   };
   std::vector<std::pair<int64_t, Hooked>> hooked_;
   // The plan of one pass at a time (see the fast path above).

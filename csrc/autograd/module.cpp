@@ -9,8 +9,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("__call__", [](const SlotHook& hook, const at::Tensor& param) { hook(param); },
            py::arg("param"));
   py::class_<Collector, std::shared_ptr<Collector>>(m, "Collector")
-      .def(py::init<py::object, py::object, int64_t>(), py::arg("on_start"), py::arg("on_full"),
-           py::arg("bound"))
+      .def(py::init<py::object, py::object, int64_t, py::object>(), py::arg("on_start"),
+           py::arg("on_full"), py::arg("bound"), py::arg("on_hand_set") = py::none())
+      .def("guard", &Collector::guard, py::arg("param"), py::arg("slot"))
+      .def("unguard", &Collector::unguard, py::arg("param"), py::arg("position"))
       .def("hook", &Collector::hook, py::arg("slot"), py::arg("bucket"), py::arg("index"))
       .def("add", &Collector::add, py::arg("param"), py::arg("slot"), py::arg("bucket"),
            py::arg("index"))

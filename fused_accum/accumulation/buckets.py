@@ -194,12 +194,13 @@ class Bucket(FlatState):
         if True in self.added:
             self.added = [False] * len(self.params)
 
-    def touch_zeroed(self) -> None:
+    def touch_zeroed(self, sparse: set[int] = frozenset()) -> None:
         """Give each parameter that holds a zeroed gradient (zero_grad(set_to_none=False)) and got
         none in this window a zero accumulator, so that the window's step takes it as torch
-        takes its zero .grad."""
+        takes its zero .grad; the ``sparse`` ones get an empty sparse sum instead
+        (:meth:`fused_accum.accumulation.sparse.SparseSums.touch_zeroed`)."""
         for i, zeroed in enumerate(self.zeroed):
-            if zeroed and not self.touched[i]:
+            if zeroed and not self.touched[i] and i not in sparse:
                 self.new_accumulator(i).zero_()
                 self.touched[i] = True
 

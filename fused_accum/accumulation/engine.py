@@ -471,4 +471,6 @@ class GradBuffers(GradAttribute, ZeroGrad):
         """The window ended: the buckets' marks and sums, and the window record, start empty."""
         for bucket in self.buckets:
             bucket.reset_window()
+        for bucket, i in self.window.sparse.sums:   # held a sparse .grad, as torch would see it
+            bucket.holds_grad[i] = True
         self.window.reset()

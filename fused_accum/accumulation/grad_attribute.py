@@ -45,18 +45,28 @@ class GradAttribute:
         """A backward pass begins: a hooked parameter holding a ``.grad`` had it set by hand
         since the last micro-batch; autograd would add this pass's gradient into it and the
         hook would take the sum.  (The parameter whose gradient opened the pass is past this
-        check: its hand-set part is not seen.)"""
+        check; its hooks' pre-hook refused it before autograd added into it:
+        :meth:`refuse_hand_set`.)"""
         for p in self.hooks.handles:
             if p.grad is not None:
-                raise RuntimeError(
-                    f"fused_accum: parameter {self.label(p)} has a .grad when a backward pass "
-                    "begins, set by hand: with accumulation_steps > 1, under data parallelism or "
-                    "inside a framework's windows, autograd would add the pass's gradient into it "
-                    "and the window would take the hand-set part as gradient. Produce the "
-                    "gradient in backward() (a loss term, a tensor hook or an autograd.Function), "
-                    "or use accumulation_steps=1, where .grad works as in torch.optim. (The "
-                    "backward pass was refused and nothing of it taken: set the .grad to None and "
-                    "run it again)")
+                self.refuse_hand_set(p)
+
+    def refuse_hand_set(self, p: Tensor) -> None:
+        """Raise for a ``.grad`` of ``p`` set by hand, found when a backward pass begins (before
+        anything of the pass is taken) or as its gradient arrives, before autograd adds into
+        it."""
+        raise RuntimeError(
+            f"fused_accum: parameter {self.label(p)} has a .grad when a backward pass begins, "
+            "set by hand: with accumulation_steps > 1, under data parallelism or inside a "
+            "framework's windows, autograd would add the pass's gradient into it and the window "
+            "would take the hand-set part as gradient. Produce the gradient in backward() (a "
+            "loss term, a tensor hook or an autograd.Function), or use accumulation_steps=1, "
+            "where .grad works as in torch.optim. (The backward pass was refused and nothing of "
+            "it taken: set the .grad to None and run it again)")
+
+    def refuse_hand_set_slot(self, slot: int) -> None:
+        """The collector's pre-hook found a hand-set ``.grad`` on the parameter of ``slot``."""
+        self.refuse_hand_set(self.hooks.slot_list[slot][2])
 
     def take_unfrozen(self) -> None:
         """Hook the parameters that were frozen when the optimizer was built and require grad
@@ -73,10 +83,30 @@ class GradAttribute:
             if p.grad is not None:
                 grad = p.grad
                 with self._lock:   # the user's tensor: copied, never adopted
-                    accumulate(self.window, [(bucket, [i], [grad])])
+                    if grad.layout is torch.strided:
+                        accumulate(self.window, [(bucket, [i], [grad])])
+                    else:
+                        self._add_sparse(bucket, i, grad, None)
                 p.grad = None
             del self.unhooked[p]
             self._hook(p)
+
+    def zero_unhooked(self, params: list[Tensor] | None, set_to_none: bool) -> None:
+        """``zero_grad()`` of the parameters frozen when the optimizer was built: their ``.grad``
+        (from plain backward passes once unfrozen) is cleared as torch clears it, before
+        :meth:`take_unfrozen` could take it."""
+        wanted = None if params is None else set(params)
+        for p in self.unhooked:
+            if p.grad is None or (wanted is not None and p not in wanted):
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                if p.grad.grad_fn is not None:
+                    p.grad.detach_()
+                else:
+                    p.grad.requires_grad_(False)
+                p.grad.zero_()
 
     def take_grads(self, weight: dict[torch.device, Tensor] | None) -> bool:
         """Leaving gradients in ``.grad`` (``accumulation_steps=1`` in one process): take every
@@ -116,8 +146,8 @@ class GradAttribute:
         # A parameter hooked late (unfrozen since the optimizer was built) gets .grad from
         # autograd until then; a frozen one cannot.
         if param.grad is None or (param in self.unhooked and param.requires_grad):
-            if param.grad is not None:
-                self._check_stray(param, param.grad)
+            if param.grad is not None:   # autograd's, sparse ones included
+                self._check_stray(param, param.grad, sparse=True)
             return
         if param.grad.layout == torch.strided:
             self._check_stray(param, param.grad)
@@ -131,9 +161,9 @@ class GradAttribute:
             "works as in torch.optim. (Nothing was changed: set the .grad to None and call "
             "step() again)")
 
-    def _check_stray(self, param: Tensor, grad: Tensor) -> None:
+    def _check_stray(self, param: Tensor, grad: Tensor, sparse: bool = False) -> None:
         label = self.label(param)
-        if grad.layout != torch.strided:
+        if grad.layout != torch.strided and not sparse:
             raise RuntimeError(f"fused_accum: parameter {label} was given a sparse .grad; "
                                "assign a dense gradient")
         if grad.shape != param.shape or grad.device != param.device:

@@ -49,19 +49,69 @@ def make_collector(engine: weakref.ref, group_bytes: int):
         return None   # the Python hooks do the same, a Python call per gradient
     return module.Collector(lambda task: engine() and engine().collected_start(task),
                             lambda task: engine() and engine().collected_full(task),
-                            group_bytes)
+                            group_bytes,
+                            lambda slot: engine() and engine().refuse_hand_set_slot(slot))
 
 
 class _CollectorHandle:
-    """Removes one parameter's node hook (what RemovableHandle is for a tensor hook)."""
+    """Removes one parameter's hooks: the collector's node hook (which guards the node itself),
+    or its tensor hook (``hook``: its RemovableHandle) and the tensor pre-hook that refuses a
+    hand-set ``.grad``."""
 
-    __slots__ = ("collector", "slot")
+    __slots__ = ("collector", "slot", "param", "guard", "hook")
 
-    def __init__(self, collector, slot: int):
-        self.collector, self.slot = collector, slot
+    def __init__(self, collector, slot: int, param: Tensor, hook=None):
+        self.collector, self.slot, self.hook = collector, slot, hook
+        self.param = weakref.ref(param)
+        self.guard = None if hook is None else collector.guard(param, slot)
+
+    @property
+    def ids(self) -> tuple[int, ...]:
+        """The ids of its hooks among the parameter's Python-visible ones."""
+        return () if self.hook is None else (self.hook.id,)
 
     def remove(self) -> None:
-        self.collector.remove(self.slot)
+        if self.hook is None:
+            self.collector.remove(self.slot)
+            return
+        self.hook.remove()
+        param = self.param()
+        if param is not None:
+            self.collector.unguard(param, self.guard)
+
+
+class _PythonHandles:
+    __slots__ = ("handles",)
+
+    def __init__(self, *handles):
+        self.handles = handles
+
+    @property
+    def ids(self) -> tuple[int, ...]:
+        return tuple(h.id for h in self.handles)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _python_hooks(engine: weakref.ref, param: Tensor, bucket: Bucket, i: int) -> _PythonHandles:
+    """The Python hooks of ``param``: one takes its gradient, one refuses a hand-set ``.grad``
+    before autograd adds into it (as the collector's do)."""
+    param_ref = weakref.ref(param)
+
+    def take(p: Tensor) -> None:
+        owner = engine()
+        if owner is not None:   # a dead optimizer leaves the gradient to plain autograd
+            owner.on_grad(p, bucket, i)
+
+    def refuse_hand_set(grad: Tensor) -> None:
+        p, owner = param_ref(), engine()
+        if p is not None and owner is not None and p.grad is not None:
+            owner.refuse_hand_set(p)
+
+    return _PythonHandles(param.register_post_accumulate_grad_hook(take),
+                          param.register_hook(refuse_hand_set))
 
 
 class Hooks:
@@ -96,17 +146,13 @@ class Hooks:
             where = (slot, bucket_index, i)
             if Hooks.hook_on_node(param):
                 self.collector.add(param, *where)
-                handle = _CollectorHandle(self.collector, slot)
+                handle = _CollectorHandle(self.collector, slot, param)
             else:
-                handle = param.register_post_accumulate_grad_hook(self.collector.hook(*where))
+                handle = _CollectorHandle(self.collector, slot, param,
+                                          param.register_post_accumulate_grad_hook(
+                                              self.collector.hook(*where)))
         else:
-            engine = self.engine
-
-            def hook(p: Tensor) -> None:
-                owner = engine()
-                if owner is not None:   # a dead optimizer leaves the gradient to plain autograd
-                    owner.on_grad(p, bucket, i)
-            handle = param.register_post_accumulate_grad_hook(hook)
+            handle = _python_hooks(self.engine, param, bucket, i)
         self.handles[param] = handle
         # A hook of the user's registered from now on would run after ours on an accelerator
         # (seeing .grad = None) but before it on a CPU, where ours is a node hook: see

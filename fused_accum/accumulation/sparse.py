@@ -55,7 +55,10 @@ class SparseSum:
     def nonfinite(self) -> Tensor:
         """0-d: NaN if any element of any gradient is not finite, else 0 (``x * 0`` is NaN
         exactly for non-finite ``x``; min and max are non-finite if any element is)."""
-        low, high = torch.aminmax(self.joined()[1])
+        values = self.joined()[1]
+        if values.numel() == 0:   # no rows (a micro-batch without tokens, a zeroed .grad)
+            return values.new_zeros(())
+        low, high = torch.aminmax(values)
         return low * 0 + high * 0
 
     def total(self) -> Tensor:
@@ -74,6 +77,7 @@ class SparseSums:
 
     def __init__(self) -> None:
         self.sums: dict[tuple[Bucket, int], SparseSum] = {}
+        self.known: set[tuple[Bucket, int]] = set()   # slots that ever got a sparse gradient
 
     def __bool__(self) -> bool:
         return bool(self.sums)
@@ -89,6 +93,7 @@ class SparseSums:
             raise RuntimeError(f"fused_accum: parameter {label} is {bucket.dtype} with a sparse "
                                "gradient; fused_accum steps sparse gradients of float32 "
                                "parameters only (use sparse=False, or keep the embedding fp32)")
+        self.known.add((bucket, i))
         entry = self.sums.get((bucket, i))
         first = entry is None
         if first:
@@ -97,6 +102,20 @@ class SparseSums:
             entry.added = True
         entry.add(grad, weight)
         return first
+
+    def touch_zeroed(self, bucket: Bucket) -> set[int]:
+        """zero_grad(set_to_none=False) left the sparse parameters of ``bucket`` that held a
+        gradient with a zeroed sparse ``.grad`` in torch: one with no gradient in this window
+        gets an empty sum, which the step takes as torch takes that ``.grad``.  Returns the
+        indices of ``bucket``'s sparse slots (whose zeros are not dense accumulators)."""
+        sparse = {i for b, i in self.known if b is bucket}
+        for i in sparse:
+            if bucket.zeroed[i] and (bucket, i) not in self.sums:
+                param = bucket.params[i]
+                self.sums[(bucket, i)] = SparseSum(
+                    param.shape, [torch.empty(1, 0, dtype=torch.long, device=param.device)],
+                    [param.new_empty((0, *param.shape[1:]))])
+        return sparse
 
     def drop(self, bucket: Bucket, i: int) -> None:
         self.sums.pop((bucket, i), None)

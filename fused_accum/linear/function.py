@@ -14,13 +14,10 @@ def foreign_hooks(weight: Tensor, engine: Any) -> bool:
     """Whether a hook of the user's on ``weight`` must see its gradient: ``register_hook``, or a
     post-accumulate-grad hook other than the optimizer's own.  (Hooks on the weight's
     AccumulateGrad node cannot be seen from Python: a fused weight's never run.)"""
-    if weight._backward_hooks:
-        return True
-    post = weight._post_accumulate_grad_hooks
-    if not post:
-        return False
-    ours = getattr(engine.hooks.handles.get(weight), "id", None)
-    return any(key != ours for key in post)
+    own = getattr(engine.hooks.handles.get(weight), "ids", ())
+    return any(key not in own for hooks in (weight._backward_hooks,
+                                            weight._post_accumulate_grad_hooks) if hooks
+               for key in hooks)
 
 
 def _accumulates(node: Any) -> bool:

@@ -28,7 +28,7 @@ class WindowEnd:
                 f"{', '.join(labels[:3])}")
         for bucket in self._buffers.buckets:
             if True in bucket.zeroed:
-                bucket.touch_zeroed()
+                bucket.touch_zeroed(window.sparse.touch_zeroed(bucket))
         try:
             # Every rank, touched or not, joins the collectives (one process: nothing to do).
             window.global_weight = self._reducer.reduce(
