@@ -348,3 +348,26 @@ def test_a_sparse_parameter_unfrozen_after_building_joins_the_window(backend):
     (sum(expected(t) for t in window) / 2).backward()
     ref.step()
     _assert_close(expected, model)
+
+
+def test_a_checkpoint_after_zero_grad_kept_zeros_steps_a_sparse_sum_once(backend):
+    """zero_grad(set_to_none=False) marks the embedding as holding a zeroed gradient; the next
+    micro-batch's sparse sum, restored from a mid-window checkpoint, is its gradient: stepped
+    once, not also as a dense zero (momentum and decay would act twice)."""
+    model = _model(16)
+    window = _tokens(160, 2)
+    hyper = dict(lr=0.5, momentum=0.9, weight_decay=0.01)
+    twin = _dense_twin(model)
+    opt = fused_accum.SGD(model.parameters(), **hyper, accumulation_steps=3, backend=backend)
+    model(window[0]).backward()
+    model.zero_grad(set_to_none=False)   # discards that micro-batch (it only began sums)
+    model(window[1]).backward()
+    state = copy.deepcopy(opt.state_dict())
+    opt.remove_hooks()
+    fresh = fused_accum.SGD(model.parameters(), **hyper, accumulation_steps=3, backend=backend)
+    fresh.load_state_dict(state)
+    assert fresh.flush()
+    ref = torch.optim.SGD(twin.parameters(), **hyper)
+    twin(window[1]).backward()
+    ref.step()
+    _assert_close(twin, model)

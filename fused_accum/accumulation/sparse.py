@@ -108,7 +108,7 @@ class SparseSums:
         gradient with a zeroed sparse ``.grad`` in torch: one with no gradient in this window
         gets an empty sum, which the step takes as torch takes that ``.grad``.  Returns the
         indices of ``bucket``'s sparse slots (whose zeros are not dense accumulators)."""
-        sparse = {i for b, i in self.known if b is bucket}
+        sparse = {i for b, i in self.known.union(self.sums) if b is bucket}
         for i in sparse:
             if bucket.zeroed[i] and (bucket, i) not in self.sums:
                 param = bucket.params[i]
@@ -126,6 +126,7 @@ class SparseSums:
 
     def restore(self, bucket: Bucket, i: int, total: Tensor, settled: bool, added: bool) -> None:
         total = total.to(bucket.device).coalesce()
+        self.known.add((bucket, i))
         self.sums[(bucket, i)] = SparseSum(total.shape, [total._indices()], [total._values()],
                                            settled=settled, added=added, coalesced=True)
 
