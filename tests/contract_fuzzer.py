@@ -1,7 +1,8 @@
 """A differential fuzzer of the drop-in contract (docs/contract.md).
 
-Each seed draws a small model (an embedding, layers used by every pass, a layer used by some,
-parameters frozen at construction, three param groups), an optimizer (SGD, Adam or AdamW with
+Each seed draws a small model (an embedding, sparse for some SGD seeds with k > 1, layers used by
+every pass, a layer used by some, parameters frozen at construction, three param groups), an
+optimizer (SGD, Adam or AdamW with
 their options), a fused_accum configuration (accumulation_steps, backend, gradient hook, clipping,
 loss scaling, num_items) and a random sequence of the calls users write, then runs it:
 
@@ -41,9 +42,9 @@ OPTIMIZERS = ("SGD", "Adam", "AdamW")
 
 
 class FuzzNet(nn.Module):
-    def __init__(self):
+    def __init__(self, sparse: bool = False):
         super().__init__()
-        self.embed = nn.Embedding(VOCAB, 6)
+        self.embed = nn.Embedding(VOCAB, 6, sparse=sparse)
         self.a = nn.Linear(6, 8)
         self.norm = nn.LayerNorm(8)
         self.b = nn.Linear(8, CLASSES)
@@ -85,12 +86,13 @@ class Config:
     loss_scale: float | None
     num_items: bool
     frozen: bool
+    sparse: bool = False   # nn.Embedding(sparse=True): SGD with k > 1 only
 
     def describe(self) -> str:
         return (f"seed={self.seed} {self.optimizer}({self.hyper}) accumulation_steps={self.k} "
                 f"backend={self.backend} hooks={self.hooks} max_grad_norm={self.max_grad_norm} "
                 f"loss_scale={self.loss_scale} num_items={self.num_items} "
-                f"norm frozen={self.frozen}")
+                f"norm frozen={self.frozen} sparse embedding={self.sparse}")
 
 
 def draw_config(seed: int, backends: list[str]) -> Config:
@@ -112,7 +114,8 @@ def draw_config(seed: int, backends: list[str]) -> Config:
         max_grad_norm=r.choice([None, 0.5]) if collecting else None,
         loss_scale=r.choice([None, 16.0]) if collecting else None,
         num_items=collecting and r.random() < 0.4,
-        frozen=r.random() < 0.3)
+        frozen=r.random() < 0.3,
+        sparse=collecting and name == "SGD" and r.random() < 0.7)
 
 
 # -- the calls ---------------------------------------------------------------------------------
@@ -169,7 +172,7 @@ def _items(targets) -> float:
 
 def make_model(config: Config) -> FuzzNet:
     torch.manual_seed(config.seed)
-    model = FuzzNet()
+    model = FuzzNet(config.sparse)
     model.sign = -1.0 if config.hyper["maximize"] else 1.0
     with torch.no_grad():
         model.norm.weight.uniform_(0.5, 1.5)
@@ -374,6 +377,7 @@ class Oracle:
         params = {n: p for n, p in self.twin.named_parameters() if n in names}
         grads = torch.autograd.grad(_loss(self.twin, tokens, targets, use_spare),
                                     list(params.values()))
+        grads = [g.to_dense() if g.is_sparse else g for g in grads]   # stepped densely
         self.window.append((dict(zip(params, grads)), _items(targets), self.micro))
 
     def end_micro_batch(self):

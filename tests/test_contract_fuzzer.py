@@ -29,6 +29,20 @@ def test_the_fuzzer_catches_a_wrong_window_weight(monkeypatch):
         fuzzer.check_seed(seed, ["reference"])
 
 
+def test_the_fuzzer_catches_a_sparse_sum_stepped_twice(monkeypatch):
+    """Its sparse-embedding seeds reach the sparse path: a sparse step applied twice is found."""
+    from fused_accum.accumulation import sparse
+    step = sparse.sgd_step
+
+    def twice(*args, **kwargs):
+        step(*args, **kwargs)
+        step(*args, **kwargs)
+    monkeypatch.setattr(sparse, "sgd_step", twice)
+    seed = next(s for s in range(200) if fuzzer.draw_config(s, ["reference"]).sparse)
+    with pytest.raises(AssertionError, match=r"(?s)contract broken.*minimal calls"):
+        fuzzer.check_seed(seed, ["reference"])
+
+
 def test_the_fuzzer_catches_a_zero_grad_that_discards_nothing(monkeypatch):
     """At accumulation_steps=1 the fused optimizer must be torch.optim: a zero_grad() that does
     nothing is found."""
