@@ -52,7 +52,8 @@ def _path(opt) -> str:
     hooks = opt._buffers.hooks
     if hooks.collector is None:
         return "python"
-    return "node" if any(isinstance(h, _CollectorHandle) for h in hooks.handles.values()) else "tensor"
+    node = any(isinstance(h, _CollectorHandle) and h.hook is None for h in hooks.handles.values())
+    return "node" if node else "tensor"
 
 
 def measure(device: str, layers: int, width: int, k: int, repeats: int, group_mb: float) -> dict:
