@@ -20,9 +20,18 @@ constexpr const char* kCompiledAutogradRefused =
     "accumulation_steps=1 in one process, where gradients stay in .grad and compiled autograd "
     "works";
 
+// Compiled autograd asks each node hook to describe itself; the collector's run C++ of their
+// own, which cannot be traced: say what to do instead of "compiled_args nyi".
+template <typename Hook>
+struct RefusesCompiledAutograd : Hook {
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& /*args*/) const override {
+    TORCH_CHECK(false, kCompiledAutogradRefused);
+  }
+};
+
 // The node hook: runs after AccumulateGrad has updated .grad (Node post hooks run after its
 // tensor hooks).
-class TakeGrad : public torch::autograd::FunctionPostHook {
+class TakeGrad : public RefusesCompiledAutograd<torch::autograd::FunctionPostHook> {
  public:
   TakeGrad(std::weak_ptr<Collector> owner, Variable param, int64_t slot)
       : owner_(std::move(owner)), param_(std::move(param)), slot_(slot) {}
@@ -32,12 +41,6 @@ class TakeGrad : public torch::autograd::FunctionPostHook {
       const torch::autograd::variable_list& /*inputs*/) override {
     if (auto owner = owner_.lock()) owner->arrived(param_, slot_, /*from_python=*/false);
     return outputs;
-  }
-
-  // Compiled autograd asks each hook to describe itself; this one runs C++ of its own, which
-  // cannot be traced: say what to do instead of "compiled_args nyi".
-  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& /*args*/) const override {
-    TORCH_CHECK(false, kCompiledAutogradRefused);
   }
 
  private:
@@ -61,7 +64,7 @@ void refuse_hand_set(const WeakParam& param, const std::weak_ptr<Collector>& own
 // The node hook's guard: a pre hook on the AccumulateGrad node the collector keeps, which
 // autograd offers no way to remove: `remove(slot)` switches it off.  Weak both ways (the node
 // holds it, and holds the parameter).
-class GuardGrad : public torch::autograd::FunctionPreHook {
+class GuardGrad : public RefusesCompiledAutograd<torch::autograd::FunctionPreHook> {
  public:
   GuardGrad(std::weak_ptr<Collector> owner, WeakParam param, int64_t slot,
             std::shared_ptr<std::atomic<bool>> on)
@@ -70,10 +73,6 @@ class GuardGrad : public torch::autograd::FunctionPreHook {
   torch::autograd::variable_list operator()(const torch::autograd::variable_list& grads) override {
     if (on_->load(std::memory_order_relaxed)) refuse_hand_set(param_, owner_, slot_);
     return grads;   // unchanged
-  }
-
-  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& /*args*/) const override {
-    TORCH_CHECK(false, kCompiledAutogradRefused);
   }
 
  private:
