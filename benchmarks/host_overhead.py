@@ -52,7 +52,7 @@ def _path(opt) -> str:
     hooks = opt._buffers.hooks
     if hooks.collector is None:
         return "python"
-    node = any(isinstance(h, _CollectorHandle) and h.hook is None for h in hooks.handles.values())
+    node = any(isinstance(h, _CollectorHandle) and h.on_node for h in hooks.handles.values())
     return "node" if node else "tensor"
 
 

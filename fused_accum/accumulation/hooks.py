@@ -66,12 +66,17 @@ class _CollectorHandle:
         self.guard = None if hook is None else collector.guard(param, slot)
 
     @property
+    def on_node(self) -> bool:
+        """Whether the collector hooks the parameter's AccumulateGrad node (not the tensor)."""
+        return self.hook is None
+
+    @property
     def ids(self) -> tuple[int, ...]:
         """The ids of its hooks among the parameter's Python-visible ones."""
-        return () if self.hook is None else (self.hook.id,)
+        return () if self.on_node else (self.hook.id,)
 
     def remove(self) -> None:
-        if self.hook is None:
+        if self.on_node:
             self.collector.remove(self.slot)
             return
         self.hook.remove()

@@ -38,6 +38,11 @@ class ZeroGrad:
                 added.append(key)
         return began, added
 
+    def holding(self) -> list[list[bool]]:
+        """Per bucket, which slots hold a sum in this window, dense or sparse."""
+        sparse = self.window.sparse.sums
+        return [[t or (b, i) in sparse for i, t in enumerate(b.touched)] for b in self.buckets]
+
     def discard(self, params: list[Tensor] | None) -> bool:
         """``zero_grad()`` while gradients are taken as they arrive: discard what arrived for
         ``params`` (all by default) since the last ``step()``.  A sum that began since then is
@@ -90,7 +95,8 @@ class ZeroGrad:
         """What ``zero_grad(set_to_none)`` means for the parameters that get no gradient in a
         window: after set_to_none=False torch steps those that held a .grad with zeros (see
         :meth:`Bucket.touch_zeroed`); set_to_none=True releases them.  ``touched``: per bucket,
-        the slots touched before this zero_grad discarded what arrived since the last step()."""
+        the slots that held a sum (:meth:`holding`) before this zero_grad discarded what arrived
+        since the last step()."""
         if params is None and set_to_none:   # the usual loop: opt.zero_grad() each micro-batch
             for bucket in self.buckets:
                 n = len(bucket.params)

@@ -407,9 +407,7 @@ class AccumulatingOptimizer(ParamGroups, MicroBatches, WindowEnd, BucketState, W
         """zero_grad() of ``params`` (all by default) while gradients are taken as they arrive;
         also called for ``nn.Module.zero_grad`` (see :mod:`fused_accum.guards`)."""
         # torch's .grad after zero_grad(set_to_none=False) is zeros for what it discards too
-        sparse = self._window.sparse.sums
-        touched = None if set_to_none else [[t or (b, i) in sparse for i, t in enumerate(b.touched)]
-                                            for b in self._buffers.buckets]
+        touched = None if set_to_none else self._buffers.holding()
         if self._buffers.discard(params):   # the micro-batch since the last step() is gone whole
             self._window.drop_since_step(self._buffers.holds_sums())
         self._buffers.keep_zero_grads(params, set_to_none, touched)
