@@ -44,7 +44,9 @@ def plan_entries(bucket_slots: dict[Bucket, list[int]], window: Window, compiled
                 continue   # adding to a folded slice invalidates the fold: Python's path
             if window.fold_norm:
                 sumsq = bucket.sumsq
-        indices = [i for i, s in enumerate(slots) if s >= 0 and bucket.params[i] not in unplanned]
+        indices = [i for i, s in enumerate(slots) if s >= 0]
+        if unplanned:   # (a tensor's hash is a Python call: only where there is something to find)
+            indices = [i for i in indices if bucket.params[i] not in unplanned]
         if not indices:
             continue
         touched = bucket.touched

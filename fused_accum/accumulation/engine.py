@@ -28,6 +28,7 @@ keeps the buckets, the hooks and the passes in flight.
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import weakref
@@ -38,6 +39,7 @@ from torch import Tensor
 
 from .. import guards, holders
 from .._warnings import warn
+from ..eager import eager
 from . import collector_bridge
 from .accumulate import accumulate, accumulate_linear
 from .buckets import Bucket, param_label
@@ -54,12 +56,6 @@ _task_id = torch._C._current_graph_task_id
 _STRIDED = torch.strided
 
 
-# Autograd runs the engine's entry points from inside whatever calls backward(); under
-# torch.compile (a compiled function calling loss.backward()) dynamo would trace them, and its
-# tracing of the weak references they hold breaks them.  They are Python bookkeeping: eager.
-_eager = torch._disable_dynamo
-
-
 # A backend call costs the host tens of microseconds on a GPU (Python, the dispatcher, two
 # launches): there a group must hold enough work to hide that, while on a CPU the call is cheap
 # and a small group stays in cache.  On an H200, 2 MB groups made a bf16 GPT's window 1.22x
@@ -67,6 +63,7 @@ _eager = torch._disable_dynamo
 DEFAULT_GROUP_MB = {"cpu": 2.0, "cuda": 32.0}
 
 
+@functools.cache   # an import statement costs microseconds, and this runs at every pass
 def _compiled_backend():
     from ..kernels import extension
     return extension
@@ -259,7 +256,7 @@ class GradBuffers(GradAttribute, ZeroGrad):
                 self._plan(task)
         return record
 
-    @_eager
+    @eager
     def on_grad(self, param: Tensor, bucket: Bucket, i: int) -> None:
         """The Python hook: one call per gradient."""
         grad = param.grad
@@ -280,7 +277,7 @@ class GradBuffers(GradAttribute, ZeroGrad):
             if self._on_arrival is not None:   # data parallel, last micro-batch
                 self._on_arrival(param, record)
 
-    @_eager
+    @eager
     def take_linear_grad(self, param: Tensor, grad_output: Tensor, input: Tensor) -> bool:
         """A fused Linear's weight gradient (:mod:`fused_accum.linear`), accumulated from its GEMM
         operands with no gradient tensor made.  False: ``param``'s gradients are not taken now
@@ -300,7 +297,7 @@ class GradBuffers(GradAttribute, ZeroGrad):
 
     # The collector's calls (from autograd threads, holding the GIL).
 
-    @_eager
+    @eager
     def collected_start(self, task: int) -> None:
         with self._lock:
             self.current_pass(task)
@@ -327,14 +324,14 @@ class GradBuffers(GradAttribute, ZeroGrad):
             raise
         collector_bridge.record_settled(record, report, self.hooks.slot_list)
 
-    @_eager
+    @eager
     def collected_full(self, task: int) -> None:
         with self._lock:
             record = self.passes.get(task)
             if record is not None:
                 self.drain(record)
 
-    @_eager
+    @eager
     def collected_each(self, slot: int, task: int) -> None:
         with self._lock:
             record = self.passes.get(task)
@@ -385,7 +382,7 @@ class GradBuffers(GradAttribute, ZeroGrad):
             for record in list(self.passes.values()):
                 self.drain(record)
 
-    @_eager
+    @eager
     def end_pass(self, task: int) -> None:
         """A backward pass completed: accumulate the rest of what it delivered."""
         with self._lock:
@@ -397,7 +394,7 @@ class GradBuffers(GradAttribute, ZeroGrad):
                     self._undo(record)   # the pass is no longer open for fail_pass to settle
                     raise
 
-    @_eager
+    @eager
     def fail_pass(self, task: int) -> None:
         """A backward pass raised: undo what it did, or discard the window."""
         with self._lock:

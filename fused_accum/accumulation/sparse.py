@@ -141,9 +141,9 @@ class SparseSums:
         return {key: entry.total() for key, entry in self.sums.items()}
 
     def nonfinite(self, device: torch.device) -> Tensor:
-        """Float 0-d on ``device``: 1 if any gradient has a non-finite element, else 0."""
+        """0-d on ``device``: NaN if any gradient has a non-finite element, else 0."""
         flags = [entry.nonfinite().to(device) for entry in self.sums.values()]
-        return torch.isnan(torch.stack(flags).sum()).to(torch.float32)
+        return flags[0] if len(flags) == 1 else torch.stack(flags).sum()
 
     def sumsq(self, device: torch.device) -> Tensor:
         """The sum of squares of every sum, on ``device`` (not finite if any element is not)."""
@@ -214,9 +214,9 @@ def sgd_step(param: Tensor, grad: SparseSum, momentum_buffer: Tensor | None, ste
                            nesterov=nesterov, maximize=maximize, grad_scale=grad_scale,
                            found_inf=found_inf)
         return
-    keep = found_inf != 0
+    live = 1.0 - found_inf   # found_inf is 0 or 1
     factor = grad_scale * lr
-    factor = torch.where(keep, 0.0, factor if maximize else -factor)
+    factor = live * (factor if maximize else -factor)
     indices, values = grad.joined()
     if indices.shape[0] != 1:   # index_add_ below moves whole rows (an embedding's layout)
         total = grad.total().to_dense().to_sparse(1)
@@ -224,4 +224,4 @@ def sgd_step(param: Tensor, grad: SparseSum, momentum_buffer: Tensor | None, ste
     # A skipped step's factor of 0 makes a non-finite value NaN, and only then: NaN -> 0.
     update = (values * factor).nan_to_num_(0.0, math.inf, -math.inf)
     param.index_add_(0, indices[0], update)
-    step.add_(torch.where(keep, 0.0, 1.0))
+    step.add_(live)

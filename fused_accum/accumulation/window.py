@@ -93,8 +93,9 @@ class Window:
 
     def end_micro_batch(self) -> None:
         self.micro += 1
-        for pending in self.items_since_step.values():
-            pending.zero_()
+        if self.mode == ITEMS:   # (only passes with items add to them)
+            for pending in self.items_since_step.values():
+                pending.zero_()
 
     def drop_since_step(self, holds_sums: bool) -> None:
         """zero_grad() discarded whole what arrived since the last step().  With no sum left

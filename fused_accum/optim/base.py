@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 
 from .. import guards, kernels, linear as fused_linear, scaling
 from .._warnings import warn
+from ..eager import eager
 from ..accumulation import GradBuffers, Window
 from ..accumulation.buckets import Bucket
 from ..accumulation.sparse import DeferredNorm
@@ -258,7 +259,7 @@ class AccumulatingOptimizer(ParamGroups, MicroBatches, WindowEnd, BucketState, W
             data_parallel.take_over(data_parallel.ddp_owners(params), self._reducer, params)
 
     @hooked_step
-    @torch._disable_dynamo   # torch.compile(opt.step) runs it eagerly: its counts are Python's
+    @eager   # torch.compile(opt.step) runs it eagerly: its counts are Python's
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """End one micro-batch; the ``accumulation_steps``-th call updates the parameters."""
@@ -356,7 +357,7 @@ class AccumulatingOptimizer(ParamGroups, MicroBatches, WindowEnd, BucketState, W
         self._window.fold_norm = last and self._reducer.folds_norm
         self._buffers.on_arrival = self._reducer.on_arrival if last else None
 
-    @torch._disable_dynamo
+    @eager
     @torch.no_grad()
     def flush(self) -> bool:
         """Apply the update now with what the window holds (e.g. a short last window of an
@@ -413,7 +414,7 @@ class AccumulatingOptimizer(ParamGroups, MicroBatches, WindowEnd, BucketState, W
         self._buffers.keep_zero_grads(params, set_to_none, touched)
         self._buffers.zero_unhooked(params, set_to_none)
 
-    @torch._disable_dynamo
+    @eager
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch.optim's ``zero_grad`` where gradients are left in ``.grad``
         (``accumulation_steps=1``, one process).  Where they are taken as they arrive, it

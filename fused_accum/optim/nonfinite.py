@@ -24,8 +24,8 @@ class SkipMonitor:
             event = torch.cuda.Event()
             event.record()
             self._pending.append((host, event))
-        else:
-            self._pending.append((found_inf.clone(), None))
+        else:   # the window end's flag is a tensor of its own, never written again
+            self._pending.append((found_inf, None))
 
     def poll(self) -> bool:
         """Whether a recorded window that has finished on the device was skipped."""

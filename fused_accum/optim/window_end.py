@@ -89,11 +89,14 @@ class WindowEnd:
         total = self._reducer.window_sumsq(self._buffers, buckets, main)
         scale = window.inverse_weight(main, self._buffers.collecting)
         # The norm covers what no accumulate kernel has checked (adopted first gradients): a
-        # non-finite norm (non-finite elements, or a sum of squares beyond fp32) skips the window.
-        norm_flag = (~torch.isfinite(total)).to(torch.float32)
+        # non-finite norm (non-finite elements, or a sum of squares beyond fp32) skips the window,
+        # as does a non-finite sparse gradient.  (0 * x is NaN exactly for non-finite x.)
+        poison = total * 0.0
+        if sparse:
+            poison = poison + sparse.nonfinite(main)
+        norm_flag = torch.isnan(poison).to(torch.float32)
         norm_now = self.max_grad_norm is not None or self._live_norm_wanted
         if sparse:
-            norm_flag = torch.maximum(norm_flag, sparse.nonfinite(main))
             if norm_now:
                 total = total + sparse.sumsq(main)
             else:   # its sparse part when grad_norm is read: coalescing is the costly part
