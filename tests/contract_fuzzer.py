@@ -12,9 +12,10 @@ loss scaling, num_items) and a random sequence of the calls users write, then ru
   written in place, failed backward passes); parameters and gradients must agree after every call.
 - ``accumulation_steps=k > 1``: an oracle keeps the window's losses and, whenever fused_accum's
   window ends (the k-th step(), flush()), steps a torch.optim twin once on their exact mean (item-
-  weighted with num_items, clipped with max_grad_norm); calls that cannot be exact must raise
-  (zero_grad() after gradients were added into earlier sums, clipping by hand, a .grad set by
-  hand), and change nothing when they do.
+  weighted with num_items, clipped with max_grad_norm); freezing and unfreezing (a parameter
+  frozen at construction too) change what the twin's passes reach; calls that cannot be exact
+  must raise (zero_grad() after gradients were added into earlier sums, clipping by hand, a .grad
+  set by hand), and change nothing when they do.
 
 A failing seed prints its configuration and a minimal sequence of calls that still fails.
 
@@ -125,7 +126,7 @@ def draw_calls(config: Config, n: int) -> list[tuple]:
     calls = []
     weights = {"backward": 10, "step": 6, "zero_grad": 3, "module_zero_grad": 1,
                "checkpoint": 1, "lr": 1, "write": 1, "fail_first": 1, "fail_last": 1,
-               "clip": 1, "grad_by_hand": 1, "freeze": 1}
+               "clip": 1, "grad_by_hand": 1, "freeze": 2 if config.frozen else 1}
     if config.k > 1:
         weights["flush"] = 1
     names = list(weights)
@@ -144,8 +145,9 @@ def draw_calls(config: Config, n: int) -> list[tuple]:
             calls.append(("lr", r.randrange(3), r.choice([0.5, 1.5])))
         elif name == "write":
             calls.append(("write", r.choice(["a", "b", "embed"])))
-        elif name == "freeze":
-            calls.append(("freeze", r.random() < 0.5))
+        elif name == "freeze":   # mostly norm's unfreezing where it was frozen at construction
+            part = "norm" if config.frozen and r.random() < 0.7 else r.choice(["a", "norm"])
+            calls.append(("freeze", part, r.random() < 0.4))
         elif name == "grad_by_hand":
             calls.append(("grad_by_hand", r.choice(["scale", "set"])))
         elif name in ("fail_first", "fail_last"):
@@ -301,7 +303,7 @@ def _apply_plain(call, model, opt, config, fused):
         with torch.no_grad():
             getattr(model, call[1]).weight.clamp_(-0.3, 0.3)
     elif name == "freeze":
-        model.a.requires_grad_(not call[1])
+        getattr(model, call[1]).requires_grad_(not call[2])
     elif name == "grad_by_hand":
         for p in model.parameters():
             if p.grad is not None:
@@ -389,7 +391,7 @@ class Oracle:
         """False if fused_accum must refuse."""
         held = self.holds | self.touched   # torch's .grad, zeros once set_to_none=False
         if self.pending:
-            if self.added:
+            if self.added and not self.discarded:   # (a discarded window is skipped anyway)
                 return False
             self.window = [w for w in self.window if w[2] < self.micro]
             self.touched -= self.since - self.settled
@@ -471,7 +473,7 @@ def run_against_large_batch(config: Config, calls: list[tuple]) -> None:
             resync(twin, model)
         elif name in ("zero_grad", "module_zero_grad"):
             set_to_none = call[1] if name == "zero_grad" else True
-            expect_refusal = oracle.pending and oracle.added
+            expect_refusal = oracle.pending and oracle.added and not oracle.discarded
             try:
                 opt.zero_grad(set_to_none=set_to_none) if name == "zero_grad" else model.zero_grad()
                 refused = False
@@ -497,8 +499,9 @@ def run_against_large_batch(config: Config, calls: list[tuple]) -> None:
             for m in (model, twin):
                 with torch.no_grad():
                     getattr(m, call[1]).weight.clamp_(-0.3, 0.3)
-        elif name == "freeze":
-            pass   # freezing mid-window changes which parameters a pass reaches: not drawn here
+        elif name == "freeze":   # the oracle's passes reach what the twin's requires_grad says
+            for m in (model, twin):
+                getattr(m, call[1]).requires_grad_(not call[2])
         elif name == "clip":
             held = bool(oracle.pending or oracle.touched)
             try:
@@ -531,13 +534,25 @@ def run_against_large_batch(config: Config, calls: list[tuple]) -> None:
                 pass
             opt._buffers.settle_unfinished()
             if opt._window.discarded and not oracle.discarded:
-                if not delivered & oracle.touched:
+                # What it left in the .grad of a parameter unfrozen since construction cannot
+                # be told apart: the window is discarded, and that .grad is in it.
+                unhooked = opt._buffers.unhooked
+                unfrozen = {n for n, p in model.named_parameters()
+                            if p.grad is not None and p in unhooked}
+                if not delivered & oracle.touched and not unfrozen:
                     raise Mismatch(f"{where}: a failed pass that only began sums discarded the "
                                    "window instead of being undone")
                 oracle.discarded = True
+                oracle.touched |= unfrozen
+                oracle.since |= unfrozen
+                oracle.pending = oracle.pending or bool(unfrozen)
         if name != "grad_by_hand":
+            # A parameter frozen at construction and unfrozen since is hooked at the next
+            # step(), opt.backward() or state_dict(): until then autograd fills its .grad
+            # (docs/contract.md, `requires_grad` toggled).
+            unhooked = opt._buffers.unhooked
             for p in model.parameters():
-                if p.grad is not None:
+                if p.grad is not None and not (p in unhooked and p.requires_grad):
                     raise Mismatch(f"{where}: a .grad is left on a parameter with "
                                    f"accumulation_steps={config.k}")
 

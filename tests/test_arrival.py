@@ -50,10 +50,12 @@ def test_only_the_cpu_node_hook_holds_the_gradient_accumulator_node(hooks):
     assert param.grad is None and opt._window.arrived
 
 
-def _failing_loss(model, batch):
-    """The micro-batch's loss, whose backward raises after the head's gradients have arrived and
-    before any other layer's (autograd runs the later-built nodes first)."""
-    handle = model.head.register_forward_pre_hook(lambda m, args: (FailsInBackward.apply(args[0]),))
+def _failing_loss(model, batch, at=None):
+    """The micro-batch's loss, whose backward raises after the head's gradients (``at``: that
+    module's) have arrived and before any earlier layer's (autograd runs the later-built nodes
+    first)."""
+    module = model.head if at is None else at
+    handle = module.register_forward_pre_hook(lambda m, args: (FailsInBackward.apply(args[0]),))
     try:
         return lm_loss(model, *batch)
     finally:
@@ -294,6 +296,57 @@ def test_a_failed_pass_that_added_into_the_sums_discards_its_window(dtype, throu
     assert torch.isfinite(opt.grad_norm)   # the next window's own
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)   # the discarded window left no trace
+
+
+def test_zero_grad_after_a_failed_pass_discarded_the_window_is_accepted(monkeypatch, backend):
+    """What the failed pass added cannot be taken out, but the window's step is skipped anyway:
+    zero_grad() does not refuse (found by the contract fuzzer)."""
+    monkeypatch.setenv("FUSED_ACCUM_GROUP_MB", "0")
+    batches = make_batches(12, 2, 2)
+    model = make_model(seed=12)
+    before = _params(model)
+    opt = fused_accum.SGD(model.parameters(), lr=0.1, accumulation_steps=2, backend=backend)
+    lm_loss(model, *batches[0]).backward()
+    opt.step()
+    with pytest.warns(RuntimeWarning, match="window is discarded"):
+        with pytest.raises(InjectedFailure):
+            _failing_loss(model, batches[1]).backward()
+    opt.zero_grad()
+    lm_loss(model, *batches[1]).backward()
+    opt.step()
+    assert opt.stepped and opt.skipped_steps == 1
+    for a, b in zip(model.parameters(), before):
+        assert torch.equal(a, b)
+
+
+def test_a_failed_pass_that_reached_an_unfrozen_parameter_discards_its_window(backend):
+    """A parameter frozen when the optimizer was built and unfrozen since gets its gradient in
+    .grad until step() takes it: what a failed pass left there cannot be told apart from what
+    earlier passes did, so the window is discarded, with a warning naming it (it used to take
+    the failed pass's part into the window)."""
+    windows = [make_batches(13 + w, 2, 2) for w in range(2)]
+    model = make_model(seed=13)
+    twin = clone(model)   # trains on window 1 only
+    model.head.weight.requires_grad_(False)
+    opt = fused_accum.AdamW(model.parameters(), accumulation_steps=2, backend=backend)
+    opt_twin = fused_accum.AdamW(twin.parameters(), accumulation_steps=2, backend=backend)
+    model.head.weight.requires_grad_(True)
+    before = _params(model)
+    with pytest.warns(RuntimeWarning, match="unfrozen after the optimizer was built"):
+        with pytest.raises(InjectedFailure):
+            _failing_loss(model, windows[0][0], at=model.down).backward()
+    for batch in windows[0]:   # the retried micro-batch, then the next
+        lm_loss(model, *batch).backward()
+        opt.step()
+    assert opt.stepped and opt.skipped_steps == 1
+    for a, b in zip(model.parameters(), before):
+        assert torch.equal(a, b)
+    for batch in windows[1]:
+        for m, o in ((model, opt), (twin, opt_twin)):
+            lm_loss(m, *batch).backward()
+            o.step()
+    assert opt.skipped_steps == 1
+    assert_same_params(model, twin)
 
 
 def test_a_discarded_window_survives_a_mid_window_checkpoint(monkeypatch, backend):

@@ -52,3 +52,27 @@ def test_the_fuzzer_catches_a_zero_grad_that_discards_nothing(monkeypatch):
         for seed in seeds:
             fuzzer.check_seed(seed, ["reference"])
     assert torch.is_grad_enabled()
+
+
+def test_the_fuzzer_catches_an_unfrozen_parameter_left_unhooked(monkeypatch):
+    """Its seeds with accumulation_steps > 1 unfreeze a parameter frozen at construction: one
+    that the optimizer stops tracking without hooking it (autograd's gradients then pile up in
+    its .grad, outside the window) is found."""
+    from fused_accum.accumulation.grad_attribute import GradAttribute
+
+    def take_unfrozen_without_hooking(self):
+        for p in [p for p in self.unhooked if p.requires_grad]:
+            del self.unhooked[p]
+    monkeypatch.setattr(GradAttribute, "take_unfrozen", take_unfrozen_without_hooking)
+
+    def unfreezes_before_a_backward(seed):
+        config = fuzzer.draw_config(seed, ["reference"])
+        calls = fuzzer.draw_calls(config, 30)
+        return config.k > 1 and config.frozen and any(
+            call == ("freeze", "norm", False) and "backward" in {c[0] for c in calls[n:]}
+            for n, call in enumerate(calls))
+    seeds = [s for s in range(SEEDS) if unfreezes_before_a_backward(s)]
+    assert seeds, "the seeds CI runs never unfreeze a parameter before a backward pass"
+    with pytest.raises(AssertionError, match="contract broken"):
+        for seed in seeds:
+            fuzzer.check_seed(seed, ["reference"])

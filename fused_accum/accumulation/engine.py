@@ -423,10 +423,16 @@ class GradBuffers(GradAttribute, ZeroGrad):
         record.queue.clear()
         # A pass started since this one may have added into the slots this one touched first.
         exact = not record.added and record.serial == self._serial
-        if not exact:
+        # Autograd fills the .grad of a parameter unfrozen since the optimizer was built until
+        # the next step() takes it: what the failed pass put there cannot be told apart.
+        unfrozen = [p for p in self.unhooked if p.requires_grad and p.grad is not None]
+        if not exact or unfrozen:
             if not self.window.discarded:
-                warn("fused_accum: a backward pass failed after adding part of its gradients to "
-                     "this window's sums, which cannot be undone exactly; the window is discarded: "
+                where = ("the .grad of a parameter unfrozen after the optimizer was built "
+                         f"({self.label(unfrozen[0])}), which the next step() takes"
+                         if exact else "this window's sums")
+                warn(f"fused_accum: a backward pass failed after adding part of its gradients to "
+                     f"{where}; that cannot be undone exactly, so the window is discarded: "
                      "its step will leave the parameters and optimizer state unchanged, and the "
                      "next window starts clean")
             self.window.discarded = True

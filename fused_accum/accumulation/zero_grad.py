@@ -48,7 +48,9 @@ class ZeroGrad:
         ``params`` (all by default) since the last ``step()``.  A sum that began since then is
         dropped exactly (its slot is untouched again); one that holds earlier micro-batches and
         got more since cannot be taken apart, and raises, naming the parameters, before anything
-        changes.  Returns whether what arrived since the last step() is gone whole."""
+        changes, unless a failed backward pass discarded the window already (its step is
+        skipped: what is left of it no longer matters).  Returns whether what arrived since the
+        last step() is gone whole."""
         if self.passes:
             raise RuntimeError("fused_accum: zero_grad() was called during a backward pass")
         if not self.window.arrived:
@@ -60,7 +62,7 @@ class ZeroGrad:
             refused = [b.labels[i] for b, i in added if b.params[i] in wanted]
         else:
             refused = [b.labels[i] for b, i in added]
-        if refused:
+        if refused and not self.window.discarded:
             raise RuntimeError(
                 f"fused_accum: zero_grad() would discard what {len(refused)} parameters "
                 f"({', '.join(refused[:3])}{', ...' if len(refused) > 3 else ''}) received since "
