@@ -9,10 +9,11 @@ about 7 microseconds a call (it swaps the frame evaluator, consults the compile 
 export state every time), and fused_accum's entry points run four times a micro-batch: about 0.2 ms
 of a window of eight on a CPU.
 
-``eager(fn)`` calls ``fn`` directly while no frame evaluator is installed (nothing is compiling
-here, so nothing can trace ``fn``), and through ``torch._disable_dynamo(fn)`` otherwise.  Its own
-frame is marked for dynamo to run untraced, as torch's wrapper's is (a file of torch's), so that a
-compiled frame that calls it, or an autograd callback made from one, reaches that test.
+``eager(fn)`` calls ``fn`` directly while this thread has no frame evaluator installed (nothing is
+compiling here, so nothing can trace ``fn``), and through ``torch._disable_dynamo(fn)`` otherwise.
+Its own frame is marked for dynamo to run untraced, as torch's wrapper's is (a file of torch's), so
+that a compiled frame that calls it, or an autograd callback made from one, reaches that test.
+Where this torch lacks the private calls that needs, ``eager`` is ``torch._disable_dynamo``.
 """
 from __future__ import annotations
 
@@ -23,32 +24,34 @@ import torch
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
-try:
-    from torch._C._dynamo import eval_frame as _frames
 
-    _compiling = _frames.get_eval_frame_callback
-    _run_untraced = _frames._FrameExecStrategy(_frames._FrameAction.SKIP,
-                                               _frames._FrameAction.DEFAULT)
-except (ImportError, AttributeError):   # a torch without these: always torch's wrapper
-    _frames = None
-
-
-def eager(fn: _F) -> _F:
-    """``fn``, never traced by dynamo (see the module's docstring)."""
-    disabled = torch._disable_dynamo(fn)
-    if _frames is None:
-        return disabled
-
+def _direct_unless_compiling(fn: Callable[..., Any], disabled: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
         if _compiling() is None:
             return fn(*args, **kwargs)
         return disabled(*args, **kwargs)
 
-    call._torchdynamo_disable = True   # a compiled frame calls it without inlining it
-    call._torchdynamo_orig_callable = fn   # what dynamo guards on (the wrapper's code is shared)
-    return call   # type: ignore[return-value]
+    call._torchdynamo_disable = True        # a compiled frame calls it without inlining it
+    call._torchdynamo_orig_callable = fn    # what dynamo guards on (the wrapper's code is shared)
+    return call
 
 
-if _frames is not None:
-    _frames.set_code_exec_strategy(eager(lambda: None).__code__, _run_untraced)
+try:
+    from torch._C._dynamo import eval_frame as _frames
+
+    _compiling = _frames.get_eval_frame_callback
+    _frames.set_code_exec_strategy(   # every wrapper shares this code object
+        _direct_unless_compiling(len, len).__code__,
+        _frames._FrameExecStrategy(_frames._FrameAction.SKIP, _frames._FrameAction.DEFAULT))
+    _FAST = True
+except Exception:   # a torch without these private calls: always torch's wrapper
+    _FAST = False
+
+
+def eager(fn: _F) -> _F:
+    """``fn``, never traced by dynamo (see the module's docstring)."""
+    disabled = torch._disable_dynamo(fn)
+    if not _FAST:
+        return disabled
+    return _direct_unless_compiling(fn, disabled)   # type: ignore[return-value]

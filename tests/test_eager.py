@@ -60,3 +60,15 @@ def test_the_wrapper_keeps_the_functions_name_and_marks_it_for_dynamo():
     wrapped = eager(step)
     assert wrapped.__name__ == "step" and wrapped.__doc__ == "Doc."
     assert wrapped._torchdynamo_disable is True
+
+
+def test_without_dynamos_private_calls_it_is_torchs_wrapper(monkeypatch):
+    monkeypatch.setattr(eager_module, "_FAST", False)
+    record, seen = _recorder()
+
+    @torch.compile(backend="eager")
+    def f(x):
+        return record(x) * 2
+
+    assert f(torch.tensor(1.0)).item() == 4.0 and record(torch.tensor(0.0)).item() == 1.0
+    assert seen == [False, False]
