@@ -354,6 +354,7 @@ class Oracle:
     since: set = field(default_factory=set)        # names that got gradients since the last step()
     added: bool = False                            # since then, into a settled sum
     discarded: bool = False                        # a failed pass added: the window is skipped
+    taint: set = field(default_factory=set)        # unfrozen .grads a failed pass may have reached
     holds: set = field(default_factory=set)        # torch would hold a .grad (see Bucket)
     zeroed: set = field(default_factory=set)       # ... zeroed by zero_grad(set_to_none=False)
 
@@ -381,6 +382,17 @@ class Oracle:
                                     list(params.values()))
         grads = [g.to_dense() if g.is_sparse else g for g in grads]   # stepped densely
         self.window.append((dict(zip(params, grads)), _items(targets), self.micro))
+
+    def take_unfrozen(self, holding: set) -> None:
+        """fused_accum hooks the parameters unfrozen since construction and takes their .grad:
+        one a failed pass may have reached discards the window (the .grad joins it)."""
+        tainted = self.taint & holding
+        if tainted:
+            self.discarded = True
+            self.touched |= tainted
+            self.since |= tainted
+            self.pending = True
+        self.taint = set()
 
     def end_micro_batch(self):
         self.micro += 1
@@ -443,6 +455,10 @@ def run_against_large_batch(config: Config, calls: list[tuple]) -> None:
     for n, call in enumerate(calls):
         where = f"call {n} {call[0]}"
         name = call[0]
+        through_optimizer = config.num_items or config.loss_scale is not None   # opt.backward
+        if name in ("step", "flush", "checkpoint") or (
+                through_optimizer and name in ("backward", "fail_first", "fail_last")):
+            oracle.take_unfrozen(_unfrozen_holding(model, opt))   # as the call will
         if name == "backward":
             loss = _loss(model, call[1], call[2], call[3])
             if config.num_items:
@@ -486,6 +502,7 @@ def run_against_large_batch(config: Config, calls: list[tuple]) -> None:
                                f"contract says {'refuse' if expect_refusal else 'accept'}")
             if not refused:
                 oracle.zero_grad(set_to_none)
+                oracle.taint = set()   # the unfrozen parameters' .grad is cleared
         elif name == "checkpoint":
             state = copy.deepcopy(opt.state_dict())
             scale = tuple(g["lr"] / config.hyper["lr"] for g in opt.param_groups)
@@ -500,6 +517,10 @@ def run_against_large_batch(config: Config, calls: list[tuple]) -> None:
                 with torch.no_grad():
                     getattr(m, call[1]).weight.clamp_(-0.3, 0.3)
         elif name == "freeze":   # the oracle's passes reach what the twin's requires_grad says
+            if call[2] and _unfrozen_holding(model, opt) & {
+                    f"{call[1]}.{n}" for n, _ in getattr(model, call[1]).named_parameters()}:
+                continue   # frozen again before step() took its .grad: refused at step(), which
+                           # cannot tell that from a .grad set by hand (test_contract_edges.py)
             for m in (model, twin):
                 getattr(m, call[1]).requires_grad_(not call[2])
         elif name == "clip":
@@ -534,18 +555,13 @@ def run_against_large_batch(config: Config, calls: list[tuple]) -> None:
                 pass
             opt._buffers.settle_unfinished()
             if opt._window.discarded and not oracle.discarded:
-                # What it left in the .grad of a parameter unfrozen since construction cannot
-                # be told apart: the window is discarded, and that .grad is in it.
-                unhooked = opt._buffers.unhooked
-                unfrozen = {n for n, p in model.named_parameters()
-                            if p.grad is not None and p in unhooked}
-                if not delivered & oracle.touched and not unfrozen:
+                if not delivered & oracle.touched:
                     raise Mismatch(f"{where}: a failed pass that only began sums discarded the "
                                    "window instead of being undone")
                 oracle.discarded = True
-                oracle.touched |= unfrozen
-                oracle.since |= unfrozen
-                oracle.pending = oracle.pending or bool(unfrozen)
+            # What it may have left in the .grad of a parameter unfrozen since construction
+            # cannot be told apart: unless zero_grad() clears it, taking it discards the window.
+            oracle.taint = _unfrozen_holding(model, opt)
         if name != "grad_by_hand":
             # A parameter frozen at construction and unfrozen since is hooked at the next
             # step(), opt.backward() or state_dict(): until then autograd fills its .grad
@@ -555,6 +571,14 @@ def run_against_large_batch(config: Config, calls: list[tuple]) -> None:
                 if p.grad is not None and not (p in unhooked and p.requires_grad):
                     raise Mismatch(f"{where}: a .grad is left on a parameter with "
                                    f"accumulation_steps={config.k}")
+
+
+def _unfrozen_holding(model: nn.Module, opt) -> set:
+    """Names of the parameters frozen at construction, unfrozen since and not hooked yet, whose
+    .grad autograd has filled."""
+    unhooked = opt._buffers.unhooked
+    return {n for n, p in model.named_parameters()
+            if p in unhooked and p.requires_grad and p.grad is not None}
 
 
 # -- driving ------------------------------------------------------------------------------------

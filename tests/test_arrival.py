@@ -319,25 +319,31 @@ def test_zero_grad_after_a_failed_pass_discarded_the_window_is_accepted(monkeypa
         assert torch.equal(a, b)
 
 
-def test_a_failed_pass_that_reached_an_unfrozen_parameter_discards_its_window(backend):
-    """A parameter frozen when the optimizer was built and unfrozen since gets its gradient in
-    .grad until step() takes it: what a failed pass left there cannot be told apart from what
-    earlier passes did, so the window is discarded, with a warning naming it (it used to take
-    the failed pass's part into the window)."""
-    windows = [make_batches(13 + w, 2, 2) for w in range(2)]
-    model = make_model(seed=13)
-    twin = clone(model)   # trains on window 1 only
+def _unfrozen_head(seed, backend):
+    """A model whose head was frozen when the optimizer was built and is unfrozen since (its
+    gradient goes to .grad until step() hooks it), the optimizer, and a twin trained as usual."""
+    model = make_model(seed=seed)
+    twin = clone(model)
     model.head.weight.requires_grad_(False)
     opt = fused_accum.AdamW(model.parameters(), accumulation_steps=2, backend=backend)
     opt_twin = fused_accum.AdamW(twin.parameters(), accumulation_steps=2, backend=backend)
     model.head.weight.requires_grad_(True)
+    return model, opt, twin, opt_twin
+
+
+def test_a_failed_pass_that_reached_an_unfrozen_parameter_discards_its_window(backend):
+    """What the failed pass left in the unfrozen head's .grad cannot be told apart from what
+    other passes put there: the step() that takes that .grad discards the window, with a warning
+    naming the parameter (the failed pass's part used to join the window)."""
+    windows = [make_batches(13 + w, 2, 2) for w in range(2)]
+    model, opt, twin, opt_twin = _unfrozen_head(13, backend)   # the twin trains on window 1 only
     before = _params(model)
+    with pytest.raises(InjectedFailure):
+        _failing_loss(model, windows[0][0], at=model.down).backward()
     with pytest.warns(RuntimeWarning, match="unfrozen after the optimizer was built"):
-        with pytest.raises(InjectedFailure):
-            _failing_loss(model, windows[0][0], at=model.down).backward()
-    for batch in windows[0]:   # the retried micro-batch, then the next
-        lm_loss(model, *batch).backward()
-        opt.step()
+        for batch in windows[0]:   # the retried micro-batch, then the next
+            lm_loss(model, *batch).backward()
+            opt.step()
     assert opt.stepped and opt.skipped_steps == 1
     for a, b in zip(model.parameters(), before):
         assert torch.equal(a, b)
@@ -346,6 +352,24 @@ def test_a_failed_pass_that_reached_an_unfrozen_parameter_discards_its_window(ba
             lm_loss(m, *batch).backward()
             o.step()
     assert opt.skipped_steps == 1
+    assert_same_params(model, twin)
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad_before_retrying_keeps_the_window_of_a_failed_pass_on_an_unfrozen_parameter(
+        set_to_none, backend):
+    """torch's recovery: zero_grad(), then the micro-batch again.  It clears what the failed pass
+    left in the unfrozen head's .grad, and the window is the large batch's."""
+    batches = make_batches(14, 2, 2)
+    model, opt, twin, opt_twin = _unfrozen_head(14, backend)
+    with pytest.raises(InjectedFailure):
+        _failing_loss(model, batches[0], at=model.down).backward()
+    opt.zero_grad(set_to_none=set_to_none)
+    for batch in batches:
+        for m, o in ((model, opt), (twin, opt_twin)):
+            lm_loss(m, *batch).backward()
+            o.step()
+    assert opt.stepped and opt.skipped_steps == 0
     assert_same_params(model, twin)
 
 

@@ -96,7 +96,8 @@ def test_a_hand_set_grad_on_a_frozen_parameter_is_refused():
     opt = fused_accum.SGD(model.parameters(), lr=0.1, accumulation_steps=K)
     _loss(model, xs[0]).backward()
     model.lin.bias.grad = torch.ones(2)
-    with pytest.raises(RuntimeError, match=r"\.grad at step\(\), which was set by hand"):
+    with pytest.raises(RuntimeError, match=r"\.grad at step\(\) but does not require grad: it "
+                                           r"was set by hand"):
         opt.step()
     model.lin.bias.grad = None
     opt.step()   # usable, nothing lost
@@ -128,6 +129,29 @@ def test_zero_grad_clears_the_grad_of_a_parameter_unfrozen_after_building(set_to
     _loss(expected, xs[0]).backward()
     ref.zero_grad(set_to_none=set_to_none)
     _large_batch(expected, ref, xs)
+    _close(model, expected)
+
+
+def test_a_parameter_frozen_again_before_step_took_its_grad_is_refused_and_recoverable(backend):
+    """Unfrozen after building, reached by backward(), frozen again before step(): its .grad
+    cannot be told from one set by hand, so step() raises, saying both, and changes nothing;
+    with the .grad set to None the window goes on as the large batch without it."""
+    xs = _inputs(K)
+    model, expected = Tiny(), Tiny()
+    model.lin.bias.requires_grad_(False)
+    opt = fused_accum.SGD(model.parameters(), lr=0.1, accumulation_steps=K, backend=backend)
+    model.lin.bias.requires_grad_(True)
+    _loss(model, xs[0]).backward()
+    model.lin.bias.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="frozen again before step"):
+        opt.step()
+    assert opt.micro_batches == 0
+    model.lin.bias.grad = None
+    opt.step()
+    _loss(model, xs[1]).backward()
+    opt.step()
+    expected.lin.bias.requires_grad_(False)
+    _large_batch(expected, torch.optim.SGD(expected.parameters(), lr=0.1), xs)
     _close(model, expected)
 
 

@@ -126,6 +126,21 @@ def test_grad_norm_of_a_sparse_window_is_the_large_batch_norm(read, backend):
     torch.testing.assert_close(opt.grad_norm, expected[-1], rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("flag", [1.0, 2.0])
+def test_a_grad_scalers_inf_flag_skips_the_sparse_step(flag, backend):
+    """torch.amp.GradScaler hands step() the sum of its devices' flags: 2 skips as 1 does (the
+    sparse step once ran backwards on 2)."""
+    model = _model(13)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = fused_accum.SGD(model.parameters(), lr=0.5, backend=backend)
+    model(_tokens(130, 1)[0]).backward()
+    opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(flag)   # as GradScaler.step
+    opt.step()
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), b)
+    assert opt.state[model.embed.weight]["step"].item() == 0
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("k", [1, 3])
 def test_a_non_finite_sparse_gradient_skips_the_window(value, k, backend):

@@ -101,6 +101,8 @@ class GradBuffers(GradAttribute, ZeroGrad):
         # Parameters that did not require grad when hooked (a dict: tensors compare elementwise,
         # so `in` on a list of them is wrong; their hash is their identity)
         self.unhooked: dict[Tensor, None] = {}
+        # Of them, those whose .grad a failed backward pass may have added to (see take_unfrozen)
+        self.tainted: dict[Tensor, None] = {}
         self.group_bytes = group_bytes()
         self.passes: dict[int, BackwardPass] = {}   # graph task id -> its pass, while it runs
         self._serial = 0                            # passes started so far
@@ -423,20 +425,18 @@ class GradBuffers(GradAttribute, ZeroGrad):
         record.queue.clear()
         # A pass started since this one may have added into the slots this one touched first.
         exact = not record.added and record.serial == self._serial
-        # Autograd fills the .grad of a parameter unfrozen since the optimizer was built until
-        # the next step() takes it: what the failed pass put there cannot be told apart.
-        unfrozen = [p for p in self.unhooked if p.requires_grad and p.grad is not None]
-        if not exact or unfrozen:
+        if not exact:
             if not self.window.discarded:
-                where = ("the .grad of a parameter unfrozen after the optimizer was built "
-                         f"({self.label(unfrozen[0])}), which the next step() takes"
-                         if exact else "this window's sums")
-                warn(f"fused_accum: a backward pass failed after adding part of its gradients to "
-                     f"{where}; that cannot be undone exactly, so the window is discarded: "
+                warn("fused_accum: a backward pass failed after adding part of its gradients to "
+                     "this window's sums, which cannot be undone exactly; the window is discarded: "
                      "its step will leave the parameters and optimizer state unchanged, and the "
                      "next window starts clean")
             self.window.discarded = True
             return
+        # Autograd fills the .grad of a parameter unfrozen since the optimizer was built until
+        # take_unfrozen hooks it: what this pass may have left there cannot be taken out.
+        self.tainted.update((p, None) for p in self.unhooked
+                            if p.requires_grad and p.grad is not None)
         for bucket, i in record.firsts:
             bucket.untouch(i)
         for bucket, i in record.sparse_firsts:

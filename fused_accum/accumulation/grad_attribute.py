@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._warnings import warn
 from .accumulate import accumulate
 from .buckets import Bucket
 
@@ -74,10 +75,21 @@ class GradAttribute:
         passes (weight 1).  Called at every micro-batch's end, and before whatever must see every
         gradient in the window: ``opt.backward``'s pass (whose weight, a loss scale or items, a
         gradient left in ``.grad`` would miss) and a state dict."""
+        self.settle_unfinished()   # a failed pass still open taints what it left (engine._undo)
         unfrozen = [p for p in self.unhooked if p.requires_grad]
         for p in unfrozen:   # all checked before any is taken
             if p.grad is not None:
                 self._check_param(self.slots[p][0], p)
+        tainted = [p for p in unfrozen if p.grad is not None and p in self.tainted]
+        self.tainted.clear()
+        if tainted and not self.window.discarded:
+            warn(f"fused_accum: a backward pass failed after parameter {self.label(tainted[0])}, "
+                 "unfrozen after the optimizer was built, had gradients in its .grad (autograd "
+                 "fills it until step() hooks the parameter): what the failed pass left there "
+                 "cannot be told apart from the rest, so the window is discarded: its step will "
+                 "leave the parameters and optimizer state unchanged. (opt.zero_grad() before "
+                 "retrying a failed micro-batch clears that .grad and keeps the window.)")
+            self.window.discarded = True
         for p in unfrozen:
             bucket, i = self.slots[p]
             if p.grad is not None:
@@ -99,6 +111,7 @@ class GradAttribute:
         for p in self.unhooked:
             if p.grad is None or (wanted is not None and p not in wanted):
                 continue
+            self.tainted.pop(p, None)
             if set_to_none:
                 p.grad = None
             else:
@@ -151,6 +164,14 @@ class GradAttribute:
             return
         if param.grad.layout == torch.strided:
             self._check_stray(param, param.grad)
+        if param in self.unhooked:   # frozen when built, frozen now
+            raise RuntimeError(
+                f"fused_accum: parameter {label} has a .grad at step() but does not require "
+                "grad: it was set by hand, or the parameter was unfrozen after the optimizer was "
+                "built, reached by backward() and frozen again before step(), which the "
+                "optimizer cannot tell apart. Freeze it again only after step() (which takes its "
+                "gradient into the window); nothing was changed: set the .grad to None and call "
+                "step() again to drop it")
         raise RuntimeError(
             f"fused_accum: parameter {label} has a .grad at step(), which was set by hand (or "
             "reached it past the optimizer's gradient hooks): with "

@@ -214,7 +214,7 @@ def sgd_step(param: Tensor, grad: SparseSum, momentum_buffer: Tensor | None, ste
                            nesterov=nesterov, maximize=maximize, grad_scale=grad_scale,
                            found_inf=found_inf)
         return
-    live = 1.0 - found_inf   # found_inf is 0 or 1
+    live = (found_inf == 0).to(found_inf.dtype)   # (GradScaler hands a sum of flags: 2 is set too)
     factor = grad_scale * lr
     factor = live * (factor if maximize else -factor)
     indices, values = grad.joined()
