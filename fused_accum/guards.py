@@ -10,7 +10,8 @@ instead, and make ``nn.Module.zero_grad`` discard what the optimizer took since 
 it empties ``.grad`` under torch.optim.
 
 ``install()``, when the first fused optimizer is built, guards torch's clipping functions
-(``clip_grad_norm_``, ``clip_grad_value_``, ``clip_grads_with_norm_``) however they were imported,
+(``clip_grad_norm_``, ``clip_grad_value_``, ``clip_grads_with_norm_``, and ``get_total_norm``
+handed an empty ``.grad``) however they were imported,
 ``nn.Module.zero_grad``, and ``accelerate.Accelerator``'s clipping methods once accelerate is
 imported (checked again at every backward pass): accelerate clips without calling torch's function
 (it skips parameters whose ``.grad`` is None, then computes a norm of nothing), and
@@ -30,6 +31,7 @@ from . import holders
 # torch.nn.utils' clipping functions, by the name they have in torch.nn.utils.clip_grad; the
 # last is what ``torch.nn.utils.clip_grads_with_norm_`` (after ``get_total_norm``) is.
 _CLIP_FUNCTIONS = ("clip_grad_norm_", "clip_grad_value_", "_clip_grads_with_norm_")
+_TOTAL_NORM = "_get_total_norm"   # torch.nn.utils.get_total_norm: its gradients must not be None
 _GUARDED = "_fused_accum_guarded"
 
 
@@ -80,6 +82,25 @@ def _guard_method(clip):
     return guarded
 
 
+def _guard_total_norm(total_norm, what: str):
+    """``get_total_norm`` takes gradients, not parameters: a None among them is a ``.grad`` that
+    is empty, as a fused optimizer leaves it.  torch would fail on it without saying why."""
+    @functools.wraps(total_norm)
+    def guarded(tensors, *args, **kwargs):
+        if not isinstance(tensors, torch.Tensor):
+            tensors = list(tensors)
+            if any(t is None for t in tensors):
+                raise RuntimeError(
+                    f"fused_accum: {what} got None in place of a gradient: where a fused "
+                    "optimizer takes gradients as they arrive (accumulation_steps > 1, data "
+                    "parallelism, a framework's windows), .grad is None between backward() and "
+                    "step(). Pass max_grad_norm= to the optimizer (it clips the window's global "
+                    "norm in its kernels) and read opt.grad_norm")
+        return total_norm(tensors, *args, **kwargs)
+    setattr(guarded, _GUARDED, True)
+    return guarded
+
+
 def _install_clip_guard(module: Any, name: str) -> None:
     """Guard torch's clipping function ``name`` wherever it was imported from: torch wraps each
     in a ``_no_grad`` closure, whose cell is replaced, so that a reference taken before fused_accum
@@ -89,14 +110,15 @@ def _install_clip_guard(module: Any, name: str) -> None:
     if getattr(public, _GUARDED, False):
         return
     what = "torch.nn.utils." + name.lstrip("_")
+    make_guard = _guard_total_norm if name == _TOTAL_NORM else _guard
     cells = getattr(public, "__closure__", None) or ()
     inner = getattr(public, "__wrapped__", None)
     cell = next((c for c in cells if inner is not None and c.cell_contents is inner), None)
     if cell is not None:
-        cell.cell_contents = _guard(inner, what)
+        cell.cell_contents = make_guard(inner, what)
         setattr(public, _GUARDED, True)
         return
-    guarded = _guard(public, what)
+    guarded = make_guard(public, what)
     for namespace in (module, torch.nn.utils):
         for attr in (name, name.lstrip("_")):
             if getattr(namespace, attr, None) is public:
@@ -130,7 +152,7 @@ def install() -> None:
     """Wrap torch's gradient clipping functions, and accelerate's once it is imported
     (idempotent)."""
     from torch.nn.utils import clip_grad as module
-    for name in _CLIP_FUNCTIONS:
+    for name in (*_CLIP_FUNCTIONS, _TOTAL_NORM):
         if hasattr(module, name):
             _install_clip_guard(module, name)
     if not getattr(torch.nn.Module.zero_grad, _GUARDED, False):
