@@ -126,6 +126,25 @@ def test_grad_norm_of_a_sparse_window_is_the_large_batch_norm(read, backend):
     torch.testing.assert_close(opt.grad_norm, expected[-1], rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("sparse", [True, False])
+def test_a_sum_of_squares_beyond_fp32_skips_a_clipped_window(sparse, backend):
+    """Finite gradients whose norm overflows fp32 skip the window, sparse as dense (the sparse
+    part of the norm used to miss the check: the window stepped with clip 0, its weight decay
+    applied)."""
+    torch.manual_seed(14)
+    embed, head = nn.Embedding(VOCAB, DIM, sparse=sparse), nn.Linear(DIM, 1)
+    params = list(embed.parameters()) + list(head.parameters())
+    before = [p.detach().clone() for p in params]
+    opt = fused_accum.SGD(params, lr=0.1, weight_decay=0.1, accumulation_steps=2,
+                          max_grad_norm=1.0, backend=backend)
+    for _ in range(2):
+        (head(embed(torch.tensor([1, 2]))).sum() + 1e20 * embed(torch.tensor([3])).sum()).backward()
+        opt.step()
+    assert opt.stepped and opt.skipped_steps == 1
+    for p, b in zip(params, before):
+        assert torch.equal(p.detach(), b)
+
+
 @pytest.mark.parametrize("flag", [1.0, 2.0])
 def test_a_grad_scalers_inf_flag_skips_the_sparse_step(flag, backend):
     """torch.amp.GradScaler hands step() the sum of its devices' flags: 2 skips as 1 does (the

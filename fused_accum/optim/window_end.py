@@ -88,19 +88,18 @@ class WindowEnd:
         main = buckets[0].device if buckets else next(iter(sparse.sums))[0].device
         total = self._reducer.window_sumsq(self._buffers, buckets, main)
         scale = window.inverse_weight(main, self._buffers.collecting)
+        norm_now = self.max_grad_norm is not None or self._live_norm_wanted
+        if sparse and norm_now:
+            total = total + sparse.sumsq(main)
         # The norm covers what no accumulate kernel has checked (adopted first gradients): a
         # non-finite norm (non-finite elements, or a sum of squares beyond fp32) skips the window,
         # as does a non-finite sparse gradient.  (0 * x is NaN exactly for non-finite x.)
         poison = total * 0.0
         if sparse:
             poison = poison + sparse.nonfinite(main)
-        norm_flag = torch.isnan(poison).to(torch.float32)
-        norm_now = self.max_grad_norm is not None or self._live_norm_wanted
-        if sparse:
-            if norm_now:
-                total = total + sparse.sumsq(main)
-            else:   # its sparse part when grad_norm is read: coalescing is the costly part
+            if not norm_now:   # its sparse part when grad_norm is read: coalescing is the cost
                 self._grad_norm = DeferredNorm(total, sparse, scale)
+        norm_flag = torch.isnan(poison).to(torch.float32)
         if norm_now or not sparse:
             self._grad_norm = total.sqrt() * scale
             self._live_norm.copy_(self._grad_norm)
