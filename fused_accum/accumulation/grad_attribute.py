@@ -83,10 +83,10 @@ class GradAttribute:
         tainted = [p for p in unfrozen if p.grad is not None and p in self.tainted]
         self.tainted.clear()
         if tainted and not self.window.discarded:
-            warn(f"fused_accum: a backward pass failed after parameter {self.label(tainted[0])}, "
-                 "unfrozen after the optimizer was built, had gradients in its .grad (autograd "
-                 "fills it until step() hooks the parameter): what the failed pass left there "
-                 "cannot be told apart from the rest, so the window is discarded: its step will "
+            warn(f"fused_accum: a backward pass failed while parameter {self.label(tainted[0])}, "
+                 "unfrozen after the optimizer was built, held gradients in its .grad (autograd "
+                 "fills it until step() hooks the parameter): what the failed pass may have left "
+                 "there cannot be told apart, so the window is discarded: its step will "
                  "leave the parameters and optimizer state unchanged. (opt.zero_grad() before "
                  "retrying a failed micro-batch clears that .grad and keeps the window.)")
             self.window.discarded = True
