@@ -2,8 +2,7 @@
 
 Each seed draws a small model (an embedding, sparse for some SGD seeds with k > 1, layers used by
 every pass, a layer used by some, parameters frozen at construction, three param groups), an
-optimizer (SGD, Adam or AdamW with
-their options), a fused_accum configuration (accumulation_steps, backend, gradient hook, clipping,
+optimizer (SGD, Adam or AdamW with their options), a fused_accum configuration (accumulation_steps, backend, gradient hook, clipping,
 loss scaling, num_items) and a random sequence of the calls users write, then runs it:
 
 - ``accumulation_steps=1``: the same calls on a torch.optim twin (backward passes, step,
@@ -452,10 +451,10 @@ def run_against_large_batch(config: Config, calls: list[tuple]) -> None:
     twin = copy.deepcopy(model)
     oracle = Oracle(config, twin, make_torch_optimizer(twin, config))
     opt = make_fused_optimizer(model, config)
+    through_optimizer = config.num_items or config.loss_scale is not None   # opt.backward
     for n, call in enumerate(calls):
         where = f"call {n} {call[0]}"
         name = call[0]
-        through_optimizer = config.num_items or config.loss_scale is not None   # opt.backward
         if name in ("step", "flush", "checkpoint") or (
                 through_optimizer and name in ("backward", "fail_first", "fail_last")):
             oracle.take_unfrozen(_unfrozen_holding(model, opt))   # as the call will
@@ -566,9 +565,9 @@ def run_against_large_batch(config: Config, calls: list[tuple]) -> None:
             # A parameter frozen at construction and unfrozen since is hooked at the next
             # step(), opt.backward() or state_dict(): until then autograd fills its .grad
             # (docs/contract.md, `requires_grad` toggled).
-            unhooked = opt._buffers.unhooked
-            for p in model.parameters():
-                if p.grad is not None and not (p in unhooked and p.requires_grad):
+            unfrozen = _unfrozen_holding(model, opt)
+            for pname, p in model.named_parameters():
+                if p.grad is not None and pname not in unfrozen:
                     raise Mismatch(f"{where}: a .grad is left on a parameter with "
                                    f"accumulation_steps={config.k}")
 

@@ -33,8 +33,8 @@ class GradAttribute:
 
     def check_grads(self) -> None:
         """Before a micro-batch ends: refuse a ``.grad`` (set by hand, or delivered past the
-        hooks), which the window would otherwise ignore, then :meth:`take_unfrozen`.  Raises
-        before anything changes."""
+        hooks), which the window would otherwise ignore, then :meth:`take_unfrozen` (which
+        settles the backward passes that raised first).  Raises before anything changes."""
         for bucket in self.buckets:
             dtype = bucket.dtype
             for p in bucket.params:

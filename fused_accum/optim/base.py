@@ -278,11 +278,11 @@ class AccumulatingOptimizer(ParamGroups, MicroBatches, WindowEnd, BucketState, W
                 self._check_hyper_types()     # then say which (checked only on failure)
                 raise
             return loss
+        # Also settles the backward passes still open (only ones that raised are left here).
         self._buffers.check_grads()
         if self._window.micro + 1 >= self.accumulation_steps:
             self._buffers.check_foreign_hooks()
             self._check_hyper_types()
-        self._buffers.settle_unfinished()   # only backward passes that raised are left here
         self._end_micro_batch()
         self._check_schedule()
         self.stepped = False
@@ -371,10 +371,9 @@ class AccumulatingOptimizer(ParamGroups, MicroBatches, WindowEnd, BucketState, W
             return False
         self._check_holding()
         self._check_wrappers()
-        self._buffers.check_grads()
+        self._buffers.check_grads()   # and settles the passes that raised
         self._buffers.check_foreign_hooks()
         self._check_hyper_types()
-        self._buffers.settle_unfinished()
         if self._window.arrived:
             self._end_micro_batch()
         try:
