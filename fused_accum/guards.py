@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from . import holders
+from .placeholders import grad_or_none, is_placeholder
 
 # torch.nn.utils' clipping functions, by the name they have in torch.nn.utils.clip_grad; the
 # last is what ``torch.nn.utils.clip_grads_with_norm_`` (after ``get_total_norm``) is.
@@ -43,7 +44,8 @@ def holding(parameters: Any) -> list[str]:
     for p in params:
         owner = holders.taker(p)
         if owner is not None:
-            if p.grad is None and (owner.window.arrived or owner.passes or owner.holds_sum(p)):
+            if grad_or_none(p) is None and (owner.window.arrived or owner.passes
+                                            or owner.holds_sum(p)):
                 labels.append(owner.label(p))
         elif p.grad is not None and any(h.window.grads_scaled for h in holders.holders(p)):
             labels.append(holders.holders(p)[0].label(p) + " (scaled by the loss scale)")
@@ -89,13 +91,13 @@ def _guard_total_norm(total_norm, what: str):
     def guarded(tensors, *args, **kwargs):
         if not isinstance(tensors, torch.Tensor):
             tensors = list(tensors)
-            if any(t is None for t in tensors):
+            if any(t is None or is_placeholder(t) for t in tensors):
                 raise RuntimeError(
-                    f"fused_accum: {what} got None in place of a gradient: where a fused "
-                    "optimizer takes gradients as they arrive (accumulation_steps > 1, data "
-                    "parallelism, a framework's windows), .grad is None between backward() and "
-                    "step(). Pass max_grad_norm= to the optimizer (it clips the window's global "
-                    "norm in its kernels) and read opt.grad_norm")
+                    f"fused_accum: {what} got None (or a placeholder) in place of a gradient: "
+                    "where a fused optimizer takes gradients as they arrive (accumulation_steps > "
+                    "1, data parallelism, a framework's windows), .grad holds no gradient between "
+                    "backward() and step(). Pass max_grad_norm= to the optimizer (it clips the "
+                    "window's global norm in its kernels) and read opt.grad_norm")
         return total_norm(tensors, *args, **kwargs)
     setattr(guarded, _GUARDED, True)
     return guarded
@@ -131,12 +133,14 @@ def _guard_module_zero_grad(zero_grad):
     ``D.zero_grad()`` after the generator's backward pass reached D's parameters)."""
     @functools.wraps(zero_grad)
     def guarded(self, set_to_none: bool = True) -> None:
-        zero_grad(self, set_to_none)
         taken: dict[Any, list[torch.Tensor]] = {}
         for p in self.parameters():
             owner = holders.taker(p)
             if owner is not None:
                 taken.setdefault(owner, []).append(p)
+        for owner, params in taken.items():   # torch's zero_grad would use their placeholders
+            owner.placeholders.clear(False, params)
+        zero_grad(self, set_to_none)
         for owner, params in taken.items():
             handler = owner.on_zero_grad() if owner.on_zero_grad is not None else None
             if handler is not None:

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .placeholders import grad_or_none
+
 HOLDERS_ATTR = "_fused_accum_holders"   # on each parameter: [weakref to GradBuffers, ...]
 
 
@@ -72,7 +74,7 @@ def held_by_torch_optimizer_check(optimizer: torch.optim.Optimizer, args: Any, k
     for group in optimizer.param_groups:
         for p in group["params"]:
             owner = taker(p) if isinstance(p, Tensor) else None
-            if owner is not None and p.grad is None:
+            if owner is not None and grad_or_none(p) is None:
                 raise RuntimeError(
                     f"fused_accum: {type(optimizer).__name__}.step() was called on parameter "
                     f"{owner.label(p)}, whose gradients a fused_accum optimizer takes as they "

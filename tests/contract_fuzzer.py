@@ -14,7 +14,8 @@ loss scaling, num_items) and a random sequence of the calls users write, then ru
   weighted with num_items, clipped with max_grad_norm); freezing and unfreezing (a parameter
   frozen at construction too) change what the twin's passes reach; calls that cannot be exact
   must raise (zero_grad() after gradients were added into earlier sums, clipping by hand, a .grad
-  set by hand), and change nothing when they do.
+  set by hand or edited in place, which holds a placeholder after each backward pass, on exactly the
+  parameters the window holds), and change nothing when they do.
 
 A failing seed prints its configuration and a minimal sequence of calls that still fails.
 
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fused_accum
+from fused_accum.placeholders import is_placeholder
 
 VOCAB, CLASSES, IGNORE = 11, 5, -100
 OPTIMIZERS = ("SGD", "Adam", "AdamW")
@@ -452,6 +454,7 @@ def run_against_large_batch(config: Config, calls: list[tuple]) -> None:
     oracle = Oracle(config, twin, make_torch_optimizer(twin, config))
     opt = make_fused_optimizer(model, config)
     through_optimizer = config.num_items or config.loss_scale is not None   # opt.backward
+    placeholders: set | None = set()   # the parameters whose .grad should hold one
     for n, call in enumerate(calls):
         where = f"call {n} {call[0]}"
         name = call[0]
@@ -489,13 +492,8 @@ def run_against_large_batch(config: Config, calls: list[tuple]) -> None:
         elif name in ("zero_grad", "module_zero_grad"):
             set_to_none = call[1] if name == "zero_grad" else True
             expect_refusal = oracle.pending and oracle.added and not oracle.discarded
-            try:
-                opt.zero_grad(set_to_none=set_to_none) if name == "zero_grad" else model.zero_grad()
-                refused = False
-            except RuntimeError as exc:
-                if "zero_grad()" not in str(exc):
-                    raise
-                refused = True
+            refused = _refused(lambda: opt.zero_grad(set_to_none=set_to_none)
+                               if name == "zero_grad" else model.zero_grad(), "zero_grad()")
             if refused != expect_refusal:
                 raise Mismatch(f"{where}: zero_grad {'refused' if refused else 'accepted'}; the "
                                f"contract says {'refuse' if expect_refusal else 'accept'}")
@@ -532,6 +530,16 @@ def run_against_large_batch(config: Config, calls: list[tuple]) -> None:
             if refused != held and (held or refused):
                 raise Mismatch(f"{where}: clip_grad_norm_ {'refused' if refused else 'accepted'} "
                                f"with {'a' if held else 'no'} window held")
+        elif name == "grad_by_hand" and call[1] == "scale":   # `if p.grad is not None: ...`
+            expect_refusal = any(is_placeholder(p.grad) for p in model.parameters())
+            def edit():
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(0.5)
+            refused = _refused(edit, "was used (mul_)")
+            if refused != expect_refusal:
+                raise Mismatch(f"{where}: a .grad edited by hand was "
+                               f"{'refused' if refused else 'accepted'}")
         elif name == "grad_by_hand":
             p = model.b.weight
             p.grad = torch.full_like(p, 0.01)
@@ -560,16 +568,44 @@ def run_against_large_batch(config: Config, calls: list[tuple]) -> None:
                 oracle.discarded = True
             # What it may have left in the .grad of a parameter unfrozen since construction
             # cannot be told apart: unless zero_grad() clears it, taking it discards the window.
-            oracle.taint = _unfrozen_holding(model, opt)
+            # A pass that fails before a hooked gradient arrived is not seen at all.
+            unhooked = {n for n, p in model.named_parameters() if p in opt._buffers.unhooked}
+            if delivered - unhooked:
+                oracle.taint = _unfrozen_holding(model, opt)
+        # A backward pass leaves a placeholder in the .grad of what the window holds, until
+        # the optimizer's next call or pass (one that fails may do so before it opens).
+        if name == "backward":
+            unhooked = opt._buffers.unhooked   # (frozen at construction: autograd's .grad)
+            placeholders = oracle.touched - {n for n, p in model.named_parameters() if p in unhooked}
+        elif name in ("fail_first", "fail_last"):
+            placeholders = None   # not known
+        elif name in ("step", "flush", "zero_grad", "module_zero_grad", "checkpoint") or (
+                name == "grad_by_hand" and call[1] == "set"):
+            placeholders = set()
+        found = {n for n, p in model.named_parameters() if is_placeholder(p.grad)}
+        if placeholders is not None and found != placeholders:
+            raise Mismatch(f"{where}: placeholders in the .grad of {sorted(found)}; expected "
+                           f"{sorted(placeholders)}")
         if name != "grad_by_hand":
             # A parameter frozen at construction and unfrozen since is hooked at the next
             # step(), opt.backward() or state_dict(): until then autograd fills its .grad
             # (docs/contract.md, `requires_grad` toggled).
             unfrozen = _unfrozen_holding(model, opt)
             for pname, p in model.named_parameters():
-                if p.grad is not None and pname not in unfrozen:
+                if p.grad is not None and not is_placeholder(p.grad) and pname not in unfrozen:
                     raise Mismatch(f"{where}: a .grad is left on a parameter with "
                                    f"accumulation_steps={config.k}")
+
+
+def _refused(call, words: str) -> bool:
+    """Whether ``call()`` raised a RuntimeError saying ``words`` (any other error propagates)."""
+    try:
+        call()
+    except RuntimeError as exc:
+        if words not in str(exc):
+            raise
+        return True
+    return False
 
 
 def _unfrozen_holding(model: nn.Module, opt) -> set:
@@ -577,7 +613,8 @@ def _unfrozen_holding(model: nn.Module, opt) -> set:
     .grad autograd has filled."""
     unhooked = opt._buffers.unhooked
     return {n for n, p in model.named_parameters()
-            if p in unhooked and p.requires_grad and p.grad is not None}
+            if p in unhooked and p.requires_grad and p.grad is not None
+            and not is_placeholder(p.grad)}
 
 
 # -- driving ------------------------------------------------------------------------------------

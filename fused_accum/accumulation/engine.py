@@ -45,7 +45,8 @@ from .accumulate import accumulate, accumulate_linear
 from .buckets import Bucket, param_label
 from .grad_attribute import GradAttribute
 from .hooks import COMPILED_AUTOGRAD_REFUSED, Hooks, compiled_autograd_on
-from .passes import BackwardPass, queue_pass_end
+from .passes import BackwardPass, queue_after_pass, queue_pass_end
+from ..placeholders import Placeholders, clear_on_death
 from .sparse import add_sparse, split_sparse
 from .window import Window
 from .zero_grad import ZeroGrad
@@ -117,6 +118,12 @@ class GradBuffers(GradAttribute, ZeroGrad):
         self.lost: list[str] = []                   # labels of parameters a later optimizer took
         self.fused_linear: dict[Tensor, None] = {}  # weights of fused Linears (fused_accum.linear)
         self.on_zero_grad = None   # WeakMethod(params, set_to_none): nn.Module.zero_grad's call
+        # What .grad holds between backward() and step(): see .placeholders
+        self.on_grad_scaler = None   # WeakMethod(): the optimizer's refusal of torch's GradScaler
+        self.placeholders = Placeholders(
+            lambda params, ref=self._self_ref: ref() and ref().grads_removed(params),
+            lambda ref=self._self_ref: ref() and ref().grad_scaler_unscales())
+        clear_on_death(self, self.placeholders)
         guards.install()   # torch's clipping would see no .grad: make it say so
 
     @property
@@ -175,6 +182,7 @@ class GradBuffers(GradAttribute, ZeroGrad):
         if collecting:
             self.hold(self.buckets)
         else:
+            self.placeholders.clear(False)
             for p in list(self.hooks.handles):
                 self._unhook(p)
             self.unhooked.clear()
@@ -184,6 +192,7 @@ class GradBuffers(GradAttribute, ZeroGrad):
         optimizer's step() raises, naming it)."""
         if param in self.hooks:
             self._unhook(param)
+        self.placeholders.forget(param)
         self.unhooked.pop(param, None)
         holders.remove(param, self)
         if param in self.slots:
@@ -206,6 +215,7 @@ class GradBuffers(GradAttribute, ZeroGrad):
 
     def release(self) -> None:
         """Stop holding the parameters: they get plain ``.grad`` accumulation again."""
+        self.placeholders.clear(False)
         for p in list(self.hooks.handles):
             self._unhook(p)
         for p in self.slots:
@@ -395,6 +405,41 @@ class GradBuffers(GradAttribute, ZeroGrad):
                 except BaseException:
                     self._undo(record)   # the pass is no longer open for fail_pass to settle
                     raise
+                # After the pass's other final callbacks: DistributedDataParallel's, until the
+                # first step() switches it off, writes its reduction into .grad.
+                queue_after_pass(self._self_ref)
+
+    @eager
+    def place_placeholders(self) -> None:
+        """A pass ended: each parameter that got a gradient in the window holds a placeholder in
+        its empty ``.grad`` until the next call or pass (see :mod:`..placeholders`)."""
+        handles = self.hooks.handles
+        sparse = self.window.sparse.sums
+        self.placeholders.place(
+            (p, bucket.labels[i]) for bucket in self.buckets
+            for i, p in enumerate(bucket.params)
+            if (bucket.touched[i] or (bucket, i) in sparse) and (p in handles or p in self.fused_linear))
+
+    def grad_scaler_unscales(self) -> None:
+        """``torch.amp.GradScaler.unscale_`` reached a placeholder: the optimizer refuses it."""
+        refuse = self.on_grad_scaler() if self.on_grad_scaler is not None else None
+        if refuse is not None:
+            refuse()
+
+    def grads_removed(self, params: list[Tensor]) -> None:
+        """Placeholders removed by someone else (``p.grad = None`` by hand, a torch optimizer's
+        ``zero_grad()``): as in torch, what those parameters received since the last ``step()``
+        is dropped, as ``zero_grad()`` drops it, or refused where it cannot be."""
+        handler = self.on_zero_grad() if self.on_zero_grad is not None else None
+        if handler is None:
+            return
+        try:
+            handler(params, True)
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"fused_accum: the .grad of {len(params)} parameters ({self.label(params[0])}"
+                f"{', ...' if len(params) > 1 else ''}) was set to None between backward() and "
+                "step(), which drops their gradients as zero_grad() does, and: " + str(error)) from None
 
     @eager
     def fail_pass(self, task: int) -> None:

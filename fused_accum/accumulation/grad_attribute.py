@@ -12,6 +12,7 @@ from torch import Tensor
 from .._warnings import warn
 from .accumulate import accumulate
 from .buckets import Bucket
+from ..placeholders import is_placeholder
 
 _STRIDED = torch.strided
 
@@ -35,6 +36,7 @@ class GradAttribute:
         """Before a micro-batch ends: refuse a ``.grad`` (set by hand, or delivered past the
         hooks), which the window would otherwise ignore, then :meth:`take_unfrozen` (which
         settles the backward passes that raised first).  Raises before anything changes."""
+        self.placeholders.clear()
         for bucket in self.buckets:
             dtype = bucket.dtype
             for p in bucket.params:
@@ -48,6 +50,7 @@ class GradAttribute:
         hook would take the sum.  (The parameter whose gradient opened the pass is past this
         check; its hooks' pre-hook refused it before autograd added into it:
         :meth:`refuse_hand_set`.)"""
+        self.placeholders.clear()
         for p in self.hooks.handles:
             if p.grad is not None:
                 self.refuse_hand_set(p)
@@ -55,7 +58,12 @@ class GradAttribute:
     def refuse_hand_set(self, p: Tensor) -> None:
         """Raise for a ``.grad`` of ``p`` set by hand, found when a backward pass begins (before
         anything of the pass is taken) or as its gradient arrives, before autograd adds into
-        it."""
+        it.  A placeholder the pass before left (see :mod:`.placeholders`) is no such
+        ``.grad``: the placeholders leave, and the pass goes on."""
+        if is_placeholder(p.grad):
+            self.placeholders.clear()
+            if p.grad is None:
+                return
         raise RuntimeError(
             f"fused_accum: parameter {self.label(p)} has a .grad when a backward pass begins, "
             "set by hand: with accumulation_steps > 1, under data parallelism or inside a "
@@ -75,6 +83,7 @@ class GradAttribute:
         passes (weight 1).  Called at every micro-batch's end, and before whatever must see every
         gradient in the window: ``opt.backward``'s pass (whose weight, a loss scale or items, a
         gradient left in ``.grad`` would miss) and a state dict."""
+        self.placeholders.clear()
         self.settle_unfinished()   # a failed pass still open taints what it left (engine._undo)
         unfrozen = [p for p in self.unhooked if p.requires_grad]
         for p in unfrozen:   # all checked before any is taken

@@ -8,6 +8,7 @@ the window.
 """
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -61,3 +62,15 @@ class PassEnd:
 
 def queue_pass_end(owner: weakref.ref, task: int) -> None:
     torch.autograd.Variable._execution_engine.queue_callback(PassEnd(owner, task))
+
+
+def _place_placeholders(owner: weakref.ref) -> None:
+    engine = owner()
+    if engine is not None:
+        engine.place_placeholders()
+
+
+def queue_after_pass(owner: weakref.ref) -> None:
+    """From a final callback: place the engine's placeholders after the callbacks queued so far."""
+    torch.autograd.Variable._execution_engine.queue_callback(
+        functools.partial(_place_placeholders, owner))

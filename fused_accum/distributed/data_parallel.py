@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .._warnings import warn
+from ..placeholders import is_placeholder
 
 AUTO = "auto"
 _SWITCHED_OFF = "_fused_accum_switched_off"
@@ -113,7 +114,8 @@ def take_over(owners: list, reducer: Any, params: list[Tensor]) -> None:
         switch_off(ddp)
     if owners:   # before it was switched off, DDP wrote its (empty) reduction into .grad
         for p in params:
-            p.grad = None
+            if not is_placeholder(p.grad):
+                p.grad = None
 
 
 def switch_off(ddp: Any) -> None:

@@ -146,6 +146,7 @@ class AccumulatingOptimizer(ParamGroups, MicroBatches, WindowEnd, BucketState, W
         main = self._buffers.buckets[0].device if self._buffers.buckets else torch.device("cpu")
         self._window.add_device(main)
         self._buffers.on_zero_grad = weakref.WeakMethod(self._discard)
+        self._buffers.on_grad_scaler = weakref.WeakMethod(self._refuse_grad_scaler)
         self._scaler = scaling.resolve(loss_scale, index_params(self.param_groups), main)
         self._skipped = torch.zeros((), device=main)   # windows skipped for non-finite gradients
         # grad_norm's value, updated in place at every window's end: see live_grad_norm()
@@ -242,6 +243,7 @@ class AccumulatingOptimizer(ParamGroups, MicroBatches, WindowEnd, BucketState, W
     def _refuse_grad_scaler(self) -> None:
         for name in ("found_inf", "grad_scale"):
             self.__dict__.pop(name, None)
+        self._buffers.placeholders.clear(False)
         self._buffers.settle_unfinished()
         self._reset_window()
         raise RuntimeError(
@@ -406,6 +408,7 @@ class AccumulatingOptimizer(ParamGroups, MicroBatches, WindowEnd, BucketState, W
     def _discard(self, params: list[Tensor] | None, set_to_none: bool) -> None:
         """zero_grad() of ``params`` (all by default) while gradients are taken as they arrive;
         also called for ``nn.Module.zero_grad`` (see :mod:`fused_accum.guards`)."""
+        self._buffers.placeholders.clear(False, params)   # what this call discards anyway
         # torch's .grad after zero_grad(set_to_none=False) is zeros for what it discards too
         touched = None if set_to_none else self._buffers.holding()
         if self._buffers.discard(params):   # the micro-batch since the last step() is gone whole
