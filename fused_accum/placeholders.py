@@ -94,8 +94,9 @@ class GradPlaceholder(Tensor):
             found.on_grad_scaler()   # GradScaler.unscale_: the optimizer refuses it, saying why
         label = getattr(found, "label", "?")
         name = getattr(func, "__name__", str(func))
-        zeroing = (" To drop the gradients (a zero_grad(set_to_none=False) of another optimizer "
-                   "or module?), call the fused optimizer's zero_grad()." if name == "zero_" else "")
+        zeroing = "" if name != "zero_" else (
+            " To drop the gradients (a zero_grad(set_to_none=False) of another optimizer or "
+            "module?), call the fused optimizer's zero_grad().")
         raise RuntimeError(
             f"fused_accum: the .grad of parameter {label} was used ({name}) between backward() "
             "and step(), where the optimizer holds the gradient in its window's fp32 sum "
@@ -106,7 +107,6 @@ class GradPlaceholder(Tensor):
             "accumulation_steps=1 in one process, where .grad works as in torch.optim. (Nothing "
             "was changed: this placeholder leaves .grad at the optimizer's next call or backward "
             "pass)")
-
 
     def _converted(self, func, args, kwargs) -> GradPlaceholder:
         with torch._C.DisableTorchFunctionSubclass():   # one element, of the same rank
@@ -127,7 +127,7 @@ def is_placeholder(grad: Tensor | None) -> bool:
 def grad_or_none(param: Tensor) -> Tensor | None:
     """``param.grad``, None for a placeholder."""
     grad = param.grad
-    return None if type(grad) is GradPlaceholder else grad
+    return None if is_placeholder(grad) else grad
 
 
 class Placeholders:
@@ -142,9 +142,6 @@ class Placeholders:
         self._made: dict[Tensor, GradPlaceholder] = {}   # made once per parameter, then reused
         self._bases: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         self._on_removed = on_removed
-
-    def __bool__(self) -> bool:
-        return bool(self.placed)
 
     def place(self, params: Iterable[tuple[Tensor, str]]) -> None:
         """Put a placeholder into the empty ``.grad`` of each (parameter, label)."""
@@ -168,7 +165,8 @@ class Placeholders:
             base = self._bases[key] = torch.empty((), dtype=p.dtype, device=p.device)
         return base
 
-    def clear(self, removed_means_discard: bool = True, params: Iterable[Tensor] | None = None) -> None:
+    def clear(self, removed_means_discard: bool = True,
+              params: Iterable[Tensor] | None = None) -> None:
         """Take the placeholders (of ``params``, by default all) out of ``.grad``.  Those someone
         else removed are reported to ``on_removed`` (with ``removed_means_discard``), after all
         are out."""
@@ -183,7 +181,7 @@ class Placeholders:
         removed = []
         for p, holder in placed:
             grad = p.grad
-            if grad is holder or type(grad) is GradPlaceholder:   # (converted: model.to(...))
+            if is_placeholder(grad):   # its own, or one converted (model.to(...))
                 p.grad = None
             elif grad is None:
                 removed.append(p)

@@ -413,12 +413,11 @@ class GradBuffers(GradAttribute, ZeroGrad):
     def place_placeholders(self) -> None:
         """A pass ended: each parameter that got a gradient in the window holds a placeholder in
         its empty ``.grad`` until the next call or pass (see :mod:`..placeholders`)."""
-        handles = self.hooks.handles
-        sparse = self.window.sparse.sums
+        handles, fused, sparse = self.hooks.handles, self.fused_linear, self.window.sparse.sums
         self.placeholders.place(
             (p, bucket.labels[i]) for bucket in self.buckets
             for i, p in enumerate(bucket.params)
-            if (bucket.touched[i] or (bucket, i) in sparse) and (p in handles or p in self.fused_linear))
+            if (bucket.touched[i] or (bucket, i) in sparse) and (p in handles or p in fused))
 
     def grad_scaler_unscales(self) -> None:
         """``torch.amp.GradScaler.unscale_`` reached a placeholder: the optimizer refuses it."""
@@ -439,7 +438,8 @@ class GradBuffers(GradAttribute, ZeroGrad):
             raise RuntimeError(
                 f"fused_accum: the .grad of {len(params)} parameters ({self.label(params[0])}"
                 f"{', ...' if len(params) > 1 else ''}) was set to None between backward() and "
-                "step(), which drops their gradients as zero_grad() does, and: " + str(error)) from None
+                "step(), which drops their gradients as zero_grad() does, and: "
+                + str(error)) from None
 
     @eager
     def fail_pass(self, task: int) -> None:
