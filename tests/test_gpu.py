@@ -469,3 +469,30 @@ def test_fused_linear_on_gpu_leaves_bf16_weights_on_the_hook_path(monkeypatch):
         lm_loss(model, tokens.cuda(), targets.cuda()).backward()
         opt.step()
     assert taken == [] and opt.stepped
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_gemm_of_accumulate_linear_on_gpu_matches_reference(dtype, monkeypatch):
+    """FUSED_ACCUM_LINEAR_GEMM=triton: the Triton GEMM (tensor cores for bf16/fp16, IEEE fp32 for
+    fp32) writes, then adds into, the fp32 sum (CPU version: tests/ops/test_accumulate_linear.py)."""
+    if not kernels.availability("triton", CUDA)[0]:
+        pytest.skip("Triton cannot run on this GPU")
+    from fused_accum.kernels import triton_ops
+    monkeypatch.setenv(triton_ops.LINEAR_GEMM_ENV, "triton")
+    ops = kernels.get_backend("triton", CUDA)
+    g = torch.Generator(device=CUDA).manual_seed(5)
+    shapes = [(1, 1, 1), (300, 257, 129), (2048, 1024, 512)]   # rows, out, in
+    operands = [(torch.randn(r, o, generator=g, device=CUDA).to(dtype),
+                 torch.randn(r, i, generator=g, device=CUDA).to(dtype)) for r, o, i in shapes]
+    accs = [torch.full((o, i), float("nan"), device=CUDA) for _, o, i in shapes]
+    spec = [torch.empty(o, i, device=CUDA) for _, o, i in shapes]
+    weight = torch.tensor(0.75, device=CUDA)
+    sumsq, sumsq_spec = torch.zeros((), device=CUDA), torch.zeros((), device=CUDA)
+    for first in (True, False):
+        ops.accumulate_linear([a for a, _ in operands], [b for _, b in operands], accs,
+                              [first] * 3, weight, None if first else sumsq)
+        reference.accumulate_linear([a for a, _ in operands], [b for _, b in operands], spec,
+                                    [first] * 3, weight, None if first else sumsq_spec)
+    for mine, expected in zip(accs, spec):
+        assert ((mine - expected).abs().max() / expected.abs().max()).item() < 1e-5
+    assert abs(sumsq.item() - sumsq_spec.item()) < 1e-4 * sumsq_spec.item()

@@ -20,11 +20,7 @@ def _float64_product(g, x):
     return g.double().t() @ x.double()
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("weighted", [False, True])
-def test_first_touch_writes_every_element_and_later_touches_add(backend, dtype, shape, weighted):
-    ops = kernels.get_backend(backend, torch.device("cpu"))
+def _check_first_touch_then_add(ops, dtype, shape, weighted):
     rows, out, inp = shape
     g1, x1 = _operands(1, *shape, dtype)
     g2, x2 = _operands(2, *shape, dtype)
@@ -36,9 +32,17 @@ def test_first_touch_writes_every_element_and_later_touches_add(backend, dtype, 
     assert torch.isfinite(acc).all()
     ops.accumulate_linear([g2], [x2], [acc], [False], weight, sumsq)
     expected = w * (_float64_product(g1, x1) + _float64_product(g2, x2))
-    scale = expected.abs().max()
+    scale = expected.abs().max().clamp(min=1e-30)   # (no rows: the sum is exactly zero)
     assert ((acc.double() - expected).abs().max() / scale).item() < 1e-6
     assert abs(sumsq.item() - (1.5 + expected.square().sum().item())) < 1e-5 * sumsq.item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_first_touch_writes_every_element_and_later_touches_add(backend, dtype, shape, weighted):
+    _check_first_touch_then_add(kernels.get_backend(backend, torch.device("cpu")), dtype, shape,
+                                weighted)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -81,3 +85,63 @@ def test_widened_operands_go_in_chunks_of_rows_with_the_same_sum(monkeypatch):
     gemm.accumulate_linear([g], [x], [acc], [True], torch.tensor(0.5))
     expected = 0.5 * _float64_product(g, x)
     assert ((acc.double() - expected).abs().max() / expected.abs().max()).item() < 1e-6
+
+
+# The Triton backend's own GEMM (FUSED_ACCUM_LINEAR_GEMM=triton; the library GEMM by default until
+# a GPU measurement picks): under Triton's interpreter here.
+
+@pytest.fixture
+def triton_gemm(monkeypatch):
+    if "triton" not in kernels.backend_names() or not kernels.availability(
+            "triton", torch.device("cpu"))[0]:
+        pytest.skip("Triton is not installed here")
+    from fused_accum.kernels import triton_ops
+    monkeypatch.setenv(triton_ops.LINEAR_GEMM_ENV, "triton")
+    assert triton_ops.linear_gemm() == "triton"
+    return kernels.get_backend("triton", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES + [(0, 3, 4), (100, 130, 70)])   # no rows; several tiles
+@pytest.mark.parametrize("weighted", [False, True])
+def test_triton_gemm_first_touch_writes_every_element_and_later_touches_add(
+        triton_gemm, dtype, shape, weighted):
+    _check_first_touch_then_add(triton_gemm, dtype, shape, weighted)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_gemm_agrees_with_reference_on_strided_operands(triton_gemm, dtype):
+    """Operands as autograd hands them (a transposed input, a sliced output gradient)."""
+    g, x = _operands(7, 40, 24, 18, dtype)
+    wide = torch.randn(40, 50).to(dtype)
+    wide[:, 3:27] = g
+    g_view, x_view = wide[:, 3:27], x.t().contiguous().t()
+    assert not g_view.is_contiguous() and not x_view.is_contiguous()
+    start = torch.randn(24, 18)
+    mine, spec = start.clone(), start.clone()
+    sumsq_mine, sumsq_spec = torch.tensor(0.25), torch.tensor(0.25)
+    triton_gemm.accumulate_linear([g_view], [x_view], [mine], [False], torch.tensor(-1.5),
+                                  sumsq_mine)
+    reference.accumulate_linear([g], [x], [spec], [False], torch.tensor(-1.5), sumsq_spec)
+    assert ((mine - spec).abs().max() / spec.abs().max()).item() < 1e-6
+    assert abs(sumsq_mine.item() - sumsq_spec.item()) < 1e-5 * sumsq_spec.item()
+
+
+def test_triton_gemm_refuses_operands_that_do_not_fit(triton_gemm):
+    g, x = _operands(8, 5, 3, 4, torch.float32)
+    acc = torch.randn(3, 4)
+    before = acc.clone()
+    with pytest.raises(ValueError, match="triple 0 does not fit"):
+        triton_gemm.accumulate_linear([g], [x[:4]], [acc], [False], None)
+    with pytest.raises(ValueError, match="triple 0 does not fit"):
+        triton_gemm.accumulate_linear([g], [x.to(torch.bfloat16)], [acc], [False], None)
+    assert torch.equal(acc, before)
+
+
+def test_linear_gemm_setting_names_the_variable(monkeypatch):
+    if "triton" not in kernels.backend_names():
+        pytest.skip("Triton is not installed here")
+    from fused_accum.kernels import triton_ops
+    monkeypatch.setenv(triton_ops.LINEAR_GEMM_ENV, "cublas")
+    with pytest.raises(ValueError, match="FUSED_ACCUM_LINEAR_GEMM='cublas'"):
+        triton_ops.linear_gemm()

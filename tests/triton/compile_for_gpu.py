@@ -20,6 +20,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from fused_accum.kernels.triton_ops import accumulate_kernels as accumulate, configs
+from fused_accum.kernels.triton_ops import linear_kernels as linear
+from fused_accum.kernels.triton_ops import _LINEAR_BLOCKS
 from fused_accum.kernels.triton_ops import step_kernels as steps
 from fused_accum.kernels.triton_ops.common import COMPACT_MASTER, FP32_MASTER, NO_MASTER
 
@@ -55,6 +57,18 @@ def _cases():
                    "beta2_lo", "eps", "weight_decay")}, "seed": "i64"},
                dict(P=FLOATS[p], MASTER=master, AMSGRAD=on, MAXIMIZE=on, DECAY=on, DECOUPLED=on,
                     STOCHASTIC=stochastic, ALIGNED=aligned, BLOCK=block))
+
+
+    sizes = {name: "i32" for name in ("rows", "out_features", "in_features", "stride_g_row",
+                                      "stride_g_out", "stride_x_row", "stride_x_in",
+                                      "stride_acc_out", "stride_acc_in")}
+    for g, first, weighted, fold in itertools.product(FLOATS, (True, False), (True, False),
+                                                      (True, False)):
+        yield (linear.accumulate_linear_kernel,
+               {"g_ptr": f"*{g}", "x_ptr": f"*{g}", "acc_ptr": "*fp32", "weight_ptr": "*fp32",
+                "sumsq_ptr": "*fp32", **sizes},
+               dict(FIRST=first, HAS_WEIGHT=weighted, FOLD=fold, WIDEN=g == "fp32",
+                    **_LINEAR_BLOCKS))
 
 
 def _resources(cubin: bytes) -> dict:

@@ -20,7 +20,8 @@ def test_every_kernel_compiles_for_sm90_without_spills_and_with_vector_loads_whe
     results = [json.loads(line) for line in run.stdout.splitlines()]
     kernels = {r["kernel"] for r in results}
     assert kernels == {"accumulate_kernel", "norm_kernel", "add_partials_kernel",
-                       "increment_steps_kernel", "sgd_kernel", "adam_kernel"}
+                       "increment_steps_kernel", "sgd_kernel", "adam_kernel",
+                       "accumulate_linear_kernel"}
     aligned = [r for r in results if r["constexprs"].get("ALIGNED") == "True"]
     assert aligned and all(r["max_vector_load"] == 4 for r in aligned), aligned
     spilled = [r for r in results if r["stack_bytes"] or r["local_bytes"]]

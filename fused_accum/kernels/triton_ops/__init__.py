@@ -8,15 +8,17 @@ between calls read on the device.  On CPU tensors the kernels run only under Tri
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
 from torch import Tensor
 
 from .._adapt import contiguous, contiguous_inputs, scalar, write_back
-from ..gemm import accumulate_linear  # noqa: F401  (no Triton GEMM yet: the library's)
+from .. import gemm
 from . import configs, launch
 from .accumulate_kernels import accumulate_kernel, add_partials_kernel, norm_kernel
+from .linear_kernels import accumulate_linear_kernel
 from .common import COMPACT_MASTER, FP32_MASTER, NO_MASTER, TL_DTYPES
 from .step_kernels import adam_kernel, increment_steps_kernel, sgd_kernel
 
@@ -153,6 +155,59 @@ def norm(accs, sumsq) -> None:
         base += programs
     if base:
         _launch(add_partials_kernel, 1, _FINISH, partial, base, sumsq)
+
+
+# The Triton GEMM of accumulate_linear is chosen by this variable ("triton"; by default the
+# library's GEMM, gemm.py) until a GPU measurement picks between them (issue #20).
+LINEAR_GEMM_ENV = "FUSED_ACCUM_LINEAR_GEMM"
+_LINEAR_BLOCKS = dict(BLOCK_OUT=64, BLOCK_IN=64, BLOCK_ROWS=32)
+
+
+def linear_gemm() -> str:
+    """Which GEMM ``accumulate_linear`` runs: "library" (default) or "triton"."""
+    choice = os.environ.get(LINEAR_GEMM_ENV, "library")
+    if choice not in ("library", "triton"):
+        raise ValueError(f"{LINEAR_GEMM_ENV}={choice!r}: expected 'library' or 'triton'")
+    return choice
+
+
+def accumulate_linear(grad_outputs, inputs, accs, first, weight, sumsq=None) -> None:
+    if linear_gemm() == "library":
+        gemm.accumulate_linear(grad_outputs, inputs, accs, first, weight, sumsq)
+    elif accs:
+        with launch.on_device(accs[0].device):
+            triton_accumulate_linear(grad_outputs, inputs, accs, first, weight, sumsq)
+
+
+def triton_accumulate_linear(grad_outputs, inputs, accs, first, weight, sumsq=None) -> None:
+    """One Triton GEMM per (grad_output, input, acc) triple (see ``linear_kernels.py``)."""
+    if not (len(grad_outputs) == len(inputs) == len(accs) == len(first)):
+        raise ValueError("fused_accum.accumulate_linear: grad_outputs, inputs, accs and first "
+                         "must have one entry per weight")
+    _check_dtypes("accumulate_linear", "accs", accs, _FP32)
+    _check_dtypes("accumulate_linear", "grad_outputs", grad_outputs, TL_DTYPES)
+    _check_dtypes("accumulate_linear", "inputs", inputs, TL_DTYPES)
+    for i, (g, x, acc) in enumerate(zip(grad_outputs, inputs, accs)):
+        if (g.dim() != 2 or x.dim() != 2 or g.shape[0] != x.shape[0]
+                or tuple(acc.shape) != (g.shape[1], x.shape[1]) or g.dtype != x.dtype):
+            raise ValueError(f"fused_accum.accumulate_linear: triple {i} does not fit: "
+                             f"grad_output {tuple(g.shape)} {g.dtype}, input {tuple(x.shape)} "
+                             f"{x.dtype}, acc {tuple(acc.shape)} (expected rows x out, rows x in "
+                             "of one dtype, out x in)")
+    like = accs[0]
+    weight_arg = scalar(weight, like) if weight is not None else like   # (unread without weight)
+    sumsq_arg = sumsq if sumsq is not None else like                    # (unread without FOLD)
+    for g, x, acc, is_first in zip(grad_outputs, inputs, accs, first):
+        out_features, in_features = acc.shape
+        grid = (triton.cdiv(out_features, _LINEAR_BLOCKS["BLOCK_OUT"]),
+                triton.cdiv(in_features, _LINEAR_BLOCKS["BLOCK_IN"]))
+        if grid[0] == 0 or grid[1] == 0:
+            continue
+        accumulate_linear_kernel[grid](
+            g, x, acc, weight_arg, sumsq_arg, g.shape[0], out_features, in_features,
+            g.stride(0), g.stride(1), x.stride(0), x.stride(1), acc.stride(0), acc.stride(1),
+            FIRST=bool(is_first), HAS_WEIGHT=weight is not None, FOLD=sumsq is not None,
+            WIDEN=g.dtype == torch.float32 or interpreted(), **_LINEAR_BLOCKS)
 
 
 def _master_kind(params: list[Tensor], masters: list[Tensor] | None, op: str) -> int:
