@@ -11,6 +11,7 @@
 #   machine   GPU, driver, clocks (nvidia-smi), torch, Triton, CUDA versions
 #   build     the three extensions at once, one process each: CPU ops, CUDA ops, the collector
 #   tests     tests/test_gpu.py
+#   gemm      benchmarks/linear_gemm.py: accumulate_linear's library GEMM against the Triton GEMM
 #   host      benchmarks/host_overhead.py at group bounds 0 (a launch per gradient) and 0.03 MB
 #   windows   bench --level windows --configs e,f,b, with peak memory
 #   profile   benchmarks/profile_window.py e (torch.profiler: host and device time per op)
@@ -20,6 +21,7 @@
 # What comes back ($OUT, written as each stage runs; the device tool returns at most 8 files):
 #   session.log          every stage's output, then a summary (also the end of stdout)
 #   host-overhead.json   windows.json   windows-more.json    (each rewritten as rows come in)
+#   linear-gemm.json
 #   profile-e.txt        ncu-accumulate.txt
 # Commit them under benchmarks/results/ with the machine and date in their names.
 set -uo pipefail
@@ -121,6 +123,7 @@ if [ $DRY = 1 ]; then
   OUT=${OUT:-/tmp/fused_accum_dry_run}
   SESSION_S=${SESSION_S:-3600}
   HOST_ARGS=(--layers 4 --repeats 3)
+  GEMM_ARGS=(--scale 0.02 --repeats 2)
   BENCH_ARGS=(--quick --repeats 2)
   PROFILE_ARGS=(--quick)
   MORE_CONFIGS=${MORE_CONFIGS:-d}
@@ -130,6 +133,7 @@ else
   OUT=${OUT:-/tmp/fused_accum_gpu_session}
   SESSION_S=${SESSION_S:-540}
   HOST_ARGS=()
+  GEMM_ARGS=()
   BENCH_ARGS=(--config-timeout "${CONFIG_S:-120}")
   PROFILE_ARGS=()
   MORE_CONFIGS=${MORE_CONFIGS:-a1,a2,c,d}
@@ -138,7 +142,8 @@ fi
 export GPU_SESSION_DRY=$DRY OUT
 mkdir -p "$OUT"
 LOG=$OUT/session.log
-for f in session.log host-overhead.json windows.json windows-more.json profile-e.txt ncu-accumulate.txt; do
+for f in session.log host-overhead.json windows.json windows-more.json profile-e.txt ncu-accumulate.txt \
+         linear-gemm.json; do
   rm -f "$OUT/$f"   # this script's own files, from an earlier run here
 done
 RESERVE_S=${RESERVE_S:-15}     # kept for the summary
@@ -203,6 +208,9 @@ stage build "$(cap BUILD_S 180)" bash "$SCRIPT" __build
 pytest_args=(-q -rs -p no:cacheprovider)
 "$PY" -c 'import pytest_timeout' 2>/dev/null && pytest_args+=(--timeout 90)
 stage tests "$(cap TESTS_S 150)" "$PY" -m pytest tests/test_gpu.py "${pytest_args[@]}"
+
+stage gemm "$(cap GEMM_S 40)" "$PY" benchmarks/linear_gemm.py --device $DEV "${GEMM_ARGS[@]}" \
+  --json "$OUT/linear-gemm.json"
 
 stage host "$(cap HOST_S 100)" "$PY" benchmarks/host_overhead.py --device $DEV --group-mb 0,0.03 \
   "${HOST_ARGS[@]}" --json "$OUT/host-overhead.json"

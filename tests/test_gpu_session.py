@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["machine", "build", "tests", "host", "windows", "profile", "more", "ncu"]
+STAGES = ["machine", "build", "tests", "gemm", "host", "windows", "profile", "more", "ncu"]
 FILES = {"session.log", "host-overhead.json", "windows.json", "windows-more.json",
-         "profile-e.txt", "ncu-accumulate.txt"}
+         "profile-e.txt", "ncu-accumulate.txt", "linear-gemm.json"}
 
 
 def test_the_gpu_session_dry_run_runs_every_stage_and_leaves_what_the_device_tool_returns(tmp_path):
@@ -34,6 +34,12 @@ def test_the_gpu_session_dry_run_runs_every_stage_and_leaves_what_the_device_too
     assert "build cpu: ok" in log and "build collector: ok" in log
     assert "build cuda: torch has no CUDA device here" in log
     assert re.search(r"tests/test_gpu.py", log) and "skipped" in log   # collected, skipped on a CPU
+    # accumulate_linear's two GEMMs, each checked against reference on every shape and dtype.
+    gemm = json.loads((out / "linear-gemm.json").read_text())
+    assert len(gemm["rows"]) == 6
+    for r in gemm["rows"]:
+        assert r["library"]["max_rel_error"] < 1e-5 and r["triton"]["max_rel_error"] < 1e-5
+        assert r["triton_vs_library"] > 0
     # Host time per gradient: three distinct paths, each at a launch per gradient and at 0.03 MB.
     host = json.loads((out / "host-overhead.json").read_text())
     assert host["complete"] and not host["failures"]
