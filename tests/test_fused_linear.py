@@ -441,3 +441,34 @@ def test_unfused_weights_return_to_the_plan():
     fused_accum.linear.unfuse_linear(model)
     assert not opt._buffers.fused_linear
 
+
+
+def test_a_window_through_the_triton_gemm_is_the_large_batch(monkeypatch):
+    """FUSED_ACCUM_LINEAR_GEMM=triton: the fused Linears' weight gradients go through the Triton
+    GEMM (counted), and the window is torch.optim's step on the large batch."""
+    from fused_accum import kernels
+    if "triton" not in kernels.backend_names() or not kernels.availability(
+            "triton", torch.device("cpu"))[0]:
+        pytest.skip("Triton is not installed here")
+    from fused_accum.kernels import triton_ops
+    monkeypatch.setenv(triton_ops.LINEAR_GEMM_ENV, "triton")
+    calls = []
+    real = triton_ops.triton_accumulate_linear
+    monkeypatch.setattr(triton_ops, "triton_accumulate_linear",
+                        lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    plain = copy.deepcopy(model)
+    opt = fused_accum.AdamW(model, lr=1e-2, accumulation_steps=3, backend="triton")
+    torch_opt = torch.optim.AdamW(plain.parameters(), lr=1e-2)
+    inputs = [torch.randn(5, 8) for _ in range(3)]
+    for x in inputs:
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    for x in inputs:
+        (plain(x).square().mean() / 3).backward()
+    torch_opt.step()
+    assert opt.stepped and len(calls) == 6   # two fused weights, three micro-batches
+    for mine, expected in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(mine, expected, rtol=1e-5, atol=1e-7)

@@ -127,6 +127,50 @@ def test_triton_gemm_agrees_with_reference_on_strided_operands(triton_gemm, dtyp
     assert abs(sumsq_mine.item() - sumsq_spec.item()) < 1e-5 * sumsq_spec.item()
 
 
+def test_triton_gemm_of_several_triples_with_mixed_first_flags_and_strided_sums(triton_gemm):
+    """One call, three weights: a first touch (poisoned sum), a later touch into a transposed
+    view, a later touch into a column slice (the columns beside it untouched); a Python weight;
+    the norm added in a fixed order from per-tile partials."""
+    shapes = [(9, 70, 65), (40, 24, 18), (3, 5, 66)]
+    triples = [_operands(20 + i, *shape, torch.bfloat16) for i, shape in enumerate(shapes)]
+    g = torch.Generator().manual_seed(21)
+    poisoned = torch.full((70, 65), float("nan"))
+    transposed = torch.randn(18, 24, generator=g).t()
+    wide = torch.randn(5, 80, generator=g)
+    sliced = wide[:, 7:73]
+    beside = torch.cat([wide[:, :7], wide[:, 73:]], 1).clone()
+    mine = [poisoned, transposed, sliced]
+    spec = [torch.empty(70, 65), transposed.clone(), sliced.clone()]
+    first = [True, False, False]
+    sumsq_mine, sumsq_spec = torch.tensor(2.0), torch.tensor(2.0)
+    triton_gemm.accumulate_linear([a for a, _ in triples], [b for _, b in triples], mine, first,
+                                  0.5, sumsq_mine)
+    reference.accumulate_linear([a for a, _ in triples], [b for _, b in triples], spec, first,
+                                torch.tensor(0.5), sumsq_spec)
+    for a, b in zip(mine, spec):
+        assert ((a - b).abs().max() / b.abs().max()).item() < 1e-6
+    assert torch.equal(torch.cat([wide[:, :7], wide[:, 73:]], 1), beside)
+    assert abs(sumsq_mine.item() - sumsq_spec.item()) < 1e-5 * sumsq_spec.item()
+
+
+def test_triton_gemm_offsets_past_two_to_the_31(triton_gemm):
+    """An output gradient whose rows lie more than 2^31 elements apart (an LM head's tokens x
+    vocabulary): 64-bit offsets.  The storage is reserved, not touched, beyond three rows."""
+    stride, out, inp, rows = 1_200_000_000, 16, 4, 3
+    try:
+        storage = torch.empty((rows - 1) * stride + out, dtype=torch.bfloat16)
+    except RuntimeError as error:   # a machine that refuses to reserve 4.8 GB of address space
+        pytest.skip(f"cannot reserve the storage here: {error}")
+    g = storage.as_strided((rows, out), (stride, 1))
+    for r in range(rows):
+        g[r] = torch.arange(out, dtype=torch.float32) - 7 * r
+    x = torch.randn(rows, inp).to(torch.bfloat16)
+    acc, spec = torch.full((out, inp), float("nan")), torch.empty(out, inp)
+    triton_gemm.accumulate_linear([g], [x], [acc], [True], None)
+    reference.accumulate_linear([g], [x], [spec], [True], None)
+    assert ((acc - spec).abs().max() / spec.abs().max()).item() < 1e-6
+
+
 def test_triton_gemm_refuses_operands_that_do_not_fit(triton_gemm):
     g, x = _operands(8, 5, 3, 4, torch.float32)
     acc = torch.randn(3, 4)
@@ -135,6 +179,8 @@ def test_triton_gemm_refuses_operands_that_do_not_fit(triton_gemm):
         triton_gemm.accumulate_linear([g], [x[:4]], [acc], [False], None)
     with pytest.raises(ValueError, match="triple 0 does not fit"):
         triton_gemm.accumulate_linear([g], [x.to(torch.bfloat16)], [acc], [False], None)
+    with pytest.raises(ValueError, match=r"accs\[0\] is expanded"):
+        triton_gemm.accumulate_linear([g], [x], [torch.zeros(4).expand(3, 4)], [False], None)
     assert torch.equal(acc, before)
 
 

@@ -21,7 +21,7 @@ from triton.compiler import ASTSource
 
 from fused_accum.kernels.triton_ops import accumulate_kernels as accumulate, configs
 from fused_accum.kernels.triton_ops import linear_kernels as linear
-from fused_accum.kernels.triton_ops import _LINEAR_BLOCKS
+from fused_accum.kernels.triton_ops import _LINEAR_BLOCKS, _LINEAR_WARPS
 from fused_accum.kernels.triton_ops import step_kernels as steps
 from fused_accum.kernels.triton_ops.common import COMPACT_MASTER, FP32_MASTER, NO_MASTER
 
@@ -59,6 +59,7 @@ def _cases():
                     STOCHASTIC=stochastic, ALIGNED=aligned, BLOCK=block))
 
 
+    # Sizes and strides as Triton passes them below 2^31 (i32): the kernel widens its offsets.
     sizes = {name: "i32" for name in ("rows", "out_features", "in_features", "stride_g_row",
                                       "stride_g_out", "stride_x_row", "stride_x_in",
                                       "stride_acc_out", "stride_acc_in")}
@@ -66,9 +67,9 @@ def _cases():
                                                       (True, False)):
         yield (linear.accumulate_linear_kernel,
                {"g_ptr": f"*{g}", "x_ptr": f"*{g}", "acc_ptr": "*fp32", "weight_ptr": "*fp32",
-                "sumsq_ptr": "*fp32", **sizes},
+                "partial": "*fp32", **sizes},
                dict(FIRST=first, HAS_WEIGHT=weighted, FOLD=fold, WIDEN=g == "fp32",
-                    **_LINEAR_BLOCKS))
+                    **_LINEAR_BLOCKS), _LINEAR_WARPS)
 
 
 def _resources(cubin: bytes) -> dict:
@@ -86,12 +87,12 @@ def _resources(cubin: bytes) -> dict:
 
 def main(arch: int) -> None:
     target = GPUTarget("cuda", arch, 32)
-    for kernel, signature, constexprs in _cases():
+    for kernel, signature, constexprs, *warps in _cases():
         signature = {**signature, **{k: "constexpr" for k in constexprs}}
         source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+        num_warps = warps[0] if warps else configs.UNTUNED.num_warps   # as each is launched
         compiled = triton.compile(source, target=target,
-                                  options=dict(num_warps=configs.UNTUNED.num_warps,
-                                               enable_fp_fusion=False))
+                                  options=dict(num_warps=num_warps, enable_fp_fusion=False))
         widths = [int(w) for w in re.findall(r"ld\.global(?:\.\w+)*\.v(\d)", compiled.asm["ptx"])]
         print(json.dumps({"kernel": kernel.__name__,
                           "constexprs": {k: str(v) for k, v in constexprs.items()},

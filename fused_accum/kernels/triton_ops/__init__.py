@@ -161,6 +161,7 @@ def norm(accs, sumsq) -> None:
 # library's GEMM, gemm.py) until a GPU measurement picks between them (issue #20).
 LINEAR_GEMM_ENV = "FUSED_ACCUM_LINEAR_GEMM"
 _LINEAR_BLOCKS = dict(BLOCK_OUT=64, BLOCK_IN=64, BLOCK_ROWS=32)
+_LINEAR_WARPS = 4
 
 
 def linear_gemm() -> str:
@@ -187,6 +188,7 @@ def triton_accumulate_linear(grad_outputs, inputs, accs, first, weight, sumsq=No
     _check_dtypes("accumulate_linear", "accs", accs, _FP32)
     _check_dtypes("accumulate_linear", "grad_outputs", grad_outputs, TL_DTYPES)
     _check_dtypes("accumulate_linear", "inputs", inputs, TL_DTYPES)
+    device = accs[0].device
     for i, (g, x, acc) in enumerate(zip(grad_outputs, inputs, accs)):
         if (g.dim() != 2 or x.dim() != 2 or g.shape[0] != x.shape[0]
                 or tuple(acc.shape) != (g.shape[1], x.shape[1]) or g.dtype != x.dtype):
@@ -194,20 +196,31 @@ def triton_accumulate_linear(grad_outputs, inputs, accs, first, weight, sumsq=No
                              f"grad_output {tuple(g.shape)} {g.dtype}, input {tuple(x.shape)} "
                              f"{x.dtype}, acc {tuple(acc.shape)} (expected rows x out, rows x in "
                              "of one dtype, out x in)")
+        if g.device != device or x.device != device or acc.device != device:
+            raise ValueError(f"fused_accum.accumulate_linear: triple {i} is not all on {device}")
+        if acc.numel() > 1 and 0 in acc.stride():
+            raise ValueError(f"fused_accum.accumulate_linear: accs[{i}] is expanded (a stride of "
+                             "0): its elements would be written more than once")
+    grids = [(triton.cdiv(acc.shape[0], _LINEAR_BLOCKS["BLOCK_OUT"]),
+              triton.cdiv(acc.shape[1], _LINEAR_BLOCKS["BLOCK_IN"])) for acc in accs]
     like = accs[0]
     weight_arg = scalar(weight, like) if weight is not None else like   # (unread without weight)
-    sumsq_arg = sumsq if sumsq is not None else like                    # (unread without FOLD)
-    for g, x, acc, is_first in zip(grad_outputs, inputs, accs, first):
-        out_features, in_features = acc.shape
-        grid = (triton.cdiv(out_features, _LINEAR_BLOCKS["BLOCK_OUT"]),
-                triton.cdiv(in_features, _LINEAR_BLOCKS["BLOCK_IN"]))
-        if grid[0] == 0 or grid[1] == 0:
+    tiles = [rows * cols for rows, cols in grids]
+    partial = torch.empty(max(1, sum(tiles)) if sumsq is not None else 1, dtype=torch.float32,
+                          device=device)
+    base = 0
+    for g, x, acc, is_first, grid, count in zip(grad_outputs, inputs, accs, first, grids, tiles):
+        if count == 0:
             continue
         accumulate_linear_kernel[grid](
-            g, x, acc, weight_arg, sumsq_arg, g.shape[0], out_features, in_features,
-            g.stride(0), g.stride(1), x.stride(0), x.stride(1), acc.stride(0), acc.stride(1),
-            FIRST=bool(is_first), HAS_WEIGHT=weight is not None, FOLD=sumsq is not None,
-            WIDEN=g.dtype == torch.float32 or interpreted(), **_LINEAR_BLOCKS)
+            g, x, acc, weight_arg, partial[base:] if sumsq is not None else partial, g.shape[0],
+            acc.shape[0], acc.shape[1], g.stride(0), g.stride(1), x.stride(0), x.stride(1),
+            acc.stride(0), acc.stride(1), FIRST=bool(is_first), HAS_WEIGHT=weight is not None,
+            FOLD=sumsq is not None, WIDEN=g.dtype == torch.float32 or interpreted(),
+            num_warps=_LINEAR_WARPS, enable_fp_fusion=False, **_LINEAR_BLOCKS)
+        base += count if sumsq is not None else 0
+    if sumsq is not None and base:
+        _launch(add_partials_kernel, 1, _FINISH, partial, base, sumsq)
 
 
 def _master_kind(params: list[Tensor], masters: list[Tensor] | None, op: str) -> int:

@@ -3,8 +3,10 @@
 products are exact in fp32; fp32 operands are multiplied in IEEE fp32, never TF32; under the
 interpreter every operand is widened first, which gives the same products), the weight
 read on the device, the sum written in the epilogue: no model-dtype gradient, no widened copy of
-the operands, no second pass over the accumulator.  Optionally folds the sum's squares into the
-norm (``sumsq``).  Specification: :func:`fused_accum.kernels.reference.accumulate_linear`.
+the operands, no second pass over the accumulator.  Optionally writes each tile's sum of squares
+to ``partial`` (one per program, added in order by ``add_partials_kernel``: the norm does not depend
+on the programs' order).  Offsets are 64-bit: an LM head's output gradient (tokens x vocabulary)
+passes 2^31 elements.  Specification: :func:`fused_accum.kernels.reference.accumulate_linear`.
 """
 from __future__ import annotations
 
@@ -13,18 +15,18 @@ import triton.language as tl
 
 
 @triton.jit
-def accumulate_linear_kernel(g_ptr, x_ptr, acc_ptr, weight_ptr, sumsq_ptr, rows, out_features,
+def accumulate_linear_kernel(g_ptr, x_ptr, acc_ptr, weight_ptr, partial, rows, out_features,
                              in_features, stride_g_row, stride_g_out, stride_x_row, stride_x_in,
                              stride_acc_out, stride_acc_in, FIRST: tl.constexpr,
                              HAS_WEIGHT: tl.constexpr, FOLD: tl.constexpr, WIDEN: tl.constexpr,
                              BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr,
                              BLOCK_ROWS: tl.constexpr):
-    out_idx = tl.program_id(0) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
-    in_idx = tl.program_id(1) * BLOCK_IN + tl.arange(0, BLOCK_IN)
+    out_idx = tl.program_id(0).to(tl.int64) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+    in_idx = tl.program_id(1).to(tl.int64) * BLOCK_IN + tl.arange(0, BLOCK_IN)
     out_ok, in_ok = out_idx < out_features, in_idx < in_features
     product = tl.zeros((BLOCK_OUT, BLOCK_IN), dtype=tl.float32)
     for start in range(0, rows, BLOCK_ROWS):
-        row = start + tl.arange(0, BLOCK_ROWS)
+        row = start + tl.arange(0, BLOCK_ROWS).to(tl.int64)
         row_ok = row < rows
         g_t = tl.load(g_ptr + row[None, :] * stride_g_row + out_idx[:, None] * stride_g_out,
                       mask=out_ok[:, None] & row_ok[None, :], other=0.0)   # out x rows
@@ -43,4 +45,5 @@ def accumulate_linear_kernel(g_ptr, x_ptr, acc_ptr, weight_ptr, sumsq_ptr, rows,
         product = tl.load(where, mask=ok, other=0.0) + product
     tl.store(where, product, mask=ok)
     if FOLD:
-        tl.atomic_add(sumsq_ptr, tl.sum(tl.sum(tl.where(ok, product * product, 0.0), 1), 0))
+        tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        tl.store(partial + tile, tl.sum(tl.sum(tl.where(ok, product * product, 0.0), 1), 0))
