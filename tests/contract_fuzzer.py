@@ -89,12 +89,14 @@ class Config:
     num_items: bool
     frozen: bool
     sparse: bool = False   # nn.Embedding(sparse=True): SGD with k > 1 only
+    fused: bool = False    # opt.fuse_linear(model): weight gradients inside their GEMM (k > 1)
 
     def describe(self) -> str:
         return (f"seed={self.seed} {self.optimizer}({self.hyper}) accumulation_steps={self.k} "
                 f"backend={self.backend} hooks={self.hooks} max_grad_norm={self.max_grad_norm} "
                 f"loss_scale={self.loss_scale} num_items={self.num_items} "
-                f"norm frozen={self.frozen} sparse embedding={self.sparse}")
+                f"norm frozen={self.frozen} sparse embedding={self.sparse} "
+                f"fused Linears={self.fused}")
 
 
 def draw_config(seed: int, backends: list[str]) -> Config:
@@ -117,7 +119,8 @@ def draw_config(seed: int, backends: list[str]) -> Config:
         loss_scale=r.choice([None, 16.0]) if collecting else None,
         num_items=collecting and r.random() < 0.4,
         frozen=r.random() < 0.3,
-        sparse=collecting and name == "SGD" and r.random() < 0.7)
+        sparse=collecting and name == "SGD" and r.random() < 0.7,
+        fused=collecting and r.random() < 0.5)
 
 
 # -- the calls ---------------------------------------------------------------------------------
@@ -201,9 +204,12 @@ def make_torch_optimizer(model, config: Config, lr_scale=(1.0, 1.0, 1.0)):
 
 def make_fused_optimizer(model, config: Config, lr_scale=(1.0, 1.0, 1.0)):
     cls = getattr(fused_accum, config.optimizer)
-    return cls(groups(model, config, lr_scale), **config.hyper, accumulation_steps=config.k,
-               max_grad_norm=config.max_grad_norm, loss_scale=config.loss_scale,
-               backend=config.backend)
+    opt = cls(groups(model, config, lr_scale), **config.hyper, accumulation_steps=config.k,
+              max_grad_norm=config.max_grad_norm, loss_scale=config.loss_scale,
+              backend=config.backend)
+    if config.fused:
+        opt.fuse_linear(model)
+    return opt
 
 
 class Mismatch(AssertionError):
@@ -442,7 +448,10 @@ class Oracle:
                 torch.nn.utils.clip_grad_norm_(
                     [p for p in params.values() if p.grad is not None], config.max_grad_norm)
             self.ref.step()
-            self.holds |= stepped
+        # Their .grad is torch's whether or not the step was skipped (a discarded window is
+        # skipped as a non-finite one is): zero_grad(set_to_none=False) zeroes it, and the next
+        # window steps it with zeros.
+        self.holds |= stepped
         self.window, self.micro, self.pending = [], 0, False
         self.touched, self.settled, self.since = set(), set(), set()
         self.added = self.discarded = False

@@ -76,3 +76,22 @@ def test_the_fuzzer_catches_an_unfrozen_parameter_left_unhooked(monkeypatch):
     with pytest.raises(AssertionError, match="contract broken"):
         for seed in seeds:
             fuzzer.check_seed(seed, ["reference"])
+
+
+def test_the_fuzzer_catches_a_fused_linear_that_adds_a_later_touch_twice(monkeypatch):
+    """Its seeds with fused Linears (opt.fuse_linear(model)) reach the GEMM path, CI's seeds
+    included: a later micro-batch's weight gradient added twice inside its GEMM is found."""
+    from fused_accum.kernels import reference
+    assert any(fuzzer.draw_config(s, ["reference"]).fused for s in range(SEEDS))
+    add = reference.accumulate_linear
+
+    def twice(grad_outputs, inputs, accs, first, weight, sumsq=None):
+        add(grad_outputs, inputs, accs, first, weight, sumsq)
+        later = [not f for f in first]
+        if any(later):
+            add(grad_outputs, inputs, accs, [False] * len(accs), weight)
+    monkeypatch.setattr(reference, "accumulate_linear", twice)
+    seeds = [s for s in range(SEEDS) if fuzzer.draw_config(s, ["reference"]).fused]
+    with pytest.raises(AssertionError, match=r"(?s)contract broken.*minimal calls"):
+        for seed in seeds:
+            fuzzer.check_seed(seed, ["reference"])
