@@ -1,4 +1,6 @@
-"""The ``triton`` backend: the op set as Triton kernels (see ``accumulate_kernels.py`` and ``step_kernels.py``).
+"""The ``triton`` backend: the op set as Triton kernels (see ``accumulate_kernels.py``,
+``step_kernels.py`` and ``linear_kernels.py``; ``accumulate_linear`` runs the library's GEMM unless
+``FUSED_ACCUM_LINEAR_GEMM=triton``).
 
 Same contract as :mod:`fused_accum.kernels.reference`.  Each op launches once per group of
 tensors sharing a dtype and alignment (see ``launch.py``), with every value that may change
@@ -182,6 +184,8 @@ def accumulate_linear(grad_outputs, inputs, accs, first, weight, sumsq=None) -> 
 
 def triton_accumulate_linear(grad_outputs, inputs, accs, first, weight, sumsq=None) -> None:
     """One Triton GEMM per (grad_output, input, acc) triple (see ``linear_kernels.py``)."""
+    if not accs:
+        return
     if not (len(grad_outputs) == len(inputs) == len(accs) == len(first)):
         raise ValueError("fused_accum.accumulate_linear: grad_outputs, inputs, accs and first "
                          "must have one entry per weight")
