@@ -57,8 +57,6 @@ def _cases():
                    "beta2_lo", "eps", "weight_decay")}, "seed": "i64"},
                dict(P=FLOATS[p], MASTER=master, AMSGRAD=on, MAXIMIZE=on, DECAY=on, DECOUPLED=on,
                     STOCHASTIC=stochastic, ALIGNED=aligned, BLOCK=block))
-
-
     # Sizes and strides as Triton passes them below 2^31 (i32): the kernel widens its offsets.
     sizes = {name: "i32" for name in ("rows", "out_features", "in_features", "stride_g_row",
                                       "stride_g_out", "stride_x_row", "stride_x_in",

@@ -177,11 +177,11 @@ def linear_gemm() -> str:
 def accumulate_linear(grad_outputs, inputs, accs, first, weight, sumsq=None) -> None:
     if linear_gemm() == "library":
         gemm.accumulate_linear(grad_outputs, inputs, accs, first, weight, sumsq)
-    elif accs:
-        with launch.on_device(accs[0].device):
-            triton_accumulate_linear(grad_outputs, inputs, accs, first, weight, sumsq)
+    else:
+        triton_accumulate_linear(grad_outputs, inputs, accs, first, weight, sumsq)
 
 
+@_on_tensors_device(2)
 def triton_accumulate_linear(grad_outputs, inputs, accs, first, weight, sumsq=None) -> None:
     """One Triton GEMM per (grad_output, input, acc) triple (see ``linear_kernels.py``)."""
     if not accs:
